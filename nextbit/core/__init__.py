@@ -1,0 +1,1 @@
+"""The shared core every stage builds on: tokenizer, model, checkpoint, generation, training loop."""

@@ -1,0 +1,346 @@
+"""The training loop every gradient-based stage shares (pretrain, SFT, reward model, DPO).
+
+A stage supplies an `Objective` (which batch a micro-step reads, and the loss on it); the loop does the rest:
+device and precision, DDP, optional torch.compile, gradient accumulation and clipping, the LR schedule,
+periodic evaluation, metrics JSONL + loss-curve PNG, atomic checkpoints, exact `--resume`, and a clean
+stop on Ctrl-C (checkpoint written, exit code 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from tqdm import tqdm
+
+from nextbit.core.atomic import write_text
+from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.distributed import Dist, any_flag
+from nextbit.core.errors import NextbitError
+from nextbit.core.model import GPT
+from nextbit.core.optim import build_optimizer, lr_factor, set_lr
+from nextbit.core.tokenizer import Tokenizer
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000  # optimizer steps (the schedule's length)
+    lr: float = 0.0  # peak AdamW LR; 0 = derived from the model width
+    optimizer: str = "adamw"  # adamw | muon
+    muon_lr: float = 0.02
+    warmup: int = -1  # warmup steps; -1 = 2% of steps
+    schedule: str = "cosine"  # cosine | wsd | constant
+    min_lr_ratio: float = 0.1
+    decay_frac: float = 0.2  # wsd: fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end (and on Ctrl-C)
+    log_every: int = 1
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
+    time_budget: float = 0  # seconds: fit the schedule to this wall time (steps becomes a cap); 0 = off
+    resume: bool = False
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise NextbitError("--steps must be >= 1")
+        if self.lr < 0 or self.muon_lr <= 0:
+            raise NextbitError("learning rates must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise NextbitError("--min-lr-ratio must be in [0, 1]")
+        if not 0 < self.decay_frac <= 1:
+            raise NextbitError("--decay-frac must be in (0, 1]")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise NextbitError(f"unknown schedule {self.schedule!r}; choose cosine, wsd or constant")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise NextbitError("--precision must be auto, fp32 or bf16")
+        if self.optimizer not in ("adamw", "muon"):
+            raise NextbitError("--optimizer must be adamw or muon")
+        for name in ("eval_every", "save_every", "stop_after", "grad_clip", "weight_decay", "time_budget"):
+            if getattr(self, name) < 0:
+                raise NextbitError(f"--{name.replace('_', '-')} must be >= 0")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup >= 0 else max(1, int(0.02 * self.steps))
+
+
+class Objective(Protocol):
+    def batch(self, step: int, micro: int, rank: int, world: int) -> Any: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(scalar loss to minimise, extra metrics, tokens processed)."""
+
+
+def autocast_for(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            if resume_step is None:
+                write_text(path, "")
+            elif path.exists():  # keep the history up to the checkpoint we resume from
+                kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+                write_text(path, "".join(l + "\n" for l in kept))
+
+    def write(self, rec: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss", lw=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        cfg: LoopConfig,
+        run_dir: str | Path,
+        dist_info: Dist,
+        objective: Objective,
+        *,
+        accum: int = 1,
+        evaluate: Optional[Callable[[GPT], dict]] = None,
+        run_config: Optional[dict] = None,
+        wrap: Optional[Callable[[GPT], torch.nn.Module]] = None,
+        title: str = "training",
+    ):
+        cfg.validate()
+        self.cfg, self.d, self.objective, self.accum = cfg, dist_info, objective, accum
+        self.tokenizer, self.evaluate, self.title = tokenizer, evaluate, title
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoint"
+        self.run_config = run_config or {}
+        self.model = model.to(dist_info.device)
+        self.start_step = 0
+        self.tokens_seen = 0
+        resume_train_state = None
+        if cfg.resume:
+            if not (self.ckpt_dir / "train_state.json").is_file():
+                raise NextbitError(f"--resume: no training checkpoint in {self.ckpt_dir}")
+            ck = load_checkpoint(self.ckpt_dir, dist_info.device, with_train_state=True)
+            if ck.model.cfg != model.cfg or sorted(ck.model.heads.keys()) != sorted(model.heads.keys()):
+                raise NextbitError(f"--resume: the checkpoint in {self.ckpt_dir} is for a different model configuration")
+            self.model.load_state_dict(ck.model.state_dict())
+            resume_train_state = ck
+            self.start_step = int(ck.train_state["train"]["step"])
+            self.tokens_seen = int(ck.train_state["train"].get("tokens", 0))
+        lr = cfg.lr
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr)
+        if resume_train_state is not None:
+            sd = resume_train_state.optimizer_state()
+            if sd is not None:
+                self.optimizer.load_state_dict(sd)
+            resume_train_state.restore_rng()
+        self.train_model: torch.nn.Module = wrap(self.model) if wrap else self._wrap_ddp(self.model)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", dist_info.main, self.start_step if cfg.resume else None)
+        self._stop = False
+
+    def _wrap_ddp(self, model: GPT) -> torch.nn.Module:
+        if not self.d.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        state = self._full_state()
+        opt_state = self._full_optimizer_state()
+        if self.d.main:
+            save_checkpoint(
+                self.ckpt_dir,
+                self.model,
+                self.tokenizer,
+                optimizer_state=opt_state,
+                train_state={"step": step, "tokens": self.tokens_seen},
+                meta={"run_config": self.run_config, "step": step, "tokens": self.tokens_seen},
+                state=state,
+            )
+        if self.d.enabled:
+            torch.distributed.barrier()
+
+    def _full_state(self):
+        return None  # replicated (DDP / single process): the model's own state dict
+
+    def _full_optimizer_state(self):
+        return self.optimizer.state_dict()
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame):
+        if self._stop:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self._stop = True
+        if self.d.main and not self.cfg.quiet:
+            tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)")
+
+    def run(self) -> dict:
+        cfg, d = self.cfg, self.d
+        if self.start_step >= cfg.steps:
+            raise NextbitError(f"the run in {self.run_dir} already finished its {cfg.steps} steps")
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not d.main or cfg.quiet, desc=self.title, dynamic_ncols=True)
+        last: dict = {}
+        step = self.start_step
+        interrupted = False
+        steps_this_run = 0
+        t_run = time.time()
+        total = cfg.steps
+        step_time = None  # moving average of seconds per step, for --time-budget
+        try:
+            self.train_model.train()
+            while step < total:
+                t0 = time.time()
+                factor = lr_factor(step, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
+                set_lr(self.optimizer, factor)
+                metrics, tokens = self._step(step)
+                step += 1
+                steps_this_run += 1
+                self.tokens_seen += tokens * d.world
+                dt = time.time() - t0
+                if cfg.time_budget:
+                    step_time = dt if step_time is None or steps_this_run <= 2 else 0.9 * step_time + 0.1 * dt
+                    left = cfg.time_budget - (time.time() - t_run)
+                    total = max(step, min(cfg.steps, step + int(left / step_time)))
+                    if d.enabled:  # every process must agree on when to stop
+                        t = torch.tensor([total], device=d.device)
+                        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+                        total = int(t.item())
+                    bar.total = total
+                rec = {"step": step, **metrics, "lr_factor": round(factor, 5), "tokens": self.tokens_seen,
+                       "tok_s": round(tokens * d.world / max(dt, 1e-9), 1), "elapsed": round(time.time() - t_run, 2)}
+                if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                    self.log.write(rec)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rec['tok_s']:,.0f}")
+                bar.update(1)
+                last = rec
+                if self.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                    ev = self._evaluate(step)
+                    last.update(ev)
+                stop = any_flag(self._stop, d)
+                if cfg.stop_after and steps_this_run >= cfg.stop_after and step < total:
+                    stop = True
+                if stop or step == total or (cfg.save_every and step % cfg.save_every == 0):
+                    self.save(step)
+                if stop:
+                    interrupted = self._stop
+                    break
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if d.main:
+            plot_losses(self.log.records(), self.run_dir / "loss.png", self.title)
+        last["interrupted"] = interrupted
+        last["stopped_early"] = step < total
+        last["step"] = step
+        return last
+
+    def _step(self, step: int) -> tuple[dict, int]:
+        cfg, d = self.cfg, self.d
+        total_loss = 0.0
+        extras: dict[str, float] = {}
+        tokens = 0
+        for micro in range(self.accum):
+            batch = self.objective.batch(step, micro, d.rank, d.world)
+            sync = micro == self.accum - 1
+            ctx = self.train_model.no_sync() if (d.enabled and not sync and hasattr(self.train_model, "no_sync")) else contextlib.nullcontext()
+            with ctx:
+                with autocast_for(d.device, cfg.precision):
+                    loss, extra, n = self.objective.loss(self.train_model, batch)
+                (loss / self.accum).backward()
+            total_loss += loss.detach().float().item() / self.accum
+            for k, v in extra.items():
+                extras[k] = extras.get(k, 0.0) + float(v) / self.accum
+            tokens += n
+        gnorm = None
+        if cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(total_loss):
+            raise NextbitError(f"loss became {total_loss} at step {step + 1}; lower the learning rate")
+        out = {"loss": round(total_loss, 5), **{k: round(v, 5) for k, v in extras.items()}}
+        if gnorm is not None:
+            out["grad_norm"] = round(gnorm, 4)
+        return out, tokens
+
+    def _evaluate(self, step: int) -> dict:
+        ev: dict = {}
+        if self.d.main:
+            self.model.eval()
+            with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
+                ev = self.evaluate(self.model)
+            self.model.train()
+            self.log.write({"step": step, **ev})
+            if not self.cfg.quiet:
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+        if self.d.enabled:
+            torch.distributed.barrier()
+        return ev
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def config_dict(*cfgs) -> dict:
+    out = {}
+    for c in cfgs:
+        out.update(asdict(c))
+    return out

@@ -1,0 +1,1 @@
+"""Stage 1b: pretraining (`nextbit train`)."""

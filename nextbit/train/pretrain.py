@@ -1,0 +1,129 @@
+"""`nextbit train`: next-token pretraining on prepared token shards, single process or under torchrun."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nextbit.core.atomic import write_json
+from nextbit.core.bpb import evaluate_split
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.config import ModelConfig, default_batch_tokens, default_lr, depth_for
+from nextbit.core.distributed import Dist, setup
+from nextbit.core.errors import NextbitError
+from nextbit.core.loop import LoopConfig, TrainLoop
+from nextbit.core.model import GPT
+from nextbit.core.shards import BatchSampler, Dataset
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/stdlib"  # a folder written by `nextbit prepare`
+    out: str = "runs/train"  # run folder: config.json, metrics.jsonl, loss.png, checkpoint/
+    preset: Optional[str] = None  # tiny | small | 124m | 350m | 1b | 1.5b: a named depth, overrides --depth
+    init_from: Optional[str] = None  # start from a checkpoint's weights (continued pretraining)
+    batch_tokens: int = 0  # tokens per optimizer step; 0 = derived from depth
+    micro_batch: int = 0  # sequences per forward pass per process; 0 = derived (<= 16k tokens)
+    eval_tokens: int = 0  # held-out tokens per evaluation; 0 = the whole val split
+    force: bool = False  # start over in an existing run folder
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    m = cfg.model
+    depth = depth_for(cfg.preset) if cfg.preset else m.depth
+    return ModelConfig(**{**asdict(m), "depth": depth, "vocab_size": pad_vocab(vocab_size)}).resolved()
+
+
+def batch_layout(batch_tokens: int, seq_len: int, micro_batch: int, world: int) -> tuple[int, int, int]:
+    """(global rows per step, rows per micro-step per process, accumulation steps)."""
+    rows = max(1, batch_tokens // seq_len)
+    per_rank = math.ceil(rows / world)
+    micro = micro_batch or max(1, min(per_rank, 16384 // seq_len))
+    accum = math.ceil(per_rank / micro)
+    rows = micro * accum * world  # round up so every process does the same work
+    return rows, micro, accum
+
+
+class PretrainObjective:
+    def __init__(self, sampler: BatchSampler, micro: int, accum: int):
+        self.sampler, self.micro, self.accum = sampler, micro, accum
+
+    def batch(self, step, micro, rank, world):
+        # One global batch per step, drawn from one seed, sliced by (micro, rank): any split of the same global
+        # batch over processes and accumulation steps sees the same rows.
+        x, y = self.sampler.batch(step, 0, self.micro * self.accum * world)
+        lo = (micro * world + rank) * self.micro
+        return x[lo : lo + self.micro], y[lo : lo + self.micro]
+
+    def loss(self, model, batch):
+        x, y = batch
+        dev = next(model.parameters()).device
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        return model(x, y), {}, x.numel()
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool, main: bool) -> None:
+    if main and out.exists() and (out / "checkpoint").exists() and not resume:
+        if not force:
+            raise NextbitError(f"run folder {out} already has a checkpoint; pass --resume to continue it or --force to start over")
+        shutil.rmtree(out / "checkpoint")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
+    cfg.loop.validate()
+    d = d or setup(cfg.loop.device)
+    ds = Dataset(cfg.data)
+    train_split, val_split = ds.split("train"), ds.splits.get("val")
+    if cfg.init_from:
+        ck = load_checkpoint(cfg.init_from)
+        ck.tokenizer.check_hash(ds.manifest["tokenizer_hash"], f"dataset {cfg.data} (the checkpoint's tokenizer differs)")
+        model = ck.model
+        mcfg = model.cfg
+    else:
+        mcfg = resolve_model_config(cfg, ds.tokenizer.vocab_size)
+        torch.manual_seed(cfg.loop.seed)
+        model = GPT(mcfg)
+        model.reset_parameters(seed=cfg.loop.seed)
+    if cfg.batch_tokens < 0 or cfg.micro_batch < 0 or cfg.eval_tokens < 0:
+        raise NextbitError("--batch-tokens, --micro-batch and --eval-tokens must be >= 0")
+    batch_tokens = cfg.batch_tokens or default_batch_tokens(mcfg.depth)
+    rows, micro, accum = batch_layout(batch_tokens, mcfg.seq_len, cfg.micro_batch, d.world)
+    if cfg.loop.lr == 0:
+        cfg.loop.lr = default_lr(mcfg.width)
+    cfg.model, cfg.batch_tokens, cfg.micro_batch = mcfg, rows * mcfg.seq_len, micro
+    out = Path(cfg.out)
+    prepare_run_dir(out, cfg.loop.resume, cfg.force, d.main)
+    run_config = {"command": "train", **asdict(cfg), "world_size": d.world, "accum": accum, "params": model.num_params()}
+    if d.main:
+        write_json(out / "config.json", run_config)
+        if not cfg.loop.quiet:
+            print(
+                f"model: depth {mcfg.depth}, width {mcfg.width}, {mcfg.n_head} heads, context {mcfg.seq_len}, "
+                f"{model.num_params() / 1e6:.2f}M params | batch {rows} x {mcfg.seq_len} tokens "
+                f"({micro} per forward x {accum} accum x {d.world} procs) | lr {cfg.loop.lr:.2e} | device {d.device}",
+                flush=True,
+            )
+    sampler = BatchSampler(train_split, mcfg.seq_len, cfg.loop.seed)
+    evaluate = None
+    if val_split is not None and val_split.tokens > 1:
+        evaluate = lambda m: evaluate_split(m, val_split, mcfg.seq_len, cfg.eval_tokens or None)
+    loop = TrainLoop(
+        model, ds.tokenizer, cfg.loop, out, d, PretrainObjective(sampler, micro, accum),
+        accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}",
+    )
+    result = loop.run()
+    result["params"] = model.num_params()
+    return result
