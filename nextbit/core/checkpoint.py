@@ -87,7 +87,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     py = random.getstate()
-    return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": np.random.get_state(legacy=False)}
+    npst = np.random.get_state(legacy=False)
+    npst["state"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in npst["state"].items()}
+    return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": npst}
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -97,7 +99,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
     v, st, g = meta["python"]
     random.setstate((v, tuple(st), g))
-    np.random.set_state(meta["numpy"])
+    npst = dict(meta["numpy"])
+    npst["state"] = {k: (np.array(v, dtype=np.uint32) if k == "key" else v) for k, v in npst["state"].items()}
+    np.random.set_state(npst)
 
 
 # ---- save / load ----------------------------------------------------------------------------------------------

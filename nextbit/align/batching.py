@@ -1,0 +1,67 @@
+"""Right-padded batches of encoded examples and the per-sequence quantities every objective needs.
+
+Padding goes on the right for training: with causal attention, padding after a sequence never changes what
+comes before it, so no attention mask is needed. (Rollouts are left-padded; see ppo.py.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from nextbit.align.formats import Encoded
+from nextbit.core.model import GPT, token_logprobs
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) right-padded token ids
+    targets: torch.Tensor  # (B, T) next-token targets, -1 where not trained (prompt, padding)
+    lengths: torch.Tensor  # (B,) real tokens per row
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids.to(device), self.targets.to(device), self.lengths.to(device))
+
+    @property
+    def n_target_tokens(self) -> int:
+        return int((self.targets != -1).sum())
+
+
+def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
+    T = max(len(e.ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        row = torch.tensor(e.ids, dtype=torch.long)
+        ids[i, :n] = row
+        m = torch.tensor(e.mask[1:], dtype=torch.bool)
+        targets[i, : n - 1] = torch.where(m, row[1:], torch.full_like(row[1:], -1))
+    return Batch(ids, targets, torch.tensor([len(e.ids) for e in examples], dtype=torch.long))
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    return getattr(model, "module", getattr(model, "_orig_mod", model))
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(B,) sum of log p(completion token) over each row's trained positions, fp32."""
+    m = unwrap(model)
+    h = m.hidden(batch.ids)
+    return token_logprobs(m, h, batch.targets).sum(-1)
+
+
+def last_scalar(model: torch.nn.Module, head: str, batch: Batch) -> torch.Tensor:
+    """(B,) the scalar head read at each row's last real token."""
+    m = unwrap(model)
+    h = m.hidden(batch.ids)
+    idx = (batch.lengths - 1).clamp(min=0)
+    return m.scalar(head, h)[torch.arange(h.size(0), device=h.device), idx]
+
+
+def chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield range(i, min(n, i + size))

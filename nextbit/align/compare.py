@@ -1,0 +1,115 @@
+"""`nextbit compare`: sample pairs of responses from a policy, have them labelled, write the preference JSONL.
+
+    prompts (JSONL / text) -> policy samples two responses per pair -> <out>.pairs.jsonl {"prompt", "a", "b"}
+    -> labeler -> <out> {"prompt", "chosen", "rejected", "labeler", "timestamp", ["tie"], [oracle scores]}
+With --pairs, existing unlabelled pairs are labelled instead of sampling new ones (how human labels collected
+elsewhere come back: `--pairs P --labeler jsonl:LABELS`). Pairs the labeler did not answer are left out and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from nextbit.align.formats import _prompt, load_prompts, read_jsonl, write_jsonl
+from nextbit.align.labelers import Judgement, Query, make_labeler
+from nextbit.align.sampling import sample_responses
+from nextbit.core.atomic import write_json
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.distributed import pick_device
+from nextbit.core.errors import NextbitError
+from nextbit.core.generate import SamplingParams
+
+
+@dataclass
+class CompareConfig:
+    policy: str = "runs/train"  # checkpoint that samples the responses
+    prompts: str = "prompts.jsonl"  # JSONL {"prompt": ...} or a text file with one prompt a line
+    out: str = "prefs.jsonl"  # preference JSONL to write (config beside it as <name>.config.json)
+    pairs: Optional[str] = None  # label these unlabelled pairs ({"prompt", "a", "b"} JSONL) instead of sampling
+    labeler: str = "oracle"  # oracle | oracle:vader | oracle:classifier:PATH | jsonl:PATH | none
+    scorer: str = "vader"  # the oracle's scorer: vader | classifier:PATH
+    bt_scale: float = 1.0  # oracle noise: P(a preferred) = sigmoid((s_a - s_b) / bt_scale); 0 = noiseless
+    random_frac: float = 0.1  # oracle noise: share of answers that are coin flips
+    max_pairs: int = 5000  # comparisons at most
+    pairs_per_prompt: int = 1  # pairs sampled for each prompt
+    max_new_tokens: int = 24  # response length limit
+    temperature: float = 1.0  # sampling temperature of the responses
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    append_eot: bool = True  # unused here; kept so one flag set drives compare, reward and dpo alike
+    batch_size: int = 128  # sequences generated together
+    seed: int = 0
+    device: str = "auto"
+    force: bool = False  # overwrite an existing output file
+    quiet: bool = False
+
+
+def _read_pairs(path: str) -> list[Query]:
+    out = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        p = _prompt(obj, where)
+        if not isinstance(obj.get("a"), str) or not isinstance(obj.get("b"), str):
+            raise NextbitError(f"{where}: a pair needs string fields 'a' and 'b'")
+        out.append(Query(p, obj["a"], obj["b"]))
+    if not out:
+        raise NextbitError(f"{path} holds no pairs")
+    return out
+
+
+def sample_pairs(cfg: CompareConfig) -> list[Query]:
+    if cfg.pairs_per_prompt < 1 or cfg.max_pairs < 1:
+        raise NextbitError("--pairs-per-prompt and --max-pairs must be >= 1")
+    prompts = load_prompts(cfg.prompts)
+    prompts = prompts[: math.ceil(cfg.max_pairs / cfg.pairs_per_prompt)]
+    ck = load_checkpoint(cfg.policy, pick_device(cfg.device))
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
+    comps = sample_responses(ck.model, ck.tokenizer, prompts, params, n=2 * cfg.pairs_per_prompt, batch_size=cfg.batch_size)
+    pairs = [Query(p, c[2 * k].text, c[2 * k + 1].text) for p, c in zip(prompts, comps) for k in range(cfg.pairs_per_prompt)]
+    return pairs[: cfg.max_pairs]
+
+
+def judgement_record(q: Query, j: Judgement) -> dict:
+    if j.preferred == 1:
+        chosen, rejected, sc, sr = q.b, q.a, j.score_b, j.score_a
+    else:
+        chosen, rejected, sc, sr = q.a, q.b, j.score_a, j.score_b
+    rec = {"prompt": q.prompt, "chosen": chosen, "rejected": rejected, "labeler": j.labeler, "timestamp": j.timestamp}
+    if j.preferred is None:
+        rec["tie"] = True
+    if sc is not None and sr is not None:
+        rec["score_chosen"], rec["score_rejected"] = sc, sr
+        rec["random"] = j.random
+    rec.update(j.extra)
+    return rec
+
+
+def compare(cfg: CompareConfig) -> dict:
+    t0 = time.time()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise NextbitError(f"{out} already exists; pass --force to replace it")
+    labeler = make_labeler(cfg.labeler, scorer=cfg.scorer, bt_scale=cfg.bt_scale, random_frac=cfg.random_frac, seed=cfg.seed)
+    pairs = _read_pairs(cfg.pairs) if cfg.pairs else sample_pairs(cfg)
+    pairs = pairs[: cfg.max_pairs]
+    if not cfg.pairs:
+        write_jsonl(out.with_name(out.stem + ".pairs.jsonl"), ({"prompt": q.prompt, "a": q.a, "b": q.b} for q in pairs))
+    judgements: list[Optional[Judgement]] = []
+    for i in range(0, len(pairs), 256):
+        judgements += labeler.label_batch(pairs[i : i + 256])
+    rows = [judgement_record(q, j) for q, j in zip(pairs, judgements) if j is not None]
+    write_jsonl(out, rows)
+    stats = {"pairs": len(pairs), "labelled": len(rows), "unanswered": len(pairs) - len(rows),
+             "ties": sum(1 for r in rows if r.get("tie")), "random": sum(1 for r in rows if r.get("random")),
+             "labeler": labeler.name, "seconds": round(time.time() - t0, 1)}
+    known = [r for r in rows if "score_chosen" in r and not r.get("tie") and r["score_chosen"] != r["score_rejected"]]
+    if known:
+        stats["agreement_with_noiseless"] = sum(r["score_chosen"] > r["score_rejected"] for r in known) / len(known)
+    write_json(out.with_name(out.stem + ".config.json"), {"command": "compare", **asdict(cfg), "stats": stats})
+    if not cfg.quiet:
+        print(f"compare: {stats['labelled']} of {stats['pairs']} pairs labelled by {labeler.name} -> {out}", flush=True)
+    return stats

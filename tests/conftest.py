@@ -1,0 +1,66 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from nextbit.core.config import ModelConfig  # noqa: E402
+from nextbit.core.tokenizer import train_tokenizer  # noqa: E402
+from nextbit.data.prepare import PrepareConfig, prepare  # noqa: E402
+from nextbit.data.sources import stdlib_files  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_corpus_texts(n_files: int = 40) -> list[str]:
+    files = stdlib_files()
+    step = max(1, len(files) // n_files)
+    texts = []
+    for f in files[::step][:n_files]:
+        t = f.read_text(encoding="utf-8")
+        if t.strip():
+            texts.append(t[:6000])
+    return texts
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i, t in enumerate(small_corpus_texts()):
+        (d / f"f{i:03d}.py").write_text(t, encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_dir):
+    return train_tokenizer((p.read_text() for p in sorted(corpus_dir.iterdir())), 384)
+
+
+@pytest.fixture(scope="session")
+def dataset(corpus_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(PrepareConfig(sources=[str(corpus_dir)], out=str(out), vocab_size=384, val_every=10, quiet=True))
+    return out
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(depth=2, vocab_size=384, width=64, n_head=2, seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base).resolved()
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    import subprocess
+
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    if env:
+        e.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "nextbit", *map(str, args)], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
+    )

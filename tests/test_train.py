@@ -1,0 +1,157 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.errors import NextbitError
+from nextbit.core.loop import LoopConfig
+from nextbit.core.model import GPT
+from nextbit.core.optim import lr_factor
+from nextbit.core.config import ModelConfig
+from nextbit.train.pretrain import TrainConfig, batch_layout, train
+
+from conftest import ROOT, tiny_config
+
+
+def small_train(dataset, out, **loop_kw) -> TrainConfig:
+    loop = dict(steps=8, lr=3e-3, warmup=2, seed=7, device="cpu", quiet=True)
+    loop.update(loop_kw)
+    return TrainConfig(
+        data=str(dataset), out=str(out), batch_tokens=8 * 32, micro_batch=4,
+        model=ModelConfig(depth=2, width=64, n_head=2, seq_len=32), loop=LoopConfig(**loop),
+    )
+
+
+def weights(path):
+    return load_file(str(path / "checkpoint" / "model.safetensors"))
+
+
+def test_training_lowers_loss_and_writes_outputs(dataset, tmp_path):
+    cfg = small_train(dataset, tmp_path / "run", steps=30, eval_every=15)
+    result = train(cfg)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 0.5
+    vals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in vals] == [15, 30] and vals[1]["val_loss"] < vals[0]["val_loss"]
+    assert 0 < result["val_bpb"] < 8
+    run = tmp_path / "run"
+    assert (run / "loss.png").stat().st_size > 1000
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["loop"]["steps"] == 30 and conf["model"]["width"] == 64 and conf["accum"] == 2
+    ck = load_checkpoint(run, with_train_state=True)
+    assert ck.train_state["train"]["step"] == 30 and ck.optimizer_state() is not None
+    with pytest.raises(NextbitError, match="already has a checkpoint"):
+        train(small_train(dataset, run))
+
+
+def test_resume_is_exact(dataset, tmp_path):
+    """N steps + stop + resume + N steps == 2N straight steps, bit for bit on CPU."""
+    straight = tmp_path / "straight"
+    train(small_train(dataset, straight, steps=10))
+    split = tmp_path / "split"
+    first = train(small_train(dataset, split, steps=10, stop_after=5))
+    assert first["stopped_early"] and first["step"] == 5
+    assert load_checkpoint(split, with_train_state=True).train_state["train"]["step"] == 5
+    train(small_train(dataset, split, steps=10, resume=True))
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log is continuous: each step once
+    steps = [json.loads(l)["step"] for l in (split / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == list(range(1, 11))
+
+
+def test_resume_without_checkpoint_fails(dataset, tmp_path):
+    with pytest.raises(NextbitError, match="no training checkpoint"):
+        train(small_train(dataset, tmp_path / "none", resume=True))
+
+
+def test_muon_and_schedules_train(dataset, tmp_path):
+    r = train(small_train(dataset, tmp_path / "m", steps=20, optimizer="muon", schedule="wsd"))
+    assert r["loss"] < 5.5
+    assert lr_factor(0, 100, 10, "cosine", 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.1, 0.2) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 10, "cosine", 0.1, 0.2) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(50, 100, 10, "wsd", 0.1, 0.2) == 1.0
+    assert lr_factor(99, 100, 10, "wsd", 0.0, 0.2) == pytest.approx(0.0)
+
+
+def test_batch_layout():
+    assert batch_layout(4096, 256, 0, 1) == (16, 16, 1)
+    assert batch_layout(2**19, 1024, 16, 8) == (512, 16, 4)
+    rows, micro, accum = batch_layout(1000, 100, 3, 2)
+    assert rows == micro * accum * 2 >= 10
+
+
+def test_checkpoint_corruption_is_detected(tmp_path, tokenizer):
+    m = GPT(tiny_config())
+    save_checkpoint(tmp_path / "ck", m, tokenizer)
+    ck = load_checkpoint(tmp_path / "ck")
+    for k, v in m.state_dict().items():
+        assert torch.equal(ck.model.state_dict()[k], v)
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "ck", bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NextbitError, match="corrupted or truncated"):
+        load_checkpoint(bad)
+    (bad / "config.json").write_text("{")
+    with pytest.raises(NextbitError, match="corrupted config"):
+        load_checkpoint(bad)
+    with pytest.raises(NextbitError, match="not found"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_interrupt_writes_checkpoint_and_exits_130(dataset, tmp_path):
+    """A real SIGINT to a running `nextbit train`: it finishes the step, saves, exits 130 with one line."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "nextbit", "train", "--data", str(dataset), "--out", str(out), "--steps", "100000",
+            "--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32", "--batch-tokens", "256",
+            "--device", "cpu", "--quiet"]
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    ck = load_checkpoint(out, with_train_state=True)
+    assert ck.train_state["train"]["step"] >= 3
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(dataset, tmp_path):
+    """torchrun with 2 gloo processes == 1 process with the same global batch (float tolerance)."""
+    common = ["train", "--data", str(dataset), "--steps", "4", "--depth", "2", "--width", "64", "--n-head", "2",
+              "--seq-len", "32", "--batch-tokens", "256", "--lr", "3e-3", "--warmup", "1", "--device", "cpu",
+              "--quiet", "--seed", "3"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "nextbit", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "nextbit", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    conf = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert conf["world_size"] == 2
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert la == pytest.approx(lb, rel=1e-4)
