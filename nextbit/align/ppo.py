@@ -1,0 +1,389 @@
+"""`nextbit ppo`: PPO against a reward model, on a KL leash to the frozen starting policy (Ziegler et al. 2019).
+
+One step:
+  1. rollouts: a batch of prompts, one response each, from the KV-cache generation engine at temperature 1
+     (so the sampled tokens follow the policy whose log-probabilities PPO uses);
+  2. the policy (with its value head), the frozen reference and the reward model score the batch;
+     per-token reward  r_t = -beta * kl_t,  plus the reward model's (normalised) score on the last token;
+     kl_t is a non-negative estimator of KL(policy || reference) (k3 = (q/p - 1) - log(q/p), Schulman 2020;
+     or k1 = log p - log q, which can go negative); a response that never ends can be penalised;
+  3. GAE(gamma, lambda) advantages (whitened) and returns;
+  4. `ppo_epochs` passes of minibatch updates with the clipped surrogate + clipped value loss (+ entropy bonus);
+  5. the adaptive KL controller moves beta towards `target_kl` (nats per response):
+     beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon).
+Logged every step (metrics.jsonl): reward, KL, beta, entropy, response length, value loss, clip fraction,
+approximate policy KL, end-of-response rate, the independent oracle scores, time spent generating.
+Every `eval_every` steps a fixed held-out prompt set is scored (eval.jsonl): proxy reward, oracle scores and KL,
+the data of the over-optimisation plot (overoptimization.png).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nextbit.align.common import prepare_out, write_config
+from nextbit.align.formats import Prompt, load_prompts
+from nextbit.align.plots import plot_overoptimization, plot_ppo
+from nextbit.align.reward import HEAD as REWARD_HEAD
+from nextbit.align.reward import score_texts
+from nextbit.align.sampling import autocast, generate_batch
+from nextbit.align.scorers import Scorer, make_scorer
+from nextbit.core.atomic import write_json
+from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.distributed import pick_device
+from nextbit.core.errors import NextbitError
+from nextbit.core.generate import SamplingParams
+from nextbit.core.loop import MetricsLog
+from nextbit.core.model import GPT, padded_attention
+from nextbit.core.optim import build_optimizer
+from nextbit.core.tokenizer import Tokenizer
+
+VALUE_HEAD = "value"
+
+
+@dataclass
+class PPOConfig:
+    policy: str = "runs/sft"  # the starting policy; also the frozen reference
+    reward_model: str = "runs/reward"  # checkpoint with a "reward" head (written by `nextbit reward`)
+    prompts: str = "prompts.jsonl"  # JSONL {"prompt": ...} or a text file, one prompt a line
+    out: str = "runs/ppo"  # run folder: config.json, metrics.jsonl, eval.jsonl, plots, checkpoint/
+    oracles: list[str] = field(default_factory=list)  # independent scorers logged beside the proxy reward: vader, classifier:PATH
+    steps: int = 100  # PPO steps (each: one batch of rollouts, then ppo_epochs of updates)
+    batch_size: int = 64  # rollouts per step
+    minibatch: int = 16  # rollouts per gradient step
+    ppo_epochs: int = 4  # passes over each batch of rollouts
+    lr: float = 0.0  # AdamW LR; 0 = 1/20 of the pretraining default for the width
+    max_new_tokens: int = 24  # response length limit
+    temperature: float = 1.0  # rollout temperature (1 keeps the KL estimate honest)
+    init_kl_coef: float = 0.1  # beta at the start
+    target_kl: float = 6.0  # nats per response the adaptive controller aims at; 0 = fixed beta
+    horizon: int = 10000  # adaptive controller's horizon, in rollouts
+    kl_estimator: str = "k3"  # k3 (non-negative, unbiased) | k1 (log-ratio, can go negative)
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value prediction clip
+    vf_coef: float = 0.1  # value loss weight
+    ent_coef: float = 0.0  # entropy bonus weight
+    score_clip: float = 10.0  # clip the reward model's score to +-this; 0 = off
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response that hit the length limit without ending
+    append_eot: bool = True  # score responses followed by <|endoftext|> (as the reward model was trained)
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 10  # steps between held-out evaluations (0 = start and end only)
+    eval_size: int = 128  # prompts held out (the last ones in the file) for evaluation
+    save_every: int = 0  # steps between checkpoints; 0 = at the end only
+    seed: int = 1337
+    device: str = "auto"
+    force: bool = False  # start over in an existing run folder
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.ppo_epochs < 1:
+            raise NextbitError("--steps, --batch-size and --ppo-epochs must be >= 1")
+        if not 1 <= self.minibatch <= self.batch_size:
+            raise NextbitError("--minibatch must be in [1, --batch-size]")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise NextbitError("--kl-estimator must be k1 or k3")
+        if self.init_kl_coef < 0 or self.target_kl < 0 or self.horizon < 1:
+            raise NextbitError("--init-kl-coef and --target-kl must be >= 0, --horizon >= 1")
+        if not (0 <= self.lam <= 1 and 0 < self.gamma <= 1):
+            raise NextbitError("--lam must be in [0, 1] and --gamma in (0, 1]")
+        if self.temperature <= 0:
+            raise NextbitError("--temperature must be > 0 for PPO rollouts")
+        if self.eval_size < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise NextbitError("--eval-size, --eval-every and --save-every must be >= 0")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta grows when the KL overshoots the target and shrinks when it undershoots."""
+
+    def __init__(self, init: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target <= 0:
+            return  # fixed beta
+        err = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + err * n_steps / self.horizon
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy."""
+    log_ratio = (ref_logp - logp).clamp(-20, 20)  # log q/p
+    if estimator == "k1":
+        return -log_ratio
+    return log_ratio.exp() - 1 - log_ratio  # k3 >= 0
+
+
+def response_forward(model: GPT, tokens: torch.Tensor, valid: torch.Tensor, P: int, vocab: int, *,
+                     values: bool = False, entropy: bool = False) -> dict[str, torch.Tensor]:
+    """Log-probabilities of the response tokens (columns P..), and optionally the value head and the entropy,
+    for a batch whose rows may be padded on either side (`valid` marks the real tokens)."""
+    mask, pos = padded_attention(valid)
+    h = model.hidden(tokens, positions=pos, attn_mask=mask)
+    hr = h[:, P - 1 : -1]  # the state before each response token
+    logits = model.logits(hr).float()[..., :vocab]
+    logp_all = F.log_softmax(logits, dim=-1)
+    out = {"logp": logp_all.gather(-1, tokens[:, P:, None]).squeeze(-1)}
+    if values:
+        out["values"] = model.scalar(VALUE_HEAD, hr)
+    if entropy:
+        out["entropy"] = -(logp_all.exp() * logp_all).sum(-1)
+    return out
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns over (B, N) response tokens; positions after a response's end are masked (zero)."""
+    rewards, values = rewards * mask, values * mask
+    N = rewards.size(1)
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(N)):
+        nxt = values[:, t + 1] if t + 1 < N else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+@dataclass
+class Rollout:
+    prompts: list[Prompt]
+    texts: list[str]
+    finished: torch.Tensor  # (B,) bool: the response ended with a stop token
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    P: int
+    mask: torch.Tensor  # (B, N) float: real response tokens
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: Optional[torch.Tensor]
+    scores: torch.Tensor  # (B,) reward model score (after clipping and the missing-end penalty)
+    raw_scores: torch.Tensor
+    kl: torch.Tensor  # (B, N) per-token KL estimate (configured estimator)
+    kl_k1: torch.Tensor
+
+
+@torch.no_grad()
+def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Prompt], cfg: PPOConfig, seed: int,
+            *, values: bool = True) -> tuple[Rollout, float]:
+    """Generate, then score with policy / reference / reward model. Returns the rollout and the generation seconds."""
+    policy.eval()
+    dev = next(policy.parameters()).device
+    t0 = time.time()
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, 1.0, seed=seed)
+    gen = generate_batch(policy, tok, prompts, params)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t_gen = time.time() - t0
+    tokens, valid, P = gen.tokens, gen.valid, gen.prompt_len
+    if tokens.size(1) == P:  # nothing generated at all (cannot happen with max_new_tokens >= 1, kept for safety)
+        raise NextbitError("the policy generated no tokens")
+    V = tok.vocab_size
+    with autocast(policy):
+        cur = response_forward(policy, tokens, valid, P, V, values=values)
+        refd = response_forward(ref, tokens, valid, P, V)
+    mask = valid[:, P:].float()
+    texts = [c.text for c in gen.completions]
+    finished = torch.tensor([c.finish_reason == "stop" for c in gen.completions], device=dev)
+    with autocast(rm):
+        raw = score_texts(rm, tok, list(prompts), texts, append_eot=cfg.append_eot).to(dev)
+    scores = raw.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip > 0 else raw.clone()
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * (~finished).float()
+    logp, ref_logp = cur["logp"] * mask, refd["logp"] * mask
+    kl = kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
+    kl_k1 = (logp - ref_logp) * mask
+    v = cur["values"].float() * mask if values else None
+    return Rollout(list(prompts), texts, finished, tokens, valid, P, mask, logp, ref_logp, v, scores, raw, kl, kl_k1), t_gen
+
+
+def ppo_update(policy: GPT, opt, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig, vocab: int,
+               gen: torch.Generator) -> dict[str, float]:
+    policy.train()
+    B = ro.tokens.size(0)
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac")}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=gen)
+        for idx in order.split(cfg.minibatch):
+            idx = idx.to(ro.tokens.device)
+            m = ro.mask[idx]
+            with autocast(policy):
+                out = response_forward(policy, ro.tokens[idx], ro.valid[idx], ro.P, vocab, values=True, entropy=True)
+            logp, v = out["logp"], out["values"].float()
+            log_ratio = (logp - ro.logp[idx]) * m
+            ratio = log_ratio.exp()
+            a = adv[idx]
+            pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+            pg_loss = masked_mean(pg, m)
+            old_v = ro.values[idx]
+            v_clip = old_v + (v - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+            vf = 0.5 * torch.max((v - returns[idx]) ** 2, (v_clip - returns[idx]) ** 2)
+            vf_loss = masked_mean(vf, m)
+            ent = masked_mean(out["entropy"], m)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                stats["pg_loss"].append(float(pg_loss))
+                stats["value_loss"].append(float(vf_loss))
+                stats["entropy"].append(float(ent))
+                stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), m)))
+                stats["vf_clipfrac"].append(float(masked_mean(((v - old_v).abs() > cfg.cliprange_value).float(), m)))
+                stats["approx_kl"].append(float(masked_mean(0.5 * log_ratio**2, m)))
+    if not all(math.isfinite(x) for xs in stats.values() for x in xs):
+        raise NextbitError("PPO loss became NaN/inf; lower --lr")
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def rollout_metrics(ro: Rollout, oracles: Sequence[Scorer]) -> dict[str, float]:
+    lengths = ro.mask.sum(-1)
+    out = {"reward": float(ro.raw_scores.mean()), "score": float(ro.scores.mean()),
+           "kl": float(ro.kl.sum(-1).mean()), "kl_k1": float(ro.kl_k1.sum(-1).mean()),
+           "response_length": float(lengths.mean()), "eos_rate": float(ro.finished.float().mean())}
+    for o in oracles:
+        out[f"oracle_{o.name}"] = float(np.mean(o.score(ro.texts)))
+    return out
+
+
+@torch.no_grad()
+def evaluate(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Prompt], cfg: PPOConfig,
+             oracles: Sequence[Scorer], seed: int, batch: int = 128) -> dict[str, float]:
+    """The held-out prompts, sampled as in training (fixed seed): proxy reward, oracle scores, KL to the reference."""
+    acc: dict[str, float] = {}
+    n = 0
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i : i + batch])
+        ro, _ = rollout(policy, ref, rm, tok, chunk, cfg, seed + i, values=False)
+        for k, v in rollout_metrics(ro, oracles).items():
+            acc[k] = acc.get(k, 0.0) + v * len(chunk)
+        n += len(chunk)
+    return {k: v / max(1, n) for k, v in acc.items()}
+
+
+def load_reward_model(path: str, device, tok: Tokenizer) -> GPT:
+    ck = load_checkpoint(path, device)
+    if REWARD_HEAD not in ck.model.heads:
+        raise NextbitError(f"{path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
+    ck.tokenizer.check_hash(tok.hash, f"reward model {path} (the policy's tokenizer differs)")
+    if not ck.info.get("meta", {}).get("normalized", False):
+        print(f"note: reward model {path} is not normalised; its raw scores are used", flush=True)
+    return ck.model.eval().requires_grad_(False)
+
+
+def ppo(cfg: PPOConfig) -> dict:
+    cfg.validate()
+    t_start = time.time()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ck = load_checkpoint(cfg.policy, device)
+    policy, tok = ck.model, ck.tokenizer
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    if VALUE_HEAD not in policy.heads:
+        policy.add_scalar_head(VALUE_HEAD)
+    rm = load_reward_model(cfg.reward_model, device, tok)
+    oracles = [make_scorer(s) for s in cfg.oracles]
+    prompts = load_prompts(cfg.prompts)
+    if cfg.eval_size >= len(prompts):
+        raise NextbitError(f"--eval-size {cfg.eval_size} leaves no training prompts out of {len(prompts)}")
+    train_prompts = prompts[: len(prompts) - cfg.eval_size]
+    eval_prompts = prompts[len(prompts) - cfg.eval_size :]
+    lr = cfg.lr or 0.05 * 2e-3 * math.sqrt(256 / policy.cfg.width)
+    opt = build_optimizer(policy, "adamw", lr, 0.0, (0.9, 0.95))
+    out = prepare_out(cfg.out, False, cfg.force)
+    run_config = write_config(out, "ppo", cfg, resolved_lr=lr, train_prompts=len(train_prompts), eval_prompts=len(eval_prompts),
+                              base_checkpoint=str(ck.path))
+    log, evlog = MetricsLog(out / "metrics.jsonl", True, None), MetricsLog(out / "eval.jsonl", True, None)
+    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vocab = tok.vocab_size
+    if not cfg.quiet:
+        print(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {cfg.steps} steps of {cfg.batch_size} rollouts, "
+              f"lr {lr:.2e}, beta {cfg.init_kl_coef} -> target KL {cfg.target_kl or 'fixed'}, device {device}", flush=True)
+
+    def run_eval(step: int) -> dict:
+        if not eval_prompts:
+            return {}
+        ev = {"step": step, **evaluate(policy, ref, rm, tok, eval_prompts, cfg, oracles, cfg.seed + 999_983)}
+        evlog.write(ev)
+        if not cfg.quiet:
+            print(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k != "step"), flush=True)
+        return ev
+
+    def save(step: int) -> None:
+        save_checkpoint(out / "checkpoint", policy, tok, meta={"run_config": run_config, "step": step, "kind": "ppo_policy",
+                                                               "kl_coef": kl_ctl.value})
+
+    first = run_eval(0) if eval_prompts else {}
+    last: dict = {}
+    step = 0
+    totals = {"gen": 0.0, "all": 0.0, "samples": 0}
+    try:
+        for step in range(1, cfg.steps + 1):
+            t0 = time.time()
+            rng = np.random.default_rng([cfg.seed, step])
+            idx = rng.choice(len(train_prompts), cfg.batch_size, replace=len(train_prompts) < cfg.batch_size)
+            ro, t_gen = rollout(policy, ref, rm, tok, [train_prompts[i] for i in idx], cfg, cfg.seed * 1000 + step)
+            beta = kl_ctl.value
+            rewards = -beta * ro.kl
+            last_idx = (ro.mask.sum(-1).long() - 1).clamp(min=0)
+            rewards[torch.arange(rewards.size(0)), last_idx] += ro.scores
+            adv, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+            adv = whiten(adv, ro.mask)
+            upd = ppo_update(policy, opt, ro, adv, returns, cfg, vocab, gen)
+            m = rollout_metrics(ro, oracles)
+            kl_ctl.update(m["kl"], cfg.batch_size)
+            dt = time.time() - t0
+            totals["gen"] += t_gen
+            totals["all"] += dt
+            totals["samples"] += cfg.batch_size
+            rec = {"step": step, **m, "kl_coef": beta, "non_score_reward": float((-beta * ro.kl).sum(-1).mean()), **upd,
+                   "gen_share": t_gen / dt, "samples_s": cfg.batch_size / dt, "elapsed": round(time.time() - t_start, 2)}
+            log.write(rec)
+            last = rec
+            if not cfg.quiet:
+                orc = "".join(f" {k} {v:+.3f}" for k, v in m.items() if k.startswith("oracle_"))
+                print(f"step {step}/{cfg.steps}: reward {m['reward']:+.3f} kl {m['kl']:.2f} beta {beta:.3f} "
+                      f"ent {upd['entropy']:.2f} len {m['response_length']:.1f} vf {upd['value_loss']:.3f} "
+                      f"clip {upd['clipfrac']:.3f}{orc} ({dt:.1f}s)", flush=True)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                run_eval(step)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        print(f"interrupted at step {step}; policy saved in {out}/checkpoint", flush=True)
+        raise
+    final = run_eval(cfg.steps) if eval_prompts else {}
+    save(cfg.steps)
+    plot_ppo(log.records(), out / "ppo.png")
+    if eval_prompts:
+        plot_overoptimization(evlog.records(), out / "overoptimization.png")
+    summary = {"steps": cfg.steps, "start": first, "final": final, "last_step": last, "kl_coef": kl_ctl.value,
+               "samples_per_s": totals["samples"] / max(1e-9, totals["all"]), "gen_share": totals["gen"] / max(1e-9, totals["all"]),
+               "seconds": round(time.time() - t_start, 1)}
+    write_json(out / "summary.json", summary)
+    return summary
