@@ -74,6 +74,7 @@ def dpo_terms(model, batch, beta: float, smoothing: float) -> tuple[torch.Tensor
     rr = beta * (lp[n:] - ref_r.to(lp.device))
     margin = rc - rr
     loss = -(1 - smoothing) * F.logsigmoid(margin) - smoothing * F.logsigmoid(-margin)
+    rc, rr, margin = rc.detach(), rr.detach(), margin.detach()
     return loss.mean(), {"margin": float(margin.mean()), "chosen_reward": float(rc.mean()),
                          "rejected_reward": float(rr.mean()), "accuracy": float((margin > 0).float().mean())}
 

@@ -5,8 +5,12 @@ One step:
      (so the sampled tokens follow the policy whose log-probabilities PPO uses);
   2. the policy (with its value head), the frozen reference and the reward model score the batch;
      per-token reward  r_t = -beta * kl_t,  plus the reward model's (normalised) score on the last token;
-     kl_t is a non-negative estimator of KL(policy || reference) (k3 = (q/p - 1) - log(q/p), Schulman 2020;
-     or k1 = log p - log q, which can go negative); a response that never ends can be penalised;
+     kl_t = log p - log q of the sampled token (k1: the estimator whose policy gradient is that of the KL), or
+     k3 = (q/p - 1) - log(q/p) (non-negative per token, Schulman 2020); a response that never ends can be penalised.
+     The KL that is logged, bounded and fed to the controller is the exact KL of each position's next-token
+     distributions, summed over the response: non-negative by construction and low-variance. Log-probabilities
+     use the same temperature the rollouts were sampled at, so the sampled tokens follow the distribution
+     they are scored under and the KL cannot be gamed by a sampling mismatch;
   3. GAE(gamma, lambda) advantages (whitened) and returns;
   4. `ppo_epochs` passes of minibatch updates with the clipped surrogate + clipped value loss (+ entropy bonus);
   5. the adaptive KL controller moves beta towards `target_kl` (nats per response):
@@ -67,7 +71,7 @@ class PPOConfig:
     init_kl_coef: float = 0.1  # beta at the start
     target_kl: float = 6.0  # nats per response the adaptive controller aims at; 0 = fixed beta
     horizon: int = 10000  # adaptive controller's horizon, in rollouts
-    kl_estimator: str = "k3"  # k3 (non-negative, unbiased) | k1 (log-ratio, can go negative)
+    kl_penalty: str = "k1"  # per-token KL penalty in the reward: k1 (log p/q) | k3 (non-negative per token)
     gamma: float = 1.0
     lam: float = 0.95  # GAE lambda
     cliprange: float = 0.2  # policy ratio clip
@@ -91,8 +95,8 @@ class PPOConfig:
             raise NextbitError("--steps, --batch-size and --ppo-epochs must be >= 1")
         if not 1 <= self.minibatch <= self.batch_size:
             raise NextbitError("--minibatch must be in [1, --batch-size]")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise NextbitError("--kl-estimator must be k1 or k3")
+        if self.kl_penalty not in ("k1", "k3"):
+            raise NextbitError("--kl-penalty must be k1 or k3")
         if self.init_kl_coef < 0 or self.target_kl < 0 or self.horizon < 1:
             raise NextbitError("--init-kl-coef and --target-kl must be >= 0, --horizon >= 1")
         if not (0 <= self.lam <= 1 and 0 < self.gamma <= 1):
@@ -118,26 +122,28 @@ class AdaptiveKLController:
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy."""
-    log_ratio = (ref_logp - logp).clamp(-20, 20)  # log q/p
+    log_ratio = (ref_logp - logp).clamp(-10, 10)  # log q/p
     if estimator == "k1":
         return -log_ratio
     return log_ratio.exp() - 1 - log_ratio  # k3 >= 0
 
 
-def response_forward(model: GPT, tokens: torch.Tensor, valid: torch.Tensor, P: int, vocab: int, *,
-                     values: bool = False, entropy: bool = False) -> dict[str, torch.Tensor]:
+def response_forward(model: GPT, tokens: torch.Tensor, valid: torch.Tensor, P: int, vocab: int, *, temperature: float = 1.0,
+                     values: bool = False, entropy: bool = False, full: bool = False) -> dict[str, torch.Tensor]:
     """Log-probabilities of the response tokens (columns P..), and optionally the value head and the entropy,
     for a batch whose rows may be padded on either side (`valid` marks the real tokens)."""
     mask, pos = padded_attention(valid)
     h = model.hidden(tokens, positions=pos, attn_mask=mask)
     hr = h[:, P - 1 : -1]  # the state before each response token
-    logits = model.logits(hr).float()[..., :vocab]
+    logits = model.logits(hr).float()[..., :vocab] / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     out = {"logp": logp_all.gather(-1, tokens[:, P:, None]).squeeze(-1)}
     if values:
         out["values"] = model.scalar(VALUE_HEAD, hr)
     if entropy:
         out["entropy"] = -(logp_all.exp() * logp_all).sum(-1)
+    if full:
+        out["logp_all"] = logp_all
     return out
 
 
@@ -180,7 +186,8 @@ class Rollout:
     values: Optional[torch.Tensor]
     scores: torch.Tensor  # (B,) reward model score (after clipping and the missing-end penalty)
     raw_scores: torch.Tensor
-    kl: torch.Tensor  # (B, N) per-token KL estimate (configured estimator)
+    kl: torch.Tensor  # (B, N) exact KL of each position's next-token distributions (non-negative)
+    kl_penalty: torch.Tensor  # (B, N) the sampled estimator the reward is penalised with
     kl_k1: torch.Tensor
 
 
@@ -201,8 +208,8 @@ def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Pr
         raise NextbitError("the policy generated no tokens")
     V = tok.vocab_size
     with autocast(policy):
-        cur = response_forward(policy, tokens, valid, P, V, values=values)
-        refd = response_forward(ref, tokens, valid, P, V)
+        cur = response_forward(policy, tokens, valid, P, V, temperature=cfg.temperature, values=values, full=True)
+        refd = response_forward(ref, tokens, valid, P, V, temperature=cfg.temperature, full=True)
     mask = valid[:, P:].float()
     texts = [c.text for c in gen.completions]
     finished = torch.tensor([c.finish_reason == "stop" for c in gen.completions], device=dev)
@@ -212,10 +219,13 @@ def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Pr
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~finished).float()
     logp, ref_logp = cur["logp"] * mask, refd["logp"] * mask
-    kl = kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
+    penalty = kl_per_token(logp, ref_logp, cfg.kl_penalty) * mask
     kl_k1 = (logp - ref_logp) * mask
+    lp, lq = cur.pop("logp_all"), refd.pop("logp_all")
+    kl = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0) * mask
+    del lp, lq
     v = cur["values"].float() * mask if values else None
-    return Rollout(list(prompts), texts, finished, tokens, valid, P, mask, logp, ref_logp, v, scores, raw, kl, kl_k1), t_gen
+    return Rollout(list(prompts), texts, finished, tokens, valid, P, mask, logp, ref_logp, v, scores, raw, kl, penalty, kl_k1), t_gen
 
 
 def ppo_update(policy: GPT, opt, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig, vocab: int,
@@ -229,7 +239,8 @@ def ppo_update(policy: GPT, opt, ro: Rollout, adv: torch.Tensor, returns: torch.
             idx = idx.to(ro.tokens.device)
             m = ro.mask[idx]
             with autocast(policy):
-                out = response_forward(policy, ro.tokens[idx], ro.valid[idx], ro.P, vocab, values=True, entropy=True)
+                out = response_forward(policy, ro.tokens[idx], ro.valid[idx], ro.P, vocab, temperature=cfg.temperature,
+                                       values=True, entropy=True)
             logp, v = out["logp"], out["values"].float()
             log_ratio = (logp - ro.logp[idx]) * m
             ratio = log_ratio.exp()
@@ -263,6 +274,7 @@ def rollout_metrics(ro: Rollout, oracles: Sequence[Scorer]) -> dict[str, float]:
     lengths = ro.mask.sum(-1)
     out = {"reward": float(ro.raw_scores.mean()), "score": float(ro.scores.mean()),
            "kl": float(ro.kl.sum(-1).mean()), "kl_k1": float(ro.kl_k1.sum(-1).mean()),
+           "kl_penalty": float(ro.kl_penalty.sum(-1).mean()),
            "response_length": float(lengths.mean()), "eos_rate": float(ro.finished.float().mean())}
     for o in oracles:
         out[f"oracle_{o.name}"] = float(np.mean(o.score(ro.texts)))
@@ -348,7 +360,7 @@ def ppo(cfg: PPOConfig) -> dict:
             idx = rng.choice(len(train_prompts), cfg.batch_size, replace=len(train_prompts) < cfg.batch_size)
             ro, t_gen = rollout(policy, ref, rm, tok, [train_prompts[i] for i in idx], cfg, cfg.seed * 1000 + step)
             beta = kl_ctl.value
-            rewards = -beta * ro.kl
+            rewards = -beta * ro.kl_penalty
             last_idx = (ro.mask.sum(-1).long() - 1).clamp(min=0)
             rewards[torch.arange(rewards.size(0)), last_idx] += ro.scores
             adv, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
@@ -360,7 +372,7 @@ def ppo(cfg: PPOConfig) -> dict:
             totals["gen"] += t_gen
             totals["all"] += dt
             totals["samples"] += cfg.batch_size
-            rec = {"step": step, **m, "kl_coef": beta, "non_score_reward": float((-beta * ro.kl).sum(-1).mean()), **upd,
+            rec = {"step": step, **m, "kl_coef": beta, "non_score_reward": float((-beta * ro.kl_penalty).sum(-1).mean()), **upd,
                    "gen_share": t_gen / dt, "samples_s": cfg.batch_size / dt, "elapsed": round(time.time() - t_start, 2)}
             log.write(rec)
             last = rec

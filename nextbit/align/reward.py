@@ -103,6 +103,7 @@ class RewardObjective:
         loss = bradley_terry_loss(rc, rr, tie)
         if self.center:
             loss = loss + self.center * ((rc + rr) ** 2).mean()
+        rc, rr = rc.detach(), rr.detach()
         strict = ~tie.to(r.device)
         acc = ((rc > rr) & strict).sum() / strict.sum().clamp(min=1)
         return loss, {"accuracy": float(acc), "margin": float((rc - rr).mean())}, int(b.lengths.sum())

@@ -1,0 +1,154 @@
+"""SFT, reward model, DPO and PPO on a tiny model and a toy sentiment task: direction, not luck (fixed seeds).
+
+The toy task: prompts like "the film was", positive completions (" great and lovely.") and negative ones
+(" awful and dull."). SFT teaches a random tiny model to produce both; the reward model learns that
+positive beats negative; DPO and PPO move the policy towards positive completions.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nextbit.align.dpo import DPOConfig, dpo
+from nextbit.align.formats import load_preferences
+from nextbit.align.ppo import PPOConfig, ppo
+from nextbit.align.reward import RewardConfig, score_texts, train_reward
+from nextbit.align.sampling import sample_responses
+from nextbit.align.sft import SFTConfig, sft
+from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.config import ModelConfig
+from nextbit.core.generate import SamplingParams
+from nextbit.core.loop import LoopConfig
+from nextbit.core.model import GPT
+from nextbit.core.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+POS = ["great", "wonderful", "excellent", "superb", "lovely", "brilliant"]
+NEG = ["awful", "terrible", "boring", "dreadful", "bad", "dull"]
+SUBJ = ["the movie", "the film", "this show", "the acting", "the plot", "the ending"]
+VERB = ["was", "is", "seemed", "felt"]
+PROMPTS = [f"{s} {v}" for s, v in itertools.product(SUBJ, VERB)]
+
+
+def completion(words, i):
+    return f" {words[i % 6]} and {words[(i * 5 + 1) % 6]}."
+
+
+def loop(**kw):
+    return LoopConfig(**{"steps": 0, "device": "cpu", "quiet": True, "seed": 0, "weight_decay": 0.0, **kw})
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a busy machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("align")
+    corpus = [p + completion(w, i) for i, (p, w) in enumerate(itertools.product(PROMPTS, [POS, NEG] * 3))]
+    tok = train_tokenizer(corpus * 5, 320)
+    model = GPT(ModelConfig(depth=2, vocab_size=320, width=64, n_head=2, seq_len=64))
+    model.reset_parameters(seed=0)
+    save_checkpoint(d / "base", model, tok)
+    sft_rows = [{"prompt": p, "completion": completion(POS if i % 2 else NEG, i // 2)} for i, p in enumerate(PROMPTS * 12)]
+    prefs = [{"prompt": p, "chosen": completion(POS, i), "rejected": completion(NEG, i + 3)} for i, p in enumerate(PROMPTS * 12)]
+    return {"dir": d, "tok": tok, "sft": jsonl(d / "sft.jsonl", sft_rows), "prefs": jsonl(d / "prefs.jsonl", prefs),
+            "prompts": jsonl(d / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])}
+
+
+@pytest.fixture(scope="module")
+def sft_run(work):
+    out = work["dir"] / "sft"
+    res = sft(SFTConfig(init_from=str(work["dir"] / "base"), data=work["sft"], out=str(out), batch_size=16, epochs=8,
+                        loop=loop(lr=3e-3, eval_every=20)))
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def rm_run(work, sft_run):
+    out = work["dir"] / "rm"
+    res = train_reward(RewardConfig(init_from=str(sft_run[0]), data=work["prefs"], out=str(out), batch_size=16, epochs=2,
+                                    val_frac=0.15, loop=loop(lr=2e-3)))
+    return out, res
+
+
+def test_sft_learns_the_completions(work, sft_run):
+    out, res = sft_run
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"]
+    assert json.loads((out / "config.json").read_text())["command"] == "sft"
+    assert (out / "loss.png").is_file()
+    ck = load_checkpoint(out)
+    comps = sample_responses(ck.model, ck.tokenizer, PROMPTS, SamplingParams(10, 1.0, seed=0), n=4)
+    texts = [c.text for cs in comps for c in cs]
+    pos = sum(any(w in t for w in POS) for t in texts)
+    neg = sum(any(w in t for w in NEG) for t in texts)
+    assert pos > 10 and neg > 10  # it says both, so there is something to prefer
+
+
+def test_reward_model_separates_clear_pairs(work, rm_run):
+    out, res = rm_run
+    assert res["val_accuracy"] >= 0.9
+    ck = load_checkpoint(out)
+    assert "reward" in ck.model.heads and ck.info["meta"]["normalized"]
+    r = score_texts(ck.model, ck.tokenizer, ["the film was"] * 2, [completion(POS, 1), completion(NEG, 2)])
+    assert r[0] > r[1]
+    # normalised over the training responses: mean ~0, std ~1
+    prefs = load_preferences(work["prefs"])
+    s = score_texts(ck.model, ck.tokenizer, [p.prompt for p in prefs] * 2, [p.chosen for p in prefs] + [p.rejected for p in prefs])
+    assert abs(float(s.mean())) < 0.2 and 0.7 < float(s.std()) < 1.3
+
+
+def test_dpo_raises_the_chosen_margin(work, sft_run):
+    out = work["dir"] / "dpo"
+    res = dpo(DPOConfig(init_from=str(sft_run[0]), data=work["prefs"], out=str(out), batch_size=16, epochs=1, beta=0.1,
+                        val_frac=0.1, loop=loop(lr=1e-3, eval_every=5)))
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_margin" in l]
+    assert abs(evals[0]["val_margin"]) < evals[-1]["val_margin"]
+    assert evals[-1]["val_margin"] > 0.5 and evals[-1]["val_accuracy"] > 0.9
+
+
+def test_ppo_raises_reward_within_kl_bound(work, sft_run, rm_run):
+    out = work["dir"] / "ppo"
+    summary = ppo(PPOConfig(policy=str(sft_run[0]), reward_model=str(rm_run[0]), prompts=work["prompts"], out=str(out),
+                            oracles=["vader"], steps=12, batch_size=32, minibatch=16, ppo_epochs=2, lr=5e-4,
+                            max_new_tokens=8, init_kl_coef=0.1, target_kl=3.0, horizon=1000, eval_every=6,
+                            eval_size=24, device="cpu", seed=0, quiet=True))
+    start, final = summary["start"], summary["final"]
+    assert final["reward"] > start["reward"] + 0.5
+    assert final["oracle_vader"] > start["oracle_vader"]  # the independent oracle agrees here (no hacking on a toy)
+    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 12 and all(s["kl"] >= 0 for s in steps)
+    for k in ("reward", "kl", "entropy", "response_length", "value_loss", "clipfrac", "kl_coef", "oracle_vader"):
+        assert k in steps[-1]
+    assert max(s["kl"] for s in steps) < 3 * 3.0  # the leash holds: KL stays near its target
+    assert (out / "overoptimization.png").is_file() and (out / "ppo.png").is_file()
+    assert "value" in load_checkpoint(out).model.heads
+
+
+def test_cli_errors_are_one_line(work, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "x", "chosen": "a"}\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "nextbit", "reward", "--init-from", str(work["dir"] / "base"), "--data", str(bad),
+                        "--out", str(tmp_path / "rm")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"nextbit: error: {bad}:2: missing field 'rejected'"
+    assert not (tmp_path / "rm" / "checkpoint").exists()
