@@ -1,0 +1,294 @@
+"""`nextbit sentiment`: the end-to-end RLHF task of Ziegler et al. (2019) — make continuations of movie-review
+openings positive, learning only from (simulated) pairwise comparisons.
+
+  1. prepare the IMDB reviews and pretrain a small GPT on them                          (data + train stages)
+  2. the labelling oracle: a hashed-n-gram logistic regression trained on IMDB's labels (a stand-in for a person)
+  3. prompts = the first words of reviews; the pretrained policy continues them in pairs; the oracle compares
+     each pair through a Bradley–Terry noise model with 10% random answers (<= 5,000 comparisons)   (compare)
+  4. reward model from the comparisons                                                   (reward)
+  5. PPO against the reward model, KL-leashed to the pretrained policy                   (ppo)
+  6. DPO on the same comparisons                                                         (dpo)
+  7. judge: VADER — a hand-written lexicon that never labelled anything — compares each policy's continuations
+     of held-out openings with the pretrained policy's: win rate, share judged positive, KL to the start.
+The labeller and the judge know sentiment in unrelated ways (IMDB star ratings vs a hand-made lexicon), so a
+policy that games the labeller's quirks (or the reward model's) does not automatically win with the judge.
+Every stage's outputs stay in --out; a stage whose output exists is reused (delete it, or pass --force, to redo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from nextbit.align.compare import CompareConfig, compare
+from nextbit.align.dpo import DPOConfig, dpo
+from nextbit.align.formats import write_jsonl
+from nextbit.align.plots import plot_overoptimization
+from nextbit.align.ppo import PPOConfig, evaluate, load_reward_model, ppo
+from nextbit.align.reward import RewardConfig, train_reward
+from nextbit.align.sampling import sample_responses
+from nextbit.align.scorers import BowClassifier, VaderScorer
+from nextbit.core.atomic import write_json, write_text
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.config import ModelConfig
+from nextbit.core.distributed import pick_device
+from nextbit.core.errors import NextbitError
+from nextbit.core.generate import SamplingParams
+from nextbit.core.loop import LoopConfig
+from nextbit.data.prepare import PrepareConfig, prepare
+from nextbit.data.sources import load_reviews
+from nextbit.train.pretrain import TrainConfig, train
+
+SIZES = {
+    # depth, context, vocab, pretraining minutes, batch tokens, PPO steps, PPO batch, eval prompts
+    "cpu": dict(depth=3, seq_len=128, vocab_size=2048, pretrain_minutes=5.0, batch_tokens=4096, ppo_steps=60, ppo_batch=64,
+                eval_prompts=256),
+    "gpu": dict(depth=12, seq_len=256, vocab_size=8192, pretrain_minutes=30.0, batch_tokens=65536, ppo_steps=300, ppo_batch=256,
+                eval_prompts=1024),
+}
+
+
+@dataclass
+class SentimentConfig:
+    out: str = "runs/sentiment"  # every stage's outputs, summary.json, RESULTS.md, overoptimization.png
+    size: str = "cpu"  # cpu (small, ~20 min on 2 cores) | gpu (124M-class model, more steps)
+    comparisons: int = 5000  # simulated comparisons at most (the issue's budget)
+    prompt_words: int = 8  # a prompt is the first this-many words of a review
+    response_tokens: int = 24  # continuation length
+    pretrain_minutes: float = 0.0  # 0 = the size's default
+    ppo_steps: int = 0  # 0 = the size's default
+    ppo_lr: float = 0.0  # 0 = PPO's default for the width
+    init_kl_coef: float = 0.05  # PPO's starting beta
+    target_kl: float = 8.0  # PPO's adaptive-controller target, nats per continuation
+    dpo_beta: float = 0.1
+    bt_scale: float = 1.0  # labelling noise: P(a) = sigmoid((logit_a - logit_b) / bt_scale)
+    random_frac: float = 0.1  # labelling noise: share of coin-flip answers
+    device: str = "auto"
+    seed: int = 1337
+    force: bool = False  # redo every stage instead of reusing outputs that exist
+
+
+def _stage(path: Path, force: bool) -> bool:
+    """True if the stage must run (its output is missing or --force)."""
+    if force and path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return not path.exists()
+
+
+def opening(text: str, words: int) -> Optional[str]:
+    w = text.replace("\n", " ").split()
+    return " ".join(w[:words]) if len(w) > words + 5 else None
+
+
+def make_prompts(reviews: Sequence[tuple[str, int]], words: int, val_every: int, n_train: int, n_eval: int, seed: int):
+    """Train prompts from the pretraining train split's reviews, eval prompts from its held-out (val) reviews."""
+    train, val = [], []
+    for i, (t, _) in enumerate(reviews):
+        o = opening(t, words)
+        if o:
+            (val if i % val_every == val_every - 1 else train).append(o)
+    rng = np.random.default_rng(seed)
+    train = [train[i] for i in rng.permutation(len(train))[:n_train]]
+    val = [val[i] for i in rng.permutation(len(val))[:n_eval]]
+    return train, val
+
+
+def win_rate(judge: VaderScorer, ours: list[str], base: list[str]) -> dict:
+    a, b = np.array(judge.score(ours)), np.array(judge.score(base))
+    wins, ties = float((a > b).mean()), float((a == b).mean())
+    return {"win_rate": wins + 0.5 * ties, "wins": wins, "ties": ties, "losses": float((a < b).mean()),
+            "positive_share": float((a >= 0.05).mean()), "base_positive_share": float((b >= 0.05).mean()),
+            "vader_mean": float(a.mean()), "base_vader_mean": float(b.mean())}
+
+
+def sentiment(cfg: SentimentConfig) -> dict:
+    if cfg.size not in SIZES:
+        raise NextbitError(f"--size must be one of {', '.join(SIZES)}")
+    if not 1 <= cfg.comparisons <= 5000:
+        raise NextbitError("--comparisons must be in [1, 5000]")
+    S = dict(SIZES[cfg.size])
+    minutes = cfg.pretrain_minutes or S["pretrain_minutes"]
+    ppo_steps = cfg.ppo_steps or S["ppo_steps"]
+    t0 = time.time()
+    times: dict[str, float] = {}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"command": "sentiment", **asdict(cfg), "resolved": {**S, "pretrain_minutes": minutes, "ppo_steps": ppo_steps}})
+    device = "cpu" if cfg.size == "cpu" and cfg.device == "auto" else cfg.device
+    val_every = 50
+
+    def tick(name: str, t: float) -> None:
+        times[name] = round(time.time() - t, 1)
+        print(f"[{name}] {times[name]:.0f} s", flush=True)
+
+    # 1. data + pretraining --------------------------------------------------------------------------------------
+    t = time.time()
+    data = out / "data"
+    if _stage(data, cfg.force):
+        print("[1/7] preparing the IMDB reviews", flush=True)
+        prepare(PrepareConfig(sources=["imdb"], out=str(data), vocab_size=S["vocab_size"], val_every=val_every, quiet=False))
+    pre = out / "pretrain"
+    if _stage(pre / "checkpoint", cfg.force):
+        print(f"[1/7] pretraining a depth-{S['depth']} model for {minutes:g} minutes", flush=True)
+        train(TrainConfig(data=str(data), out=str(pre), force=True, batch_tokens=S["batch_tokens"],
+                          model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"]),
+                          loop=LoopConfig(steps=10**7, time_budget=minutes * 60, warmup=50, seed=cfg.seed, device=device,
+                                          quiet=False)))
+    tick("pretrain", t)
+
+    # 2. the labelling oracle and the prompts -----------------------------------------------------------------------
+    t = time.time()
+    reviews = load_reviews("imdb")
+    clf_dir = out / "classifier"
+    if _stage(clf_dir, cfg.force):
+        print("[2/7] training the labelling oracle (hashed n-gram logistic regression on IMDB labels)", flush=True)
+        tr = [r for i, r in enumerate(reviews) if i % 10 != 9]
+        te = [r for i, r in enumerate(reviews) if i % 10 == 9]
+        clf = BowClassifier.fit([t for t, _ in tr], [l for _, l in tr], seed=cfg.seed)
+        clf.info["heldout_accuracy"] = clf.accuracy([t for t, _ in te], [l for _, l in te])
+        clf.save(clf_dir)
+    clf = BowClassifier.load(clf_dir)
+    print(f"      labelling oracle: {clf.info.get('heldout_accuracy', float('nan')):.3f} accuracy on held-out IMDB reviews", flush=True)
+    n_train = 2 * cfg.comparisons + ppo_steps * S["ppo_batch"]
+    train_prompts, eval_prompts = make_prompts(reviews, cfg.prompt_words, val_every, n_train, S["eval_prompts"], cfg.seed)
+    cmp_prompts = train_prompts[: cfg.comparisons]
+    write_jsonl(out / "prompts_compare.jsonl", ({"prompt": p} for p in cmp_prompts))
+    # PPO's prompt file: training openings, then the held-out ones (the last --eval-size lines) for its evaluations
+    write_jsonl(out / "prompts_ppo.jsonl", ({"prompt": p} for p in train_prompts + eval_prompts))
+    tick("oracle", t)
+
+    # 3. comparisons ------------------------------------------------------------------------------------------------
+    t = time.time()
+    prefs = out / "prefs.jsonl"
+    if _stage(prefs, cfg.force):
+        print(f"[3/7] {cfg.comparisons} comparisons of pretrained-policy continuations, labelled by the oracle", flush=True)
+        compare(CompareConfig(policy=str(pre), prompts=str(out / "prompts_compare.jsonl"), out=str(prefs), labeler="oracle",
+                              scorer=f"classifier:{clf_dir}", bt_scale=cfg.bt_scale, random_frac=cfg.random_frac,
+                              max_pairs=cfg.comparisons, max_new_tokens=cfg.response_tokens, seed=cfg.seed, device=device, force=True))
+    stats = json.loads((out / "prefs.config.json").read_text())["stats"]
+    tick("compare", t)
+
+    # 4. reward model -----------------------------------------------------------------------------------------------
+    t = time.time()
+    rm_dir = out / "reward"
+    if _stage(rm_dir / "checkpoint", cfg.force):
+        print("[4/7] reward model", flush=True)
+        train_reward(RewardConfig(init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=2, val_frac=0.1,
+                                  append_eot=False, force=True, loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed,
+                                                                                device=device, eval_every=100)))
+    rm_eval = json.loads((rm_dir / "eval.json").read_text())
+    tick("reward", t)
+
+    # 5. PPO --------------------------------------------------------------------------------------------------------
+    t = time.time()
+    ppo_dir = out / "ppo"
+    if _stage(ppo_dir / "checkpoint", cfg.force):
+        print("[5/7] PPO", flush=True)
+        ppo(PPOConfig(policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
+                      oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
+                      minibatch=max(16, S["ppo_batch"] // 4), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
+                      init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, horizon=10000, append_eot=False,
+                      eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), seed=cfg.seed, device=device, force=True))
+    tick("ppo", t)
+
+    # 6. DPO --------------------------------------------------------------------------------------------------------
+    t = time.time()
+    dpo_dir = out / "dpo"
+    if _stage(dpo_dir / "checkpoint", cfg.force):
+        print("[6/7] DPO on the same comparisons", flush=True)
+        dpo(DPOConfig(init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=2,
+                      append_eot=False, force=True, loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed, device=device,
+                                                                    eval_every=100)))
+    tick("dpo", t)
+
+    # 7. the held-out judge ------------------------------------------------------------------------------------------
+    t = time.time()
+    print("[7/7] judging held-out continuations with VADER (which labelled nothing)", flush=True)
+    dev = pick_device(device)
+    start = load_checkpoint(pre, dev).model.eval()
+    ck_tok = load_checkpoint(pre, dev).tokenizer
+    rm = load_reward_model(str(rm_dir), dev, ck_tok)
+    judge = VaderScorer()
+    params = SamplingParams(cfg.response_tokens, 1.0, seed=cfg.seed + 7)
+    base_texts = [c[0].text for c in sample_responses(start, ck_tok, eval_prompts, params, batch_size=128)]
+    ev_cfg = PPOConfig(max_new_tokens=cfg.response_tokens, append_eot=False)
+    results = {}
+    for name, path in (("start", pre), ("ppo", ppo_dir), ("dpo", dpo_dir)):
+        pol = load_checkpoint(path, dev).model.eval()
+        texts = [c[0].text for c in sample_responses(pol, ck_tok, eval_prompts, dataclass_replace(params, seed=cfg.seed + 11), batch_size=128)]
+        stats_ = evaluate(pol, start, rm, ck_tok, eval_prompts, ev_cfg, [judge, clf], cfg.seed + 13)
+        results[name] = {**win_rate(judge, texts, base_texts), "kl": stats_["kl"], "reward_model": stats_["reward"],
+                         "vader": stats_["oracle_vader"], "labeller_classifier": stats_["oracle_classifier"],
+                         "examples": [{"prompt": p, "continuation": x} for p, x in list(zip(eval_prompts, texts))[:5]]}
+    tick("judge", t)
+
+    ev = [json.loads(l) for l in (ppo_dir / "eval.jsonl").read_text().splitlines() if l.strip()]
+    plot_overoptimization(ev, out / "overoptimization.png", "PPO on held-out openings: proxy vs oracles as KL grows")
+    summary = {
+        "size": cfg.size, "machine": f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu" else torch.cuda.get_device_name(),
+        "comparisons": stats["labelled"], "labelling_agreement_with_noiseless": stats.get("agreement_with_noiseless"),
+        "labeller_heldout_accuracy_on_imdb": clf.info.get("heldout_accuracy"),
+        "reward_model": {"heldout_pairs": rm_eval.get("val_pairs"), "accuracy_vs_noisy_labels": rm_eval.get("val_accuracy"),
+                         "agreement_with_noiseless_oracle": rm_eval.get("val_oracle_agreement")},
+        "ppo": {k: v for k, v in results["ppo"].items() if k != "examples"},
+        "dpo": {k: v for k, v in results["dpo"].items() if k != "examples"},
+        "start": {k: v for k, v in results["start"].items() if k != "examples"},
+        "ppo_eval_curve": ev, "seconds": times, "wall_seconds": round(time.time() - t0, 1),
+        "examples": {k: v["examples"] for k, v in results.items()},
+    }
+    write_json(out / "summary.json", summary)
+    write_text(out / "RESULTS.md", results_markdown(summary, cfg))
+    print((out / "RESULTS.md").read_text(), flush=True)
+    return summary
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def _f(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def results_markdown(s: dict, cfg: SentimentConfig) -> str:
+    rm = s["reward_model"]
+    lines = [
+        f"# Sentiment RLHF — `nextbit sentiment --size {cfg.size}`",
+        "",
+        f"Machine: {s['machine']}; wall time {s['wall_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in s['seconds'].items())}).",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| simulated comparisons | {s['comparisons']} | <= 5,000 |",
+        f"| labels agreeing with the oracle's noiseless judgement (noise: BT + {cfg.random_frac:.0%} random) | {_f(s['labelling_agreement_with_noiseless'])} | |",
+        f"| reward model: held-out agreement with the labelling oracle's noiseless judgement ({rm['heldout_pairs']} pairs) | {_f(rm['agreement_with_noiseless_oracle'])} | >= 0.85 |",
+        f"| reward model: held-out accuracy on the noisy labels | {_f(rm['accuracy_vs_noisy_labels'])} | |",
+        f"| PPO win rate over the start policy (held-out judge VADER, ties half) | {_f(s['ppo']['win_rate'])} | >= 0.80 |",
+        f"| DPO win rate over the start policy (same judge) | {_f(s['dpo']['win_rate'])} | |",
+        f"| share judged positive (VADER >= 0.05): start / PPO / DPO | {_f(s['start']['positive_share'], 2)} / {_f(s['ppo']['positive_share'], 2)} / {_f(s['dpo']['positive_share'], 2)} | |",
+        f"| KL to the start policy, nats per continuation: PPO / DPO | {_f(s['ppo']['kl'], 2)} / {_f(s['dpo']['kl'], 2)} | bounded |",
+        f"| reward model score (normalised): start / PPO / DPO | {_f(s['start']['reward_model'], 2)} / {_f(s['ppo']['reward_model'], 2)} / {_f(s['dpo']['reward_model'], 2)} | |",
+        f"| labelling classifier's logit: start / PPO / DPO | {_f(s['start']['labeller_classifier'], 2)} / {_f(s['ppo']['labeller_classifier'], 2)} / {_f(s['dpo']['labeller_classifier'], 2)} | |",
+        "",
+        "Over-optimisation plot: `overoptimization.png` (proxy reward and both oracles against KL on held-out openings).",
+        "",
+        "## Example continuations of held-out openings",
+        "",
+    ]
+    for name in ("start", "ppo", "dpo"):
+        lines.append(f"**{name}**")
+        lines.append("")
+        for e in s["examples"][name][:3]:
+            lines.append(f"- {e['prompt']} _{e['continuation'].strip()}_".replace("\n", " "))
+        lines.append("")
+    return "\n".join(lines) + "\n"
