@@ -6,7 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription
 
 from nextbit.core.config import ModelConfig  # noqa: E402
 from nextbit.core.tokenizer import train_tokenizer  # noqa: E402

@@ -306,6 +306,11 @@ class TrainLoop:
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / self.accum
             tokens += n
+        if d.enabled:  # report the global batch's loss, not this process's share
+            t = torch.tensor([total_loss, *extras.values()], device=d.device, dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            t /= d.world
+            total_loss, extras = float(t[0]), dict(zip(extras, t[1:].tolist()))
         gnorm = None
         if cfg.grad_clip > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
