@@ -169,6 +169,7 @@ class TrainLoop:
             if not (self.ckpt_dir / "train_state.json").is_file():
                 raise NextbitError(f"--resume: no training checkpoint in {self.ckpt_dir}")
             ck = load_checkpoint(self.ckpt_dir, dist_info.device, with_train_state=True)
+            ck.tokenizer.check_hash(tokenizer.hash, f"--resume: the checkpoint in {self.ckpt_dir} (the data's tokenizer differs)")
             if ck.model.cfg != model.cfg or sorted(ck.model.heads.keys()) != sorted(model.heads.keys()):
                 raise NextbitError(f"--resume: the checkpoint in {self.ckpt_dir} is for a different model configuration")
             self.model.load_state_dict(ck.model.state_dict())
@@ -176,17 +177,24 @@ class TrainLoop:
             self.start_step = int(ck.train_state["train"]["step"])
             self.tokens_seen = int(ck.train_state["train"].get("tokens", 0))
         lr = cfg.lr
+        self._shard(self.model)  # sharded subclasses (FSDP) shard here, before the optimizer sees the parameters
         self.optimizer = build_optimizer(self.model, cfg.optimizer, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr)
         if resume_train_state is not None:
             sd = resume_train_state.optimizer_state()
             if sd is not None:
-                self.optimizer.load_state_dict(sd)
+                self._load_optimizer_state(sd)
             resume_train_state.restore_rng()
         self.train_model: torch.nn.Module = wrap(self.model) if wrap else self._wrap_ddp(self.model)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", dist_info.main, self.start_step if cfg.resume else None)
         self._stop = False
+
+    def _shard(self, model: GPT) -> None:
+        pass  # replicated: nothing to shard
+
+    def _load_optimizer_state(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd)
 
     def _wrap_ddp(self, model: GPT) -> torch.nn.Module:
         if not self.d.enabled:
