@@ -31,6 +31,9 @@ class TrainConfig:
     micro_batch: int = 0  # sequences per forward pass per process; 0 = derived (<= 16k tokens)
     eval_tokens: int = 0  # held-out tokens per evaluation; 0 = the whole val split
     force: bool = False  # start over in an existing run folder
+    fsdp: bool = False  # shard weights, grads and AdamW state over the processes (FSDP2; bf16 params / fp32 reduce on CUDA)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: far less memory, ~1/3 more compute
+    loss_chunk: int = 0  # rows per chunk of a fused LM-head + cross-entropy that never holds all fp32 logits; 0 = off
     model: ModelConfig = field(default_factory=ModelConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
@@ -56,8 +59,8 @@ def batch_layout(batch_tokens: int, seq_len: int, micro_batch: int, world: int) 
 
 
 class PretrainObjective:
-    def __init__(self, sampler: BatchSampler, micro: int, accum: int):
-        self.sampler, self.micro, self.accum = sampler, micro, accum
+    def __init__(self, sampler: BatchSampler, micro: int, accum: int, loss_chunk: int = 0):
+        self.sampler, self.micro, self.accum, self.loss_chunk = sampler, micro, accum, loss_chunk
 
     def batch(self, step, micro, rank, world):
         # One global batch per step, drawn from one seed, sliced by (micro, rank): any split of the same global
@@ -70,7 +73,7 @@ class PretrainObjective:
         x, y = batch
         dev = next(model.parameters()).device
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        return model(x, y), {}, x.numel()
+        return model(x, y, loss_chunk=self.loss_chunk), {}, x.numel()
 
 
 def prepare_run_dir(out: Path, resume: bool, force: bool, main: bool) -> None:
@@ -97,8 +100,9 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
         torch.manual_seed(cfg.loop.seed)
         model = GPT(mcfg)
         model.reset_parameters(seed=cfg.loop.seed)
-    if cfg.batch_tokens < 0 or cfg.micro_batch < 0 or cfg.eval_tokens < 0:
-        raise NextbitError("--batch-tokens, --micro-batch and --eval-tokens must be >= 0")
+    if cfg.batch_tokens < 0 or cfg.micro_batch < 0 or cfg.eval_tokens < 0 or cfg.loss_chunk < 0:
+        raise NextbitError("--batch-tokens, --micro-batch, --eval-tokens and --loss-chunk must be >= 0")
+    model.activation_checkpointing = cfg.activation_checkpointing
     batch_tokens = cfg.batch_tokens or default_batch_tokens(mcfg.depth)
     rows, micro, accum = batch_layout(batch_tokens, mcfg.seq_len, cfg.micro_batch, d.world)
     if cfg.loop.lr == 0:
@@ -120,8 +124,11 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     evaluate = None
     if val_split is not None and val_split.tokens > 1:
         evaluate = lambda m: evaluate_split(m, val_split, mcfg.seq_len, cfg.eval_tokens or None)
-    loop = TrainLoop(
-        model, ds.tokenizer, cfg.loop, out, d, PretrainObjective(sampler, micro, accum),
+    loop_cls = TrainLoop
+    if cfg.fsdp:
+        from nextbit.core.fsdp import FSDPTrainLoop as loop_cls
+    loop = loop_cls(
+        model, ds.tokenizer, cfg.loop, out, d, PretrainObjective(sampler, micro, accum, cfg.loss_chunk),
         accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}",
     )
     result = loop.run()
