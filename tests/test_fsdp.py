@@ -1,0 +1,135 @@
+"""FSDP2 sharded training (2 gloo processes on CPU), activation checkpointing and the fused chunked cross-entropy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.model import GPT, lm_loss
+
+from conftest import ROOT, tiny_config
+
+COMMON = ["train", "--steps", "6", "--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32",
+          "--batch-tokens", "256", "--micro-batch", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu",
+          "--quiet", "--seed", "5"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _one(*args, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "nextbit", *map(str, args)], env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _two(*args, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "nextbit", *map(str, args)], env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def _losses(run):
+    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def _assert_close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.fixture(scope="module")
+def plain(dataset, tmp_path_factory):
+    """The reference: one process, no FSDP, 6 steps."""
+    out = tmp_path_factory.mktemp("fsdp") / "plain"
+    _one(*COMMON, "--data", dataset, "--out", out)
+    return out
+
+
+def _optimizer_tensors(run):
+    return {k: v for k, v in load_file(str(run / "checkpoint" / "optimizer.safetensors")).items() if k.startswith("state.")}
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(plain, dataset, tmp_path):
+    """2 gloo processes with --fsdp == 1 plain process with the same global batch (float tolerance); the
+    checkpoint holds the full model and optimizer state, keyed as a plain run's."""
+    two = tmp_path / "two"
+    _two(*COMMON, "--data", dataset, "--out", two, "--fsdp")
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    _assert_close(_weights(plain), _weights(two))
+    _assert_close(_optimizer_tensors(plain), _optimizer_tensors(two))
+    assert _losses(plain) == pytest.approx(_losses(two), rel=1e-4)
+    assert "val_loss" in (two / "metrics.jsonl").read_text()  # evaluation ran on the sharded model
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_another_world_size(plain, dataset, tmp_path):
+    """An FSDP checkpoint (1 process, 1-rank group) resumed by 2 FSDP processes continues the same run."""
+    run = tmp_path / "run"
+    _one(*COMMON, "--data", dataset, "--out", run, "--fsdp", "--stop-after", "3")
+    ck = load_checkpoint(run, with_train_state=True)  # an ordinary checkpoint: loads without any process group
+    assert ck.train_state["train"]["step"] == 3 and ck.optimizer_state()["state"]
+    _two(*COMMON, "--data", dataset, "--out", run, "--fsdp", "--resume")
+    _assert_close(_weights(plain), _weights(run))
+    assert _losses(plain) == pytest.approx(_losses(run), rel=1e-4)
+
+
+def _grads(model, x, y, **kw):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y, **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = GPT(tiny_config()).train()
+    x, y = torch.randint(0, 384, (3, 64)), torch.randint(0, 384, (3, 64))
+    l0, g0 = _grads(m, x, y)
+    m.activation_checkpointing = True
+    l1, g1 = _grads(m, x, y)
+    assert torch.equal(l0, l1)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=1e-7, rtol=1e-6), k
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 64, 1000])
+def test_chunked_cross_entropy_equals_full(chunk):
+    torch.manual_seed(1)
+    m = GPT(tiny_config(tie_embeddings=chunk != 50)).train()  # tied (embedding as LM head) and untied
+    x, y = torch.randint(0, 384, (3, 64)), torch.randint(0, 384, (3, 64))
+    y[0, :20] = -1  # ignored targets
+    l0, g0 = _grads(m, x, y)
+    l1, g1 = _grads(m, x, y, loss_chunk=chunk)
+    assert torch.allclose(l0, l1, atol=1e-6, rtol=1e-6)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=1e-6, rtol=1e-5), k
+    h = m.hidden(x).detach()
+    for red in ("sum", "none"):  # and without gradients (evaluation): the chunked, unfused path
+        with torch.no_grad():
+            assert torch.allclose(lm_loss(m, h, y, red), lm_loss(m, h, y, red, chunk=chunk), atol=1e-4, rtol=1e-5)
+
+
+def test_fused_cross_entropy_under_bf16_autocast():
+    torch.manual_seed(2)
+    m = GPT(tiny_config()).train()
+    x, y = torch.randint(0, 384, (2, 64)), torch.randint(0, 384, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l0, g0 = _grads(m, x, y)
+        l1, g1 = _grads(m, x, y, loss_chunk=40)
+    assert torch.allclose(l0, l1, rtol=1e-3)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=2e-3, rtol=5e-2), k
