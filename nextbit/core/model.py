@@ -206,12 +206,13 @@ class GPT(nn.Module):
         head = self.heads[name]
         return F.linear(h.float(), head.weight.float(), head.bias.float()).squeeze(-1)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
-        """Logits (B, T, V), or the mean next-token cross-entropy over targets != -1 when targets are given."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunk: int = 0, **kw) -> torch.Tensor:
+        """Logits (B, T, V), or the mean next-token cross-entropy over targets != -1 when targets are given
+        (`loss_chunk` > 0: fused chunked cross-entropy, see lm_loss)."""
         h = self.hidden(idx, **kw)
         if targets is None:
             return self.logits(h)
-        return lm_loss(self, h, targets)
+        return lm_loss(self, h, targets, chunk=loss_chunk)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
@@ -230,8 +231,14 @@ class GPT(nn.Module):
 
 def lm_loss(model: GPT, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", chunk: int = 0) -> torch.Tensor:
     """Cross-entropy of the next token, ignoring targets == -1. Logits are upcast to fp32 per chunk of rows,
-    so with `chunk` > 0 the full (B·T, V) fp32 logits never exist at once."""
+    so with `chunk` > 0 the full (B·T, V) fp32 logits never exist at once (when training, a fused LM-head +
+    cross-entropy computes each chunk's gradients in the forward pass, so none are kept for backward either)."""
     h2, t2 = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    if chunk > 0 and h2.size(0) > chunk and reduction != "none" and torch.is_grad_enabled():
+        from nextbit.core.fused_ce import linear_cross_entropy
+
+        w = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        return linear_cross_entropy(h2, w, t2, chunk, reduction)
     if chunk <= 0 or h2.size(0) <= chunk:
         losses = F.cross_entropy(model.logits(h2).float(), t2, ignore_index=-1, reduction="none")
     else:
