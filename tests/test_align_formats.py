@@ -11,7 +11,7 @@ from nextbit.align.formats import (encode_pair, encode_prompt, encode_sft, load_
                                    render_messages)
 from nextbit.align.labelers import JSONLLabeler, OracleLabeler, Query, label, make_labeler
 from nextbit.align.ppo import AdaptiveKLController, gae, kl_per_token
-from nextbit.align.scorers import BowClassifier, VaderScorer, features
+from nextbit.align.scorers import BowClassifier, VaderScorer, grams
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import train_tokenizer
 
@@ -160,15 +160,16 @@ def test_scorers():
     assert s[0] > 0.3 and s[1] < -0.3 and s[2] == 0
     texts = ["great fun loved it", "wonderful great film", "awful boring mess", "terrible awful acting"] * 20
     labels = [1, 1, 0, 0] * 20
-    clf = BowClassifier.fit(texts, labels, n_bits=12, epochs=5, seed=0)
+    clf = BowClassifier.fit(texts, labels, min_df=2, epochs=5, seed=0)
     assert clf.accuracy(texts, labels) == 1.0
     a, b = clf.score(["great fun", "boring mess"])
     assert a > 0 > b
-    assert features("Great great!", 12) == features("great GREAT!", 12)
+    assert grams("Great great!") == grams("great GREAT!")
+    assert clf.score(["xqzt"]) == [clf.bias]  # words outside the vocabulary count zero
 
 
 def test_classifier_roundtrip(tmp_path):
-    clf = BowClassifier.fit(["good", "bad"], [1, 0], n_bits=10, epochs=3)
+    clf = BowClassifier.fit(["good", "bad"], [1, 0], min_df=1, epochs=3)
     clf.save(tmp_path / "clf")
     again = BowClassifier.load(tmp_path / "clf")
     assert again.score(["good", "bad"]) == clf.score(["good", "bad"])

@@ -62,6 +62,21 @@ def last_scalar(model: torch.nn.Module, head: str, batch: Batch) -> torch.Tensor
     return m.scalar(head, h)[torch.arange(h.size(0), device=h.device), idx]
 
 
+def pooled_scalar(model: torch.nn.Module, head: str, batch: Batch) -> torch.Tensor:
+    """(B,) the scalar head averaged over each row's completion tokens (the trained positions)."""
+    m = unwrap(model)
+    h = m.hidden(batch.ids)
+    s = m.scalar(head, h)
+    pool = torch.zeros_like(batch.targets, dtype=torch.bool)
+    pool[:, 1:] = batch.targets[:, :-1] != -1
+    pool = pool.float()
+    return (s * pool).sum(-1) / pool.sum(-1).clamp(min=1)
+
+
+def read_reward(model: torch.nn.Module, head: str, batch: Batch, pool: str = "last") -> torch.Tensor:
+    return pooled_scalar(model, head, batch) if pool == "mean" else last_scalar(model, head, batch)
+
+
 def chunks(n: int, size: int):
     for i in range(0, n, size):
         yield range(i, min(n, i + size))

@@ -301,6 +301,7 @@ def load_reward_model(path: str, device, tok: Tokenizer) -> GPT:
     if REWARD_HEAD not in ck.model.heads:
         raise NextbitError(f"{path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
     ck.tokenizer.check_hash(tok.hash, f"reward model {path} (the policy's tokenizer differs)")
+    ck.model.reward_pool = ck.info.get("meta", {}).get("pool", "last")
     if not ck.info.get("meta", {}).get("normalized", False):
         print(f"note: reward model {path} is not normalised; its raw scores are used", flush=True)
     return ck.model.eval().requires_grad_(False)

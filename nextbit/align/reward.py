@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from nextbit.align.batching import Batch, collate, last_scalar, unwrap
+from nextbit.align.batching import Batch, collate, read_reward, unwrap
 from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config
 from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, load_preferences
 from nextbit.align.sft import accum_for
@@ -44,6 +44,7 @@ class RewardConfig:
     epochs: float = 2.0  # passes over the pairs when --steps is 0
     val_frac: float = 0.1  # share of pairs held out for pairwise accuracy
     append_eot: bool = True  # end plain-text responses with <|endoftext|> (must match how they are scored later)
+    pool: str = "last"  # where the reward is read: last (the last token) | mean (averaged over the response tokens)
     center_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps rewards centred (TRL's center_rewards_coefficient)
     force: bool = False  # start over in an existing run folder
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, weight_decay=0.0))
@@ -86,8 +87,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: to
 
 
 class RewardObjective:
-    def __init__(self, data: list[EncodedPair], batch_size: int, accum: int, pad_id: int, seed: int, center_coef: float):
-        self.data, self.accum, self.pad_id, self.center = data, accum, pad_id, center_coef
+    def __init__(self, data: list[EncodedPair], batch_size: int, accum: int, pad_id: int, seed: int, center_coef: float,
+                 pool: str = "last"):
+        self.data, self.accum, self.pad_id, self.center, self.pool = data, accum, pad_id, center_coef, pool
         self.shuffle = Shuffler(len(data), batch_size, seed)
 
     def batch(self, step, micro, rank, world):
@@ -97,7 +99,7 @@ class RewardObjective:
     def loss(self, model, batch):
         b, tie = batch
         b = b.to(next(unwrap(model).parameters()).device)
-        r = last_scalar(model, HEAD, b)
+        r = read_reward(model, HEAD, b, self.pool)
         n = r.size(0) // 2
         rc, rr = r[:n], r[n:]
         loss = bradley_terry_loss(rc, rr, tie)
@@ -110,9 +112,10 @@ class RewardObjective:
 
 
 @torch.no_grad()
-def reward_scores(model: GPT, encoded: Sequence[Encoded], pad_id: int, rows: int = 64) -> torch.Tensor:
+def reward_scores(model: GPT, encoded: Sequence[Encoded], pad_id: int, rows: int = 64, pool: Optional[str] = None) -> torch.Tensor:
     device = next(model.parameters()).device
-    out = [last_scalar(model, HEAD, collate(encoded[i : i + rows], pad_id).to(device)).float().cpu()
+    pool = pool or getattr(model, "reward_pool", "last")
+    out = [read_reward(model, HEAD, collate(encoded[i : i + rows], pad_id).to(device), pool).float().cpu()
            for i in range(0, len(encoded), rows)]
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -166,6 +169,9 @@ def train_reward(cfg: RewardConfig) -> dict:
     model, tok = ck.model, ck.tokenizer
     if HEAD not in model.heads:
         model.add_scalar_head(HEAD)
+    if cfg.pool not in ("last", "mean"):
+        raise NextbitError("--pool must be last or mean")
+    model.reward_pool = cfg.pool
     max_len = cfg.max_len or model.cfg.seq_len
     if not 2 <= max_len <= model.cfg.seq_len:
         raise NextbitError(f"--max-len must be in [2, {model.cfg.seq_len}] (the model's context)")
@@ -186,17 +192,18 @@ def train_reward(cfg: RewardConfig) -> dict:
     torch.manual_seed(cfg.loop.seed)
     pad = tok.pad_id
     evaluate = (lambda m: pair_metrics(m, val_set, pad)) if val_set else None
-    loop = TrainLoop(model, tok, cfg.loop, out, d, RewardObjective(train_set, cfg.batch_size, accum, pad, cfg.loop.seed, cfg.center_coef),
+    loop = TrainLoop(model, tok, cfg.loop, out, d, RewardObjective(train_set, cfg.batch_size, accum, pad, cfg.loop.seed, cfg.center_coef, cfg.pool),
                      accum=accum, evaluate=evaluate, run_config=run_config, title=f"reward {out.name}")
     result = loop.run()
     if result.get("stopped_early"):
         return result
     model = loop.model.eval()
+    model.reward_pool = cfg.pool
     responses = [p.chosen for p in train_set] + [p.rejected for p in train_set]
     mean, std = normalise_head(model, responses, pad)
     final = pair_metrics(model, val_set, pad) if val_set else {}
     save_checkpoint(out / "checkpoint", model, tok, meta={
-        "run_config": run_config, "kind": "reward_model", "reward_head": HEAD, "normalized": True,
+        "run_config": run_config, "kind": "reward_model", "reward_head": HEAD, "normalized": True, "pool": cfg.pool,
         "raw_reward_mean": mean, "raw_reward_std": std, "append_eot": cfg.append_eot, "max_len": max_len, **final})
     summary = {**final, "raw_reward_mean": mean, "raw_reward_std": std, "steps": result["step"]}
     write_json(out / "eval.json", summary)

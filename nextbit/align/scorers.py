@@ -2,7 +2,7 @@
 
 A `Scorer` maps texts to numbers (higher = better). Two are built in:
     vader                  VADER's compound sentiment in [-1, 1] (vaderSentiment: a hand-made lexicon + rules)
-    classifier:PATH        a logistic regression on hashed unigram + bigram features, trained on labelled
+    classifier:PATH        a logistic regression on unigram + bigram features (a fixed vocabulary), trained on labelled
                            reviews (`BowClassifier.fit`), saved as safetensors + JSON; its score is the logit
 The two know sentiment in unrelated ways (one learned from IMDB's star ratings, one written by hand), which
 is what makes one a fair held-out judge of a policy trained against the other.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -47,55 +46,70 @@ class VaderScorer:
 _WORD = re.compile(r"[a-z0-9']+|[!?]")
 
 
-def features(text: str, n_bits: int) -> list[int]:
-    """Distinct hashed unigrams and bigrams of the lower-cased words (crc32: stable across runs and machines)."""
+def grams(text: str) -> set[str]:
+    """Distinct unigrams and bigrams of the lower-cased words."""
     words = _WORD.findall(text.lower())
-    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
-    mask = (1 << n_bits) - 1
-    return sorted({zlib.crc32(g.encode()) & mask for g in grams})
+    return set(words) | {a + " " + b for a, b in zip(words, words[1:])}
 
 
 class BowClassifier:
-    """Logistic regression on binary hashed n-gram features; `score` is the logit of "positive"."""
+    """Logistic regression on binary unigram + bigram features over a fixed vocabulary (n-grams seen in at least
+    `min_df` training texts); anything outside it, misspellings and made-up words included, counts zero.
+    `score` is the logit of "positive"."""
 
-    def __init__(self, weight: torch.Tensor, bias: float, n_bits: int, info: dict | None = None):
-        self.weight, self.bias, self.n_bits = weight.float(), float(bias), n_bits
+    def __init__(self, vocab: Sequence[str], weight: torch.Tensor, bias: float, info: dict | None = None):
+        self.vocab = list(vocab)
+        self.index = {g: i for i, g in enumerate(self.vocab)}
+        self.weight, self.bias = weight.float(), float(bias)
         self.info = info or {}
         self.name = "classifier"
 
+    def features(self, text: str) -> list[int]:
+        return sorted(self.index[g] for g in grams(text) if g in self.index)
+
     @classmethod
-    def fit(cls, texts: Sequence[str], labels: Sequence[int], *, n_bits: int = 18, epochs: int = 4, lr: float = 0.05,
+    def fit(cls, texts: Sequence[str], labels: Sequence[int], *, min_df: int = 5, epochs: int = 4, lr: float = 0.05,
             l2: float = 1e-6, batch: int = 256, seed: int = 0, max_chars: int = 3000) -> "BowClassifier":
         if len(texts) != len(labels) or not texts:
             raise NextbitError("the classifier needs as many labels as texts, and at least one")
-        feats = [features(t[:max_chars], n_bits) for t in texts]
-        offsets = torch.tensor([0] + [len(f) for f in feats[:-1]]).cumsum(0)
+        docs = [grams(t[:max_chars]) for t in texts]
+        df: dict[str, int] = {}
+        for d in docs:
+            for g in d:
+                df[g] = df.get(g, 0) + 1
+        vocab = sorted(g for g, n in df.items() if n >= min_df)
+        if not vocab:
+            raise NextbitError(f"no n-gram occurs in {min_df} texts; lower min_df")
+        index = {g: i for i, g in enumerate(vocab)}
+        feats = [[index[g] for g in d if g in index] for d in docs]
+        offsets = [0]
+        for f in feats[:-1]:
+            offsets.append(offsets[-1] + len(f))
         flat = torch.tensor([i for f in feats for i in f], dtype=torch.long)
-        lens = torch.tensor([len(f) for f in feats])
+        lens = [len(f) for f in feats]
         y = torch.tensor(labels, dtype=torch.float32)
         gen = torch.Generator().manual_seed(seed)
-        w = torch.zeros(1 << n_bits, requires_grad=True)
+        w = torch.zeros(len(vocab), requires_grad=True)
         b = torch.zeros(1, requires_grad=True)
         opt = torch.optim.Adam([w, b], lr=lr)
-        n = len(feats)
         for _ in range(epochs):
-            for idx in torch.randperm(n, generator=gen).split(batch):
-                st, ln = offsets[idx], lens[idx]
-                rows = torch.cat([flat[s : s + l] for s, l in zip(st.tolist(), ln.tolist())])
-                bag = torch.repeat_interleave(torch.arange(len(idx)), ln)
-                logit = torch.zeros(len(idx)).index_add(0, bag, w[rows]) + b
+            for idx in torch.randperm(len(feats), generator=gen).split(batch):
+                il = idx.tolist()
+                rows = torch.cat([flat[offsets[i] : offsets[i] + lens[i]] for i in il])
+                bag = torch.repeat_interleave(torch.arange(len(il)), torch.tensor([lens[i] for i in il]))
+                logit = torch.zeros(len(il)).index_add(0, bag, w[rows]) + b
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[idx]) + l2 * (w * w).sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        return cls(w.detach(), float(b.detach()), n_bits, {"examples": n, "epochs": epochs, "n_bits": n_bits})
+        return cls(vocab, w.detach(), float(b.detach()), {"examples": len(feats), "epochs": epochs, "min_df": min_df,
+                                                           "vocab_size": len(vocab)})
 
     def score(self, texts: Sequence[str]) -> list[float]:
         out = []
-        w = self.weight
         for t in texts:
-            f = features(t, self.n_bits)
-            out.append(float(w[f].sum()) + self.bias if f else self.bias)
+            f = self.features(t)
+            out.append(float(self.weight[f].sum()) + self.bias if f else self.bias)
         return out
 
     def accuracy(self, texts: Sequence[str], labels: Sequence[int]) -> float:
@@ -106,7 +120,8 @@ class BowClassifier:
         path = Path(path)
         with atomic_dir(path) as tmp:
             save_file({"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias])}, str(tmp / "classifier.safetensors"))
-            (tmp / "classifier.json").write_text(json.dumps({"format": "nextbit-bow-classifier", "n_bits": self.n_bits, **self.info}, indent=2) + "\n")
+            meta = {"format": "nextbit-bow-classifier", **self.info, "vocab": self.vocab}
+            (tmp / "classifier.json").write_text(json.dumps(meta) + "\n")
         return path
 
     @classmethod
@@ -116,9 +131,10 @@ class BowClassifier:
             raise NextbitError(f"no classifier at {p} (expected classifier.json + classifier.safetensors)")
         info = json.loads((p / "classifier.json").read_text())
         t = load_file(str(p / "classifier.safetensors"))
-        if t["weight"].numel() != 1 << int(info["n_bits"]):
-            raise NextbitError(f"classifier {p} is corrupted: weight size does not match n_bits")
-        return cls(t["weight"], float(t["bias"][0]), int(info["n_bits"]), info)
+        vocab = info.pop("vocab", None)
+        if not isinstance(vocab, list) or t["weight"].numel() != len(vocab):
+            raise NextbitError(f"classifier {p} is corrupted: weight size does not match its vocabulary")
+        return cls(vocab, t["weight"], float(t["bias"][0]), info)
 
 
 def make_scorer(spec: str) -> Scorer:

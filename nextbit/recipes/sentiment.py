@@ -181,8 +181,8 @@ def sentiment(cfg: SentimentConfig) -> dict:
     rm_dir = out / "reward"
     if _stage(rm_dir / "checkpoint", cfg.force):
         print("[4/7] reward model", flush=True)
-        train_reward(RewardConfig(init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=2, val_frac=0.1,
-                                  append_eot=False, force=True, loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed,
+        train_reward(RewardConfig(init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=1, val_frac=0.1,
+                                  append_eot=False, pool="mean", force=True, loop=LoopConfig(steps=0, lr=2e-3, weight_decay=0.0, seed=cfg.seed,
                                                                                 device=device, eval_every=100)))
     rm_eval = json.loads((rm_dir / "eval.json").read_text())
     tick("reward", t)
@@ -204,7 +204,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
     dpo_dir = out / "dpo"
     if _stage(dpo_dir / "checkpoint", cfg.force):
         print("[6/7] DPO on the same comparisons", flush=True)
-        dpo(DPOConfig(init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=2,
+        dpo(DPOConfig(init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=1,
                       append_eot=False, force=True, loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed, device=device,
                                                                     eval_every=100)))
     tick("dpo", t)
