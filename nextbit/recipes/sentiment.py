@@ -2,7 +2,7 @@
 openings positive, learning only from (simulated) pairwise comparisons.
 
   1. prepare the IMDB reviews and pretrain a small GPT on them                          (data + train stages)
-  2. the labelling oracle: a hashed-n-gram logistic regression trained on IMDB's labels (a stand-in for a person)
+  2. the labelling oracle: a unigram+bigram logistic regression trained on IMDB's labels (a stand-in for a person)
   3. prompts = the first words of reviews; the pretrained policy continues them in pairs; the oracle compares
      each pair through a Bradley–Terry noise model with 10% random answers (<= 5,000 comparisons)   (compare)
   4. reward model from the comparisons                                                   (reward)
@@ -149,7 +149,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
     reviews = load_reviews("imdb")
     clf_dir = out / "classifier"
     if _stage(clf_dir, cfg.force):
-        print("[2/7] training the labelling oracle (hashed n-gram logistic regression on IMDB labels)", flush=True)
+        print("[2/7] training the labelling oracle (unigram+bigram logistic regression on IMDB labels)", flush=True)
         tr = [r for i, r in enumerate(reviews) if i % 10 != 9]
         te = [r for i, r in enumerate(reviews) if i % 10 == 9]
         clf = BowClassifier.fit([t for t, _ in tr], [l for _, l in tr], seed=cfg.seed)
