@@ -72,8 +72,8 @@ def plot_overoptimization(evals: Sequence[dict], path: Path, title: str = "over-
     ax.grid(alpha=0.3)
     if oracles:
         ax2 = ax.twinx()
-        for k, style in zip(oracles, ["s--", "^--", "d--"]):
-            ax2.plot(kl, [r[k] for r in evals], style, label=k.replace("oracle_", "oracle: "), color=None)
+        for k, style, color in zip(oracles, ["s--", "^--", "d--"], ["tab:orange", "tab:green", "tab:red"]):
+            ax2.plot(kl, [r[k] for r in evals], style, label=k.replace("oracle_", "oracle: "), color=color)
         ax2.set_ylabel("oracle score")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
