@@ -13,6 +13,7 @@ from nextbit.core.errors import NextbitError
 
 def _commands():
     """name -> (config class, runner, help, positional field). Imported lazily so `--help` stays fast."""
+    from nextbit.core.loop import report_stop
     from nextbit.data.prepare import PrepareConfig, prepare
     from nextbit.recipes.demo import DemoConfig, demo
     from nextbit.sample import SampleConfig, print_samples, sample, load_prompt
@@ -22,8 +23,7 @@ def _commands():
         print_samples(load_prompt(cfg), sample(cfg))
 
     def run_train(cfg):
-        result = train(cfg)
-        _report_stop(result, cfg.out)
+        report_stop(train(cfg), cfg.out)
 
     cmds = {
         "prepare": (PrepareConfig, prepare, "turn text or code into token shards (+ tokenizer)", None),
@@ -38,14 +38,6 @@ def _commands():
     except ImportError:
         pass
     return cmds
-
-
-def _report_stop(result: dict, out: str) -> None:
-    if result.get("stopped_early"):
-        how = "interrupted" if result.get("interrupted") else "stopped"
-        print(f"{how} at step {result['step']}; checkpoint saved in {out}/checkpoint — continue with --resume", file=sys.stderr)
-        if result.get("interrupted"):
-            raise SystemExit(130)
 
 
 def build_parser(cmds) -> argparse.ArgumentParser:

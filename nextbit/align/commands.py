@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
+from nextbit.core.loop import report_stop
 from nextbit.align.compare import CompareConfig, compare
 from nextbit.align.dpo import DPOConfig, dpo
 from nextbit.align.ppo import PPOConfig, ppo
@@ -11,24 +10,16 @@ from nextbit.align.reward import RewardConfig, train_reward
 from nextbit.align.sft import SFTConfig, sft
 
 
-def _stopped(result: dict, out: str) -> None:
-    if result.get("stopped_early"):
-        how = "interrupted" if result.get("interrupted") else "stopped"
-        print(f"{how} at step {result['step']}; checkpoint saved in {out}/checkpoint — continue with --resume", file=sys.stderr)
-        if result.get("interrupted"):
-            raise SystemExit(130)
-
-
 def _run_sft(cfg: SFTConfig) -> None:
-    _stopped(sft(cfg), cfg.out)
+    report_stop(sft(cfg), cfg.out)
 
 
 def _run_reward(cfg: RewardConfig) -> None:
-    _stopped(train_reward(cfg), cfg.out)
+    report_stop(train_reward(cfg), cfg.out)
 
 
 def _run_dpo(cfg: DPOConfig) -> None:
-    _stopped(dpo(cfg), cfg.out)
+    report_stop(dpo(cfg), cfg.out)
 
 
 def _run_sentiment(cfg) -> None:

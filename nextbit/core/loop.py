@@ -357,3 +357,14 @@ def config_dict(*cfgs) -> dict:
     for c in cfgs:
         out.update(asdict(c))
     return out
+
+
+def report_stop(result: dict, out: str | Path) -> None:
+    """After a run that stopped before its last step: say where the checkpoint is; exit 130 if it was Ctrl-C."""
+    if result.get("stopped_early"):
+        import sys
+
+        how = "interrupted" if result.get("interrupted") else "stopped"
+        print(f"{how} at step {result['step']}; checkpoint saved in {out}/checkpoint — continue with --resume", file=sys.stderr)
+        if result.get("interrupted"):
+            raise SystemExit(130)

@@ -140,8 +140,8 @@ def sentiment(cfg: SentimentConfig) -> dict:
         print(f"[1/7] pretraining a depth-{S['depth']} model for {minutes:g} minutes", flush=True)
         train(TrainConfig(data=str(data), out=str(pre), force=True, batch_tokens=S["batch_tokens"],
                           model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"]),
-                          loop=LoopConfig(steps=10**7, time_budget=minutes * 60, warmup=50, seed=cfg.seed, device=device,
-                                          quiet=False)))
+                          loop=LoopConfig(steps=10**7, time_budget=minutes * 60, warmup=10, seed=cfg.seed, device=device,
+                                          optimizer="muon", muon_lr=0.04, lr=4e-3, min_lr_ratio=0.0, quiet=False)))
     tick("pretrain", t)
 
     # 2. the labelling oracle and the prompts -----------------------------------------------------------------------
