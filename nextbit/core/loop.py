@@ -45,7 +45,7 @@ class LoopConfig:
     grad_clip: float = 1.0  # 0 = off
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end (and on Ctrl-C)
-    log_every: int = 1
+    log_every: int = 0  # steps between metric lines (each one waits for the device); 0 = 1 on CPU, 10 on GPU
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -247,6 +247,7 @@ class TrainLoop:
         steps_this_run = 0
         t_run = time.time()
         total = cfg.steps
+        log_every = cfg.log_every or (10 if d.device.type == "cuda" else 1)
         step_time = None  # moving average of seconds per step, for --time-budget
         try:
             self.train_model.train()
@@ -268,13 +269,14 @@ class TrainLoop:
                         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
                         total = int(t.item())
                     bar.total = total
-                rec = {"step": step, **metrics, "lr_factor": round(factor, 5), "tokens": self.tokens_seen,
-                       "tok_s": round(tokens * d.world / max(dt, 1e-9), 1), "elapsed": round(time.time() - t_run, 2)}
-                if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                if step % log_every == 0 or step >= total:  # the only place the host waits for the device
+                    metrics = self._host_metrics(metrics, step)
+                    rec = {"step": step, **metrics, "lr_factor": round(factor, 5), "tokens": self.tokens_seen,
+                           "tok_s": round(tokens * d.world / max(dt, 1e-9), 1), "elapsed": round(time.time() - t_run, 2)}
                     self.log.write(rec)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rec['tok_s']:,.0f}")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rec['tok_s']:,.0f}")
+                    last = rec
                 bar.update(1)
-                last = rec
                 if self.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
                     ev = self._evaluate(step)
                     last.update(ev)
@@ -298,8 +300,9 @@ class TrainLoop:
         return last
 
     def _step(self, step: int) -> tuple[dict, int]:
+        """One optimizer step. Metrics stay on the device (no host sync) until `_host_metrics` reads them."""
         cfg, d = self.cfg, self.d
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=d.device, dtype=torch.float32)
         extras: dict[str, float] = {}
         tokens = 0
         for micro in range(self.accum):
@@ -310,26 +313,28 @@ class TrainLoop:
                 with autocast_for(d.device, cfg.precision):
                     loss, extra, n = self.objective.loss(self.train_model, batch)
                 (loss / self.accum).backward()
-            total_loss += loss.detach().float().item() / self.accum
+            total_loss += loss.detach().float() / self.accum
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / self.accum
             tokens += n
-        if d.enabled:  # report the global batch's loss, not this process's share
-            t = torch.tensor([total_loss, *extras.values()], device=d.device, dtype=torch.float64)
-            torch.distributed.all_reduce(t)
-            t /= d.world
-            total_loss, extras = float(t[0]), dict(zip(extras, t[1:].tolist()))
-        gnorm = None
+        out: dict = {"loss": total_loss, **extras}
         if cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total_loss):
-            raise NextbitError(f"loss became {total_loss} at step {step + 1}; lower the learning rate")
-        out = {"loss": round(total_loss, 5), **{k: round(v, 5) for k, v in extras.items()}}
-        if gnorm is not None:
-            out["grad_norm"] = round(gnorm, 4)
         return out, tokens
+
+    def _host_metrics(self, metrics: dict, step: int) -> dict:
+        d = self.d
+        if d.enabled:  # report the global batch's loss, not this process's share
+            keys = [k for k in metrics if k != "grad_norm"]
+            t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=d.device) for k in keys])
+            torch.distributed.all_reduce(t)
+            metrics = {**metrics, **dict(zip(keys, (t / d.world).tolist()))}
+        out = {k: round(float(v), 5) for k, v in metrics.items()}
+        if not math.isfinite(out["loss"]):
+            raise NextbitError(f"loss became {out['loss']} at step {step}; lower the learning rate")
+        return out
 
     def _evaluate(self, step: int) -> dict:
         ev: dict = {}
