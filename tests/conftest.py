@@ -53,6 +53,18 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**base).resolved()
 
 
+def peaky_model(seq_len: int = 96, device: str = "cpu"):
+    """A random tiny model with large weights, so greedy paths are varied (projections start at zero otherwise)."""
+    from nextbit.core.model import GPT
+
+    torch.manual_seed(0)
+    m = GPT(tiny_config(seq_len=seq_len))
+    for p in m.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0, 0.16)
+    return m.to(device).eval()
+
+
 def run_cli(*args, cwd=None, env=None, timeout=300):
     import subprocess
 

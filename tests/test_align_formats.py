@@ -7,7 +7,7 @@ import torch
 
 from nextbit.align.batching import collate
 from nextbit.align.compare import CompareConfig, compare
-from nextbit.align.formats import (encode_pair, encode_prompt, encode_sft, load_preferences, load_prompts, load_sft,
+from nextbit.align.formats import (encode_pair, encode_sft, load_preferences, load_prompts, load_sft,
                                    render_messages)
 from nextbit.align.labelers import JSONLLabeler, OracleLabeler, Query, label, make_labeler
 from nextbit.align.ppo import AdaptiveKLController, gae, kl_per_token

@@ -6,18 +6,13 @@ import torch
 
 from nextbit.core.decode import DecodeEngine, fast_generate, sample_tokens
 from nextbit.core.generate import SamplingParams, generate
-from nextbit.core.model import GPT
 
-from conftest import tiny_config
+from conftest import peaky_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = GPT(tiny_config(seq_len=96)).eval()
-    for p in m.parameters():  # a peaky model so greedy paths are not all the same token
-        p.data.mul_(8 if p.dim() > 1 else 1)
-    return m
+    return peaky_model()
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +81,7 @@ def test_sampler_draws_from_the_filtered_distribution():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (compile on CPU takes ~1 min)")
 def test_compiled_cuda_graph_step_matches_eager(tokenizer, prompts):
-    torch.manual_seed(0)
-    m = GPT(tiny_config(seq_len=96)).cuda().eval()
-    for p in m.parameters():
-        p.data.mul_(8 if p.dim() > 1 else 1)
+    m = peaky_model(device="cuda")
     p = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[])
     eager = DecodeEngine(m, compile=False).generate(tokenizer, prompts, p)
     eng = DecodeEngine(m, compile=True)

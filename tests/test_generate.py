@@ -3,18 +3,13 @@ import torch
 
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams, filter_logits, generate
-from nextbit.core.model import GPT
 
-from conftest import tiny_config
+from conftest import peaky_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = GPT(tiny_config(seq_len=96)).eval()
-    for p in m.parameters():  # a peaky model so greedy paths are not all the same token
-        p.data.mul_(8 if p.dim() > 1 else 1)
-    return m
+    return peaky_model()
 
 
 def test_greedy_with_cache_equals_full_recomputation(model, tokenizer):

@@ -11,7 +11,6 @@ the head, so downstream stages read normalised rewards straight from the checkpo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 

@@ -33,8 +33,8 @@ from nextbit.core.tokenizer import Tokenizer
 class LoopConfig:
     steps: int = 1000  # optimizer steps (the schedule's length)
     lr: float = 0.0  # peak AdamW LR; 0 = derived from the model width
-    optimizer: str = "adamw"  # adamw | muon
-    muon_lr: float = 0.02
+    optimizer: str = "auto"  # adamw | muon | auto (muon for pretraining, adamw under --fsdp and for fine-tuning)
+    muon_lr: float = 0.04
     warmup: int = -1  # warmup steps; -1 = 2% of steps
     schedule: str = "cosine"  # cosine | wsd | constant
     min_lr_ratio: float = 0.1
@@ -68,8 +68,8 @@ class LoopConfig:
             raise NextbitError(f"unknown schedule {self.schedule!r}; choose cosine, wsd or constant")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise NextbitError("--precision must be auto, fp32 or bf16")
-        if self.optimizer not in ("adamw", "muon"):
-            raise NextbitError("--optimizer must be adamw or muon")
+        if self.optimizer not in ("adamw", "muon", "auto"):
+            raise NextbitError("--optimizer must be adamw, muon or auto")
         for name in ("eval_every", "save_every", "stop_after", "grad_clip", "weight_decay", "time_budget"):
             if getattr(self, name) < 0:
                 raise NextbitError(f"--{name.replace('_', '-')} must be >= 0")
@@ -178,7 +178,8 @@ class TrainLoop:
             self.tokens_seen = int(ck.train_state["train"].get("tokens", 0))
         lr = cfg.lr
         self._shard(self.model)  # sharded subclasses (FSDP) shard here, before the optimizer sees the parameters
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr)
+        opt_name = "adamw" if cfg.optimizer == "auto" else cfg.optimizer  # stages that want Muon say so
+        self.optimizer = build_optimizer(self.model, opt_name, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr)
         if resume_train_state is not None:
             sd = resume_train_state.optimizer_state()
             if sd is not None:

@@ -11,7 +11,6 @@ an optional `KVCache` and per-sequence positions so one batch can hold left-padd
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -147,13 +146,11 @@ class GPT(nn.Module):
     # ---- initialisation -------------------------------------------------------------------------------
     def reset_parameters(self, seed: Optional[int] = None) -> None:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out_std = 0.02 / math.sqrt(2 * self.cfg.depth)  # residual projections, GPT-2 style
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p) if name.endswith("weight") and "heads" not in name else nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w_down.weight")):
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * out_std)
+                nn.init.zeros_(p)  # each block starts as the identity: faster early training (modded-nanogpt)
             elif name.startswith("heads."):
                 nn.init.zeros_(p)
             else:

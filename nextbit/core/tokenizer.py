@@ -7,7 +7,6 @@ tells whether a tokenizer matches the data or the model it is used with.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 

@@ -28,15 +28,19 @@ from nextbit.train.pretrain import TrainConfig, train
 class DemoConfig:
     out: str = "runs/demo"
     minutes: float = 5.0  # wall-time budget for the whole demo; training gets what preparing and reporting leave
-    reserve: float = 25.0  # seconds kept back for the final evaluation, the compressors and the samples
+    reserve: float = 15.0  # seconds kept back for the final evaluation, the compressors and the samples
     train_seconds: float = 0  # train for exactly this long instead of what --minutes leaves; 0 = off
     depth: int = 4  # the one dial (width = 64 x depth)
     vocab_size: int = 4096
     seq_len: int = 256
     batch_tokens: int = 4096
-    lr: float = 0.0  # 0 = derived from width
-    optimizer: str = "adamw"
-    warmup: int = 30
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    optimizer: str = "muon"  # Muon for the blocks' matrices, AdamW for embeddings and head
+    muon_lr: float = 0.04
+    lr: float = 0.0  # AdamW LR; 0 = derived from width
+    warmup: int = 10
+    min_lr_ratio: float = 0.0  # cosine all the way down
     num_samples: int = 3
     seed: int = 1337
     quiet: bool = False
@@ -81,9 +85,10 @@ def demo(cfg: DemoConfig) -> dict:
         out=str(out),
         force=True,
         batch_tokens=cfg.batch_tokens,
-        model=ModelConfig(depth=cfg.depth, seq_len=cfg.seq_len),
+        model=ModelConfig(depth=cfg.depth, seq_len=cfg.seq_len, qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings),
         loop=LoopConfig(
-            steps=10**7, time_budget=budget, warmup=cfg.warmup, lr=cfg.lr, optimizer=cfg.optimizer,
+            steps=10**7, time_budget=budget, warmup=cfg.warmup, lr=cfg.lr, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr,
+            min_lr_ratio=cfg.min_lr_ratio,
             seed=cfg.seed, device="cpu", quiet=cfg.quiet,
         ),
     )

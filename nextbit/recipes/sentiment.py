@@ -18,7 +18,6 @@ Every stage's outputs stay in --out; a stage whose output exists is reused (dele
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass

@@ -105,8 +105,10 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     model.activation_checkpointing = cfg.activation_checkpointing
     batch_tokens = cfg.batch_tokens or default_batch_tokens(mcfg.depth)
     rows, micro, accum = batch_layout(batch_tokens, mcfg.seq_len, cfg.micro_batch, d.world)
-    if cfg.loop.lr == 0:
-        cfg.loop.lr = default_lr(mcfg.width)
+    if cfg.loop.optimizer == "auto":
+        cfg.loop.optimizer = "adamw" if cfg.fsdp else "muon"
+    if cfg.loop.lr == 0:  # with Muon this LR is only the embeddings' and head's, which like it higher
+        cfg.loop.lr = default_lr(mcfg.width) * (2 if cfg.loop.optimizer == "muon" else 1)
     cfg.model, cfg.batch_tokens, cfg.micro_batch = mcfg, rows * mcfg.seq_len, micro
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.loop.resume, cfg.force, d.main)
