@@ -15,7 +15,7 @@ from nextbit.core.model import GPT, lm_loss
 from conftest import ROOT, tiny_config
 
 COMMON = ["train", "--steps", "6", "--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32",
-          "--batch-tokens", "256", "--micro-batch", "4", "--lr", "3e-3", "--warmup", "1", "--device", "cpu",
+          "--batch-tokens", "256", "--micro-batch", "4", "--lr", "3e-3", "--optimizer", "adamw", "--warmup", "1", "--device", "cpu",
           "--quiet", "--seed", "5"]
 
 

@@ -45,6 +45,7 @@ def test_training_lowers_loss_and_writes_outputs(dataset, tmp_path):
     assert (run / "loss.png").stat().st_size > 1000
     conf = json.loads((run / "config.json").read_text())
     assert conf["loop"]["steps"] == 30 and conf["model"]["width"] == 64 and conf["accum"] == 2
+    assert conf["loop"]["optimizer"] == "muon"  # --optimizer auto: Muon for pretraining
     ck = load_checkpoint(run, with_train_state=True)
     assert ck.train_state["train"]["step"] == 30 and ck.optimizer_state() is not None
     with pytest.raises(NextbitError, match="already has a checkpoint"):

@@ -28,7 +28,7 @@ from nextbit.train.pretrain import TrainConfig, train
 class DemoConfig:
     out: str = "runs/demo"
     minutes: float = 5.0  # wall-time budget for the whole demo; training gets what preparing and reporting leave
-    reserve: float = 15.0  # seconds kept back for the final evaluation, the compressors and the samples
+    reserve: float = 25.0  # seconds kept back for the final evaluation, the compressors and the samples
     train_seconds: float = 0  # train for exactly this long instead of what --minutes leaves; 0 = off
     depth: int = 4  # the one dial (width = 64 x depth)
     vocab_size: int = 4096
@@ -104,7 +104,7 @@ def demo(cfg: DemoConfig) -> dict:
     print(f"  ({len(held):,} held-out bytes; model: {result['params'] / 1e6:.2f}M params, {result['step']} steps, "
           f"{result['tokens']:,} tokens, {t_train:.0f} s so far)")
 
-    prompts = ["import ", "def ", "class "]
+    prompts = ["import os\nimport sys\n", "def fibonacci(n):\n", "class Stack:\n"]
     print("samples:", flush=True)
     for i, p in enumerate(prompts[: cfg.num_samples]):
         comps = sample(SampleConfig(checkpoint=str(out), prompt=p, max_new_tokens=120, seed=cfg.seed + i, device="cpu"))
