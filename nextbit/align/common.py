@@ -11,10 +11,19 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from nextbit.core.atomic import write_json
+from nextbit.core.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig
 
 T = TypeVar("T")
+
+
+def single_process(command: str, device: str) -> Dist:
+    """The alignment stages run in one process (no torchrun): set up the device or say so in one line."""
+    d = setup(device)
+    if d.enabled:
+        raise NextbitError(f"{command} runs in one process; launch it without torchrun")
+    return d
 
 
 def prepare_out(out: str | Path, resume: bool, force: bool) -> Path:

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from nextbit.align.batching import collate, sequence_logprobs, unwrap
-from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config
+from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config, single_process
 from nextbit.align.reward import EncodedPair, encode_preferences
 from nextbit.align.formats import load_preferences
 from nextbit.align.sft import accum_for
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.distributed import setup
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
@@ -110,9 +109,7 @@ def dpo_eval(model: GPT, data: list[DPOPair], cfg: DPOConfig, pad_id: int, rows:
 
 
 def dpo(cfg: DPOConfig) -> dict:
-    d = setup(cfg.loop.device)
-    if d.enabled:
-        raise NextbitError("dpo runs in one process; launch it without torchrun")
+    d = single_process("dpo", cfg.loop.device)
     if cfg.beta <= 0:
         raise NextbitError("--beta must be > 0")
     if not 0 <= cfg.label_smoothing < 0.5:

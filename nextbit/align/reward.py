@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from nextbit.align.batching import Batch, collate, read_reward, unwrap
-from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config
+from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config, single_process
 from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, load_preferences
 from nextbit.align.sft import accum_for
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
-from nextbit.core.distributed import setup
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
@@ -161,9 +160,7 @@ def normalise_head(model: GPT, encoded: Sequence[Encoded], pad_id: int) -> tuple
 
 
 def train_reward(cfg: RewardConfig) -> dict:
-    d = setup(cfg.loop.device)
-    if d.enabled:
-        raise NextbitError("reward runs in one process; launch it without torchrun")
+    d = single_process("reward", cfg.loop.device)
     ck = load_checkpoint(cfg.init_from)
     model, tok = ck.model, ck.tokenizer
     if HEAD not in model.heads:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nextbit.align.batching import Batch, collate, unwrap
-from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config
+from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config, single_process
 from nextbit.align.formats import Encoded, encode_sft, load_sft
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.distributed import setup
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig, TrainLoop
 from nextbit.core.model import lm_loss
@@ -70,9 +69,7 @@ def val_loss(model, data: list[Encoded], pad_id: int, rows: int = 32) -> dict:
 
 
 def sft(cfg: SFTConfig) -> dict:
-    d = setup(cfg.loop.device)
-    if d.enabled:
-        raise NextbitError("sft runs in one process; launch it without torchrun")
+    d = single_process("sft", cfg.loop.device)
     ck = load_checkpoint(cfg.init_from)
     model, tok = ck.model, ck.tokenizer
     max_len = cfg.max_len or model.cfg.seq_len
