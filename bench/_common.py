@@ -61,6 +61,20 @@ def matmul_flops_per_token(model: torch.nn.Module, n_layer: int, width: int, seq
     return 6 * n + 12 * n_layer * width * seq_len
 
 
+def train_step(loss_fn, opt, data, autocast):
+    """One optimizer step as a closure: next batch, loss under `autocast`, backward, step, zero grads."""
+
+    def step():
+        x, y = data()
+        with autocast:
+            loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def timed(fn, steps: int, warmup: int, dev: torch.device) -> float:
     """Mean seconds per call over `steps` calls after `warmup`, synchronising only before and after the timed run."""
     for _ in range(warmup):

@@ -20,7 +20,7 @@ import gc
 
 import torch
 
-from _common import device_peak, emit, env_info, matmul_flops_per_token, peak_memory, pick_device, quiet_transformers, reset_peak, timed
+from _common import device_peak, emit, env_info, matmul_flops_per_token, peak_memory, pick_device, quiet_transformers, reset_peak, timed, train_step
 
 from nextbit.core.config import ModelConfig, depth_for
 from nextbit.core.loop import autocast_for
@@ -55,13 +55,7 @@ def bench_nextbit(args, dev, peak):
     fwd = torch.compile(model) if args.compile_nextbit else model
     data = host_batches(4, args.batch, cfg.seq_len, cfg.vocab_size, dev)
 
-    def step():
-        x, y = data()
-        with autocast_for(dev, args.precision):
-            loss = fwd(x, y, loss_chunk=args.loss_chunk)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = train_step(lambda x, y: fwd(x, y, loss_chunk=args.loss_chunk), opt, data, autocast_for(dev, args.precision))
 
     reset_peak(dev)
     dt = timed(step, args.steps, args.warmup, dev)
@@ -91,13 +85,8 @@ def bench_hf(args, dev, peak, compiled: bool):
     fwd = torch.compile(model) if compiled else model
     data = host_batches(4, args.batch, args.seq_len, args.vocab, dev)
 
-    def step():
-        x, _ = data()
-        with autocast_for(dev, args.precision):
-            loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels inside
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # HF shifts the labels inside, so it gets the inputs as labels
+    step = train_step(lambda x, _: fwd(input_ids=x, labels=x).loss, opt, data, autocast_for(dev, args.precision))
 
     reset_peak(dev)
     dt = timed(step, args.steps, args.warmup, dev)
