@@ -105,6 +105,28 @@ class BowClassifier:
         return cls(vocab, w.detach(), float(b.detach()), {"examples": len(feats), "epochs": epochs, "min_df": min_df,
                                                            "vocab_size": len(vocab)})
 
+    def calibrate(self, texts: Sequence[str], labels: Sequence[int]) -> float:
+        """Temperature scaling (Guo et al. 2017): multiply the weights and bias by the one scalar that minimises the
+        log-loss on held-out (texts, labels), so the logit means what it says — the log-odds of "positive". An
+        oracle answering through Bradley–Terry on calibrated logits is then exactly as sure as its evidence.
+        Returns the scale."""
+        s = torch.tensor(self.score(texts), dtype=torch.float64)
+        y = torch.tensor(labels, dtype=torch.float64)
+        a = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([a], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(a * s, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        k = float(a.detach().clamp(min=1e-3))
+        self.weight, self.bias = self.weight * k, self.bias * k
+        self.info["calibration_scale"] = k
+        return k
+
     def score(self, texts: Sequence[str]) -> list[float]:
         out = []
         for t in texts:

@@ -48,7 +48,7 @@ from nextbit.train.pretrain import TrainConfig, train
 
 SIZES = {
     # depth, context, vocab, pretraining minutes, batch tokens, PPO steps, PPO batch, eval prompts
-    "cpu": dict(depth=3, seq_len=128, vocab_size=2048, pretrain_minutes=5.0, batch_tokens=4096, ppo_steps=60, ppo_batch=64,
+    "cpu": dict(depth=4, seq_len=128, vocab_size=4096, pretrain_minutes=25.0, batch_tokens=4096, ppo_steps=60, ppo_batch=64,
                 eval_prompts=256),
     "gpu": dict(depth=12, seq_len=256, vocab_size=8192, pretrain_minutes=30.0, batch_tokens=65536, ppo_steps=300, ppo_batch=256,
                 eval_prompts=1024),
@@ -61,7 +61,9 @@ class SentimentConfig:
     size: str = "cpu"  # cpu (small, ~20 min on 2 cores) | gpu (124M-class model, more steps)
     comparisons: int = 5000  # simulated comparisons at most (the issue's budget)
     prompt_words: int = 8  # a prompt is the first this-many words of a review
-    response_tokens: int = 24  # continuation length
+    response_tokens: int = 48  # continuation length (longer = more evidence per comparison)
+    snippet_words: int = 32  # the labeller learns from windows this long (about a continuation's length)
+    labeller_l2: float = 1e-3  # the labeller's L2: weight on sentiment words, logits calibrated on held-out snippets
     pretrain_minutes: float = 0.0  # 0 = the size's default
     ppo_steps: int = 0  # 0 = the size's default
     ppo_lr: float = 0.0  # 0 = PPO's default for the width
@@ -98,6 +100,20 @@ def make_prompts(reviews: Sequence[tuple[str, int]], words: int, val_every: int,
     train = [train[i] for i in rng.permutation(len(train))[:n_train]]
     val = [val[i] for i in rng.permutation(len(val))[:n_eval]]
     return train, val
+
+
+def review_snippets(reviews: Sequence[tuple[str, int]], words: int, per_review: int, seed: int) -> tuple[list[str], list[int]]:
+    """`per_review` random windows of `words` words from each review, labelled with the review's label: short texts
+    like the continuations the labeller will judge, so it learns which words carry sentiment in a snippet rather than
+    which n-grams happen to occur somewhere in a long review."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for t, label in reviews:
+        w = t.replace("<br />", " ").split()
+        for start in rng.integers(0, max(1, len(w) - words), size=per_review):
+            texts.append(" ".join(w[start : start + words]))
+            labels.append(label)
+    return texts, labels
 
 
 def win_rate(judge: VaderScorer, ours: list[str], base: list[str]) -> dict:
@@ -138,7 +154,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
     if _stage(pre / "checkpoint", cfg.force):
         print(f"[1/7] pretraining a depth-{S['depth']} model for {minutes:g} minutes", flush=True)
         train(TrainConfig(data=str(data), out=str(pre), force=True, batch_tokens=S["batch_tokens"],
-                          model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"]),
+                          model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"], qk_norm=True, tie_embeddings=False),
                           loop=LoopConfig(steps=10**7, time_budget=minutes * 60, warmup=10, seed=cfg.seed, device=device,
                                           optimizer="muon", muon_lr=0.04, lr=4e-3, min_lr_ratio=0.0, quiet=False)))
     tick("pretrain", t)
@@ -148,14 +164,20 @@ def sentiment(cfg: SentimentConfig) -> dict:
     reviews = load_reviews("imdb")
     clf_dir = out / "classifier"
     if _stage(clf_dir, cfg.force):
-        print("[2/7] training the labelling oracle (unigram+bigram logistic regression on IMDB labels)", flush=True)
+        print("[2/7] training the labelling oracle (unigram+bigram logistic regression on snippets of IMDB reviews)", flush=True)
         tr = [r for i, r in enumerate(reviews) if i % 10 != 9]
         te = [r for i, r in enumerate(reviews) if i % 10 == 9]
-        clf = BowClassifier.fit([t for t, _ in tr], [l for _, l in tr], seed=cfg.seed)
-        clf.info["heldout_accuracy"] = clf.accuracy([t for t, _ in te], [l for _, l in te])
+        words = cfg.snippet_words
+        clf = BowClassifier.fit(*review_snippets(tr, words, 3, cfg.seed), min_df=10, l2=cfg.labeller_l2, epochs=3, seed=cfg.seed)
+        held_texts, held_labels = review_snippets(te, words, 3, cfg.seed + 1)
+        clf.calibrate(held_texts, held_labels)
+        clf.info.update(snippet_words=words, heldout_snippet_accuracy=clf.accuracy(held_texts, held_labels),
+                        heldout_accuracy=clf.accuracy([t for t, _ in te], [l for _, l in te]))
         clf.save(clf_dir)
     clf = BowClassifier.load(clf_dir)
-    print(f"      labelling oracle: {clf.info.get('heldout_accuracy', float('nan')):.3f} accuracy on held-out IMDB reviews", flush=True)
+    print(f"      labelling oracle: accuracy on held-out IMDB {clf.info.get('snippet_words')}-word snippets "
+          f"{clf.info.get('heldout_snippet_accuracy', float('nan')):.3f}, on whole reviews {clf.info.get('heldout_accuracy', float('nan')):.3f}; "
+          f"calibration scale {clf.info.get('calibration_scale', float('nan')):.2f}", flush=True)
     n_train = 2 * cfg.comparisons + ppo_steps * S["ppo_batch"]
     train_prompts, eval_prompts = make_prompts(reviews, cfg.prompt_words, val_every, n_train, S["eval_prompts"], cfg.seed)
     cmp_prompts = train_prompts[: cfg.comparisons]
@@ -235,6 +257,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
         "size": cfg.size, "machine": f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu" else torch.cuda.get_device_name(),
         "comparisons": stats["labelled"], "labelling_agreement_with_noiseless": stats.get("agreement_with_noiseless"),
         "labeller_heldout_accuracy_on_imdb": clf.info.get("heldout_accuracy"),
+        "labeller_heldout_accuracy_on_snippets": clf.info.get("heldout_snippet_accuracy"),
         "reward_model": {"heldout_pairs": rm_eval.get("val_pairs"), "accuracy_vs_noisy_labels": rm_eval.get("val_accuracy"),
                          "agreement_with_noiseless_oracle": rm_eval.get("val_oracle_agreement")},
         "ppo": {k: v for k, v in results["ppo"].items() if k != "examples"},
@@ -269,6 +292,7 @@ def results_markdown(s: dict, cfg: SentimentConfig) -> str:
         "| figure | value | target |",
         "|---|---|---|",
         f"| simulated comparisons | {s['comparisons']} | <= 5,000 |",
+        f"| labelling classifier's accuracy on held-out review snippets / whole reviews | {_f(s.get('labeller_heldout_accuracy_on_snippets'))} / {_f(s.get('labeller_heldout_accuracy_on_imdb'))} | |",
         f"| labels agreeing with the oracle's noiseless judgement (noise: BT + {cfg.random_frac:.0%} random) | {_f(s['labelling_agreement_with_noiseless'])} | |",
         f"| reward model: held-out agreement with the labelling oracle's noiseless judgement ({rm['heldout_pairs']} pairs) | {_f(rm['agreement_with_noiseless_oracle'])} | >= 0.85 |",
         f"| reward model: held-out accuracy on the noisy labels | {_f(rm['accuracy_vs_noisy_labels'])} | |",
