@@ -67,8 +67,9 @@ class SentimentConfig:
     pretrain_minutes: float = 0.0  # 0 = the size's default
     ppo_steps: int = 0  # 0 = the size's default
     ppo_lr: float = 0.0  # 0 = PPO's default for the width
-    init_kl_coef: float = 0.05  # PPO's starting beta
+    init_kl_coef: float = 0.1  # PPO's starting beta
     target_kl: float = 8.0  # PPO's adaptive-controller target, nats per continuation
+    kl_horizon: int = 0  # the controller's horizon in rollouts; 0 = a tenth of the run's (beta can move e^±2 in a run)
     dpo_beta: float = 0.1
     bt_scale: float = 1.0  # labelling noise: P(a) = sigmoid((logit_a - logit_b) / bt_scale)
     random_frac: float = 0.1  # labelling noise: share of coin-flip answers
@@ -216,7 +217,8 @@ def sentiment(cfg: SentimentConfig) -> dict:
         ppo(PPOConfig(policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
                       oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
                       minibatch=max(16, S["ppo_batch"] // 4), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
-                      init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, horizon=10000, append_eot=False,
+                      init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
+                      horizon=cfg.kl_horizon or max(1, ppo_steps * S["ppo_batch"] // 10), append_eot=False,
                       eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), seed=cfg.seed, device=device, force=True))
     tick("ppo", t)
 
