@@ -216,7 +216,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
         print("[5/7] PPO", flush=True)
         ppo(PPOConfig(policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
                       oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
-                      minibatch=max(16, S["ppo_batch"] // 4), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
+                      minibatch=min(S["ppo_batch"], max(16, S["ppo_batch"] // 4)), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
                       init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
                       horizon=cfg.kl_horizon or max(1, ppo_steps * S["ppo_batch"] // 10), append_eot=False,
                       eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), seed=cfg.seed, device=device, force=True))
