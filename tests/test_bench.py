@@ -25,9 +25,11 @@ def test_preference_ceiling_learns_a_word_level_labeller(tmp_path):
         rows.append({"prompt": f"p{i}", "chosen": texts[c], "rejected": texts[r], "score_chosen": scores[c], "score_rejected": scores[r]})
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "preference_ceiling.py"), str(path)], capture_output=True,
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "preference_ceiling.py"), str(path), "--simulate-bt", "0.01"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["train_pairs"] == 900 and res["heldout_pairs"] == 100
     assert res["best"] >= 0.8 and 0.6 < res["train_labels_agreeing_with_noiseless"] < 0.95
+    clean = res["simulated_bt"]["0.01"]  # relabelled almost without Bradley–Terry noise (10% coin flips remain)
+    assert clean["labels_agreeing_with_noiseless"] > res["train_labels_agreeing_with_noiseless"] and clean["best"] >= 0.85

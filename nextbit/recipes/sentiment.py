@@ -58,7 +58,7 @@ SIZES = {
 @dataclass
 class SentimentConfig:
     out: str = "runs/sentiment"  # every stage's outputs, summary.json, RESULTS.md, overoptimization.png
-    size: str = "cpu"  # cpu (small, ~20 min on 2 cores) | gpu (124M-class model, more steps)
+    size: str = "cpu"  # cpu (small: about an hour on one core) | gpu (124M-class model, more steps)
     comparisons: int = 5000  # simulated comparisons at most (the budget)
     prompt_words: int = 8  # a prompt is the first this-many words of a review
     response_tokens: int = 48  # continuation length (longer = more evidence per comparison)
