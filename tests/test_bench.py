@@ -33,3 +33,27 @@ def test_preference_ceiling_learns_a_word_level_labeller(tmp_path):
     assert res["best"] >= 0.8 and 0.6 < res["train_labels_agreeing_with_noiseless"] < 0.95
     clean = res["simulated_bt"]["0.01"]  # relabelled almost without Bradley–Terry noise (10% coin flips remain)
     assert clean["labels_agreeing_with_noiseless"] > res["train_labels_agreeing_with_noiseless"] and clean["best"] >= 0.85
+
+
+def test_time_to_quality_reads_the_evaluations_of_two_training_runs(tmp_path):
+    """The baseline's best validation loss sets the bar; the candidate's time is its first evaluation at or below
+    it, training records (no val_loss) are ignored, and a candidate that never gets there has no ratio."""
+
+    def metrics(name, evals):
+        lines = [{"step": s, "loss": 9.0, "elapsed": t - 0.5} for t, _, s in evals]
+        lines += [{"step": s, "val_loss": v, "val_bpb": v / 2, "elapsed": t} for t, v, s in evals]
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return str(p)
+
+    base = metrics("base", [(50, 5.0, 25), (100, 4.0, 50), (150, 3.5, 75), (200, 3.6, 100)])  # overfits after 150 s
+    fast = metrics("fast", [(30, 4.5, 25), (60, 3.4, 50), (100, 3.3, 75)])
+    slow = metrics("slow", [(30, 4.5, 25), (60, 3.9, 50)])
+    run = lambda b, c: json.loads(subprocess.run([sys.executable, str(ROOT / "bench" / "time_to_quality.py"), b, c],
+                                                 capture_output=True, text=True, timeout=60, check=True).stdout)
+    r = run(base, fast)
+    assert (r["baseline_best_val_loss"], r["baseline_seconds"], r["baseline_step"]) == (3.5, 150, 75)
+    assert (r["candidate_seconds"], r["candidate_step"], r["ratio"]) == (60, 50, 0.4)
+    assert r["candidate_best_val_loss"] == 3.3
+    r = run(base, slow)
+    assert r["candidate_seconds"] is None and r["ratio"] is None and r["candidate_best_val_loss"] == 3.9

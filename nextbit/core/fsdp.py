@@ -143,11 +143,7 @@ class FSDPTrainLoop(TrainLoop):
         self.model.reshard()
         self.model.train()
         if self.d.main:
-            self.log.write({"step": step, **ev})
-            if not self.cfg.quiet:
-                from tqdm import tqdm
-
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+            self._log_eval(step, ev)
         if self.d.enabled:
             dist.barrier()
         return ev

@@ -246,7 +246,7 @@ class TrainLoop:
         step = self.start_step
         interrupted = False
         steps_this_run = 0
-        t_run = time.time()
+        t_run = self._t_run = time.time()
         total = cfg.steps
         log_every = cfg.log_every or (10 if d.device.type == "cuda" else 1)
         step_time = None  # moving average of seconds per step, for --time-budget
@@ -344,12 +344,16 @@ class TrainLoop:
             with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
                 ev = self.evaluate(self.model)
             self.model.train()
-            self.log.write({"step": step, **ev})
-            if not self.cfg.quiet:
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+            self._log_eval(step, ev)
         if self.d.enabled:
             torch.distributed.barrier()
         return ev
+
+    def _log_eval(self, step: int, ev: dict) -> None:
+        # wall time since this invocation started, taken after the evaluation: time-to-quality reads it
+        self.log.write({"step": step, **ev, "elapsed": round(time.time() - self._t_run, 2)})
+        if not self.cfg.quiet:
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
 
 
 def _main_thread() -> bool:
