@@ -61,6 +61,9 @@ for s in "$@"; do
     gen_ragged)
       stage generate_ragged 200 python bench/generate_vs_hf.py --preset "$PRESET" --batches 32 --ragged --sides nextbit,hf --warmup 1 --repeats 2
       ;;
+    profile)  # where a decode step's device time goes, batch 32
+      stage profile_decode 120 python bench/profile_decode.py --preset "$PRESET" --batches 32
+      ;;
     ppo)
       stage ppo_throughput 150 python bench/ppo_throughput.py --preset "$PRESET" --batch 256 --minibatch 64 --new-tokens 48 --steps 3 --warmup 1
       ;;
