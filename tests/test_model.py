@@ -143,3 +143,22 @@ def test_rope_is_a_rotation():
     x = torch.randn(1, 1, 16, 8)
     y = apply_rope(x, cos[None, None], sin[None, None])
     assert torch.allclose(x.norm(dim=-1), y.norm(dim=-1), atol=1e-5)
+
+
+def test_rms_norm_takes_bf16_inputs_on_the_fused_path():
+    """Under bf16 autocast the norms see bf16 activations with fp32 weights: no dtype-mismatch fallback (it warns
+    and is slow on GPU), a bf16 result, and the fp32 answer to bf16 precision."""
+    import warnings
+
+    from nextbit.core.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2)

@@ -32,15 +32,19 @@ from nextbit.core.model import GPT, padded_attention
 
 class _StaticSlots:
     """KVCache stand-in for Attention: writes this call's keys/values at `slot` (device tensor of indices) and
-    returns the first `end` slots (prefill) or all of them (decode)."""
+    returns the first `end` slots (prefill) or all of them (decode).
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, end: Optional[int] = None):
+    One tensor per layer, written by indexed assignment (`index_put_`): under torch.compile that is the form inductor
+    turns back into an in-place write of the graph input. `index_copy_` into views of one (depth, ...) tensor was
+    functionalised into copies of the whole cache every step (2.3 of 3.55 ms per step at batch 32 on an H100)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], slot: torch.Tensor, end: Optional[int] = None):
         self.k, self.v, self.slot, self.end = k, v, slot, end
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(2, self.slot, k.to(kc.dtype))
-        vc.index_copy_(2, self.slot, v.to(vc.dtype))
+        kc[:, :, self.slot] = k.to(kc.dtype)
+        vc[:, :, self.slot] = v.to(vc.dtype)
         if self.end is not None:
             return kc[:, :, : self.end], vc[:, :, : self.end]
         return kc, vc
@@ -78,7 +82,7 @@ class DecodeEngine:
         self.check_every = max(1, check_every)
         self.cache_multiple = max(1, cache_multiple)
         self._steps: dict[tuple, Callable] = {}
-        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     # ---- the model, layer by layer, over the static cache ----------------------------------------------------
     def _forward(self, idx, cos, sin, cache: _StaticSlots, mask) -> torch.Tensor:
@@ -108,16 +112,16 @@ class DecodeEngine:
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
 
-    def _cache(self, B: int, L: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cache(self, B: int, L: int, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         key = (B, L, dtype)
         if key not in self._buffers:
             c = self.model.cfg
-            shape = (c.depth, B, c.n_kv_head, L, c.head_dim)
-            k = torch.zeros(shape, device=self.device, dtype=dtype)
-            v = torch.zeros(shape, device=self.device, dtype=dtype)
+            shape = (B, c.n_kv_head, L, c.head_dim)
+            k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.depth)]
+            v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.depth)]
             if self.compile:  # fixed addresses: the CUDA graph writes into them in place
-                torch._dynamo.mark_static_address(k)
-                torch._dynamo.mark_static_address(v)
+                for t in k + v:
+                    torch._dynamo.mark_static_address(t)
             self._buffers = {key: (k, v)}  # keep one set alive at a time
         return self._buffers[key]
 
