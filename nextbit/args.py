@@ -30,7 +30,15 @@ def _base_type(tp):
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset(), defaults: Optional[dict] = None) -> None:
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset(), defaults: Optional[dict] = None,
+                       instance=None) -> None:
+    """`instance`: the enclosing config's default for a nested dataclass (its values, not the class's, are shown)."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     defaults = defaults or {}
@@ -38,13 +46,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: set[str] = fr
         if f.name in skip:
             continue
         tp, optional = _base_type(hints[f.name])
+        default = getattr(instance, f.name) if instance is not None else _field_default(f)
         if dataclasses.is_dataclass(tp):
-            add_dataclass_args(parser, tp, skip, defaults)
+            add_dataclass_args(parser, tp, skip, defaults, instance=default)
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, "").replace("%", "%%")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if default not in (None, "", []):
             help_text = f"{help_text} (default: {default})".strip()
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}

@@ -88,3 +88,14 @@ def test_compiled_cuda_graph_step_matches_eager(tokenizer, prompts):
     for _ in range(3):  # warm-up, record, replay
         fast = eng.generate(tokenizer, prompts, p)
     assert [c.tokens for c in fast.completions] == [c.tokens for c in eager.completions]
+
+
+def test_compiled_step_writes_the_static_cache_like_eager(model, tokenizer, prompts):
+    """torch.compile (inductor's CPU backend) of the decode step, whose cache writes are the in-place `index_put_`
+    into per-layer static tensors: greedy tokens equal the eager engine's over a ragged batch, twice in a row (the
+    second call reuses the compiled step and overwrites the cache)."""
+    p = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[])
+    eager = DecodeEngine(model, compile=False).generate(tokenizer, prompts, p)
+    eng = DecodeEngine(model, compile=True)
+    for _ in range(2):
+        _same(eager, eng.generate(tokenizer, prompts, p))

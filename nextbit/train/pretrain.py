@@ -34,7 +34,9 @@ class TrainConfig:
     fsdp: bool = False  # shard weights, grads and AdamW state over the processes (FSDP2; bf16 params / fp32 reduce on CUDA)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: far less memory, ~1/3 more compute
     loss_chunk: int = 0  # rows per chunk of a fused LM-head + cross-entropy that never holds all fp32 logits; 0 = off
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the model defaults of nextbit's recipe: QK-norm and an untied head (chosen by the CPU ablation in BENCHMARKS.md,
+    # and with Muon the H100 time-to-quality run); ModelConfig's own defaults stay GPT-2-like for comparisons
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(qk_norm=True, tie_embeddings=False))
     loop: LoopConfig = field(default_factory=LoopConfig)
 
 
