@@ -94,8 +94,15 @@ def test_compiled_step_writes_the_static_cache_like_eager(model, tokenizer, prom
     """torch.compile (inductor's CPU backend) of the decode step, whose cache writes are the in-place `index_put_`
     into per-layer static tensors: greedy tokens equal the eager engine's over a ragged batch, twice in a row (the
     second call reuses the compiled step and overwrites the cache)."""
+    from torch._dynamo.utils import counters
+
     p = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[])
-    eager = DecodeEngine(model, compile=False).generate(tokenizer, prompts, p)
+    eager = DecodeEngine(model, compile=False)
     eng = DecodeEngine(model, compile=True)
     for _ in range(2):
-        _same(eager, eng.generate(tokenizer, prompts, p))
+        _same(eager.generate(tokenizer, prompts, p), eng.generate(tokenizer, prompts, p))
+    # other prompt lengths, same batch size and cache bucket (PPO's and compare's batches): no new compilation
+    graphs = counters["stats"]["unique_graphs"]
+    shorter = [q[:2] for q in prompts]
+    _same(eager.generate(tokenizer, shorter, p), eng.generate(tokenizer, shorter, p))
+    assert counters["stats"]["unique_graphs"] == graphs

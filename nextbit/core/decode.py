@@ -92,14 +92,15 @@ class DecodeEngine:
             x = block(x, cos, sin, cache, mask)
         return m.norm(x[:, -1])
 
-    def _make_step(self, B: int, L: int, P: int, vocab: int, temperature: float, top_k: int, top_p: float):
+    def _make_step(self, B: int, L: int, vocab: int, temperature: float, top_k: int, top_p: float):
         m = self.model
 
-        def step(tok, pos, slot, prompt_valid, k_cache, v_cache, done, stop_ids, noise, pad_id):
-            # tok (B, 1) last tokens; pos (B,) their positions; slot (1,) their cache slot
+        def step(tok, pos, slot, plen, prompt_valid, k_cache, v_cache, done, stop_ids, noise, pad_id):
+            # tok (B, 1) last tokens; pos (B,) their positions; slot (1,) their cache slot; plen (1,) the padded
+            # prompt length, a tensor so that batches with other prompt lengths reuse the compiled step
             cos, sin = m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None]
             keys = torch.arange(L, device=tok.device)
-            valid = torch.where(keys[None] < P, prompt_valid, keys[None] <= slot)  # (B, L)
+            valid = torch.where(keys[None] < plen, prompt_valid, keys[None] <= slot)  # (B, L)
             h = self._forward(tok, cos, sin, _StaticSlots(k_cache, v_cache, slot), valid[:, None, None, :])
             logits = m.logits(h)[:, :vocab]
             nxt = sample_tokens(logits, temperature, top_k, top_p, noise)
@@ -174,12 +175,13 @@ class DecodeEngine:
         done = torch.isin(nxt, stop_ids)
         out[:, 0], out_valid[:, 0] = nxt, True
 
-        key = (B, L, P, vocab, params.temperature, params.top_k, params.top_p, dtype)
+        key = (B, L, vocab, params.temperature, params.top_k, params.top_p, dtype)
         if key not in self._steps:
-            self._steps[key] = self._make_step(B, L, P, vocab, params.temperature, params.top_k, params.top_p)
+            self._steps[key] = self._make_step(B, L, vocab, params.temperature, params.top_k, params.top_p)
         step = self._steps[key]
         pos = pvalid.long().sum(-1)  # position of the first generated token, per row
         slot = torch.tensor([P], device=device)
+        plen = torch.tensor([P], device=device)
         n, checked, stopped_at = 1, 0, {}
         cuda_graphs = self.compile and device.type == "cuda"
         while n < N:
@@ -191,7 +193,7 @@ class DecodeEngine:
                 torch.compiler.cudagraph_mark_step_begin()
             tok = out[:, n - 1 : n].clone()
             noise = self._noise(B, vocab, params, gen)
-            nxt, new_done = step(tok, pos, slot, prompt_valid, k_cache, v_cache, done, stop_ids, noise, pad)
+            nxt, new_done = step(tok, pos, slot, plen, prompt_valid, k_cache, v_cache, done, stop_ids, noise, pad)
             out[:, n] = nxt
             out_valid[:, n] = ~done
             done = new_done.clone()
