@@ -1,4 +1,5 @@
-"""Responses from a policy for a list of prompts, in batches through the core's KV-cache generation engine."""
+"""Responses from a policy for a list of prompts, in batches through the core's fast decode engine (static KV cache;
+compiled and CUDA-graphed on GPU, eager on CPU), which PPO rollouts and `nextbit compare` share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Sequence
 import torch
 
 from nextbit.align.formats import Prompt, encode_prompt
-from nextbit.core.generate import Completion, Generation, SamplingParams, generate
+from nextbit.core.decode import fast_generate
+from nextbit.core.generate import Completion, Generation, SamplingParams
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
 
@@ -29,7 +31,7 @@ def autocast(model: GPT):
 def generate_batch(model: GPT, tok: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams) -> Generation:
     ids = [prompt_tokens(tok, p, model.cfg.seq_len, params.max_new_tokens) for p in prompts]
     with torch.no_grad(), autocast(model):
-        return generate(model, tok, ids, params)
+        return fast_generate(model, tok, ids, params)
 
 
 def sample_responses(model: GPT, tok: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams, *,
