@@ -41,6 +41,10 @@ def test_training_lowers_loss_and_writes_outputs(dataset, tmp_path):
     vals = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in vals] == [15, 30] and vals[1]["val_loss"] < vals[0]["val_loss"]
     assert 0 < result["val_bpb"] < 8
+    assert result["best_val_step"] == 30 and result["best_val_loss"] == vals[1]["val_loss"]
+    train_tokens = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    passes = [r["passes"] for r in recs if "passes" in r]
+    assert len(passes) == 30 and passes[-1] == round(30 * 8 * 32 / train_tokens, 3) and passes == sorted(passes)
     run = tmp_path / "run"
     assert (run / "loss.png").stat().st_size > 1000
     conf = json.loads((run / "config.json").read_text())
@@ -156,3 +160,18 @@ def test_ddp_two_processes_match_one(dataset, tmp_path):
     la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_overfitting_is_flagged_when_validation_loss_keeps_rising(dataset, tmp_path, monkeypatch, capsys):
+    from nextbit.core.loop import overfitting
+    import nextbit.train.pretrain as pretrain
+
+    assert not overfitting([3.0, 2.5, 2.6])  # one rise is noise
+    assert overfitting([3.0, 2.5, 2.6, 2.7]) and not overfitting([3.0, 2.5, 2.6, 2.55, 2.7])
+    scripted = iter([3.0, 2.5, 2.6, 2.7])
+    monkeypatch.setattr(pretrain, "evaluate_split", lambda *a, **k: {"val_loss": next(scripted)})
+    result = train(small_train(dataset, tmp_path / "run", steps=8, eval_every=2, quiet=False))
+    out = capsys.readouterr().out
+    assert "validation loss has risen at 2 evaluations in a row" in out and "best 2.5000 at step 4" in out
+    assert out.count("overfitting") == 1 and "passes over the data" in out
+    assert (result["best_val_loss"], result["best_val_step"]) == (2.5, 4)

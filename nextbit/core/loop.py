@@ -154,6 +154,7 @@ class TrainLoop:
         run_config: Optional[dict] = None,
         wrap: Optional[Callable[[GPT], torch.nn.Module]] = None,
         title: str = "training",
+        data_tokens: int = 0,
     ):
         cfg.validate()
         self.cfg, self.d, self.objective, self.accum = cfg, dist_info, objective, accum
@@ -190,6 +191,9 @@ class TrainLoop:
             self.train_model = torch.compile(self.train_model)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", dist_info.main, self.start_step if cfg.resume else None)
         self._stop = False
+        self.data_tokens = data_tokens  # one pass over the training data, in tokens: metrics then carry `passes`
+        self._val_history: list[tuple[int, float]] = []
+        self._warned_overfit = False
 
     def _shard(self, model: GPT) -> None:
         pass  # replicated: nothing to shard
@@ -274,6 +278,8 @@ class TrainLoop:
                     metrics = self._host_metrics(metrics, step)
                     rec = {"step": step, **metrics, "lr_factor": round(factor, 5), "tokens": self.tokens_seen,
                            "tok_s": round(tokens * d.world / max(dt, 1e-9), 1), "elapsed": round(time.time() - t_run, 2)}
+                    if self.data_tokens:
+                        rec["passes"] = round(self.tokens_seen / self.data_tokens, 3)
                     self.log.write(rec)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rec['tok_s']:,.0f}")
                     last = rec
@@ -295,6 +301,9 @@ class TrainLoop:
                 signal.signal(signal.SIGINT, old_handler)
         if d.main:
             plot_losses(self.log.records(), self.run_dir / "loss.png", self.title)
+        if self._val_history:
+            best_step, best = min(self._val_history, key=lambda h: h[1])
+            last["best_val_loss"], last["best_val_step"] = best, best_step
         last["interrupted"] = interrupted
         last["stopped_early"] = step < total
         last["step"] = step
@@ -354,6 +363,25 @@ class TrainLoop:
         self.log.write({"step": step, **ev, "elapsed": round(time.time() - self._t_run, 2)})
         if not self.cfg.quiet:
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+        if "val_loss" in ev:
+            self._val_history.append((step, float(ev["val_loss"])))
+            if not self._warned_overfit and overfitting([v for _, v in self._val_history]):
+                self._warned_overfit = True
+                best_step, best = min(self._val_history, key=lambda h: h[1])
+                passes = f" after {self.tokens_seen / self.data_tokens:.1f} passes over the data" if self.data_tokens else ""
+                tqdm.write(f"warning: validation loss has risen at {OVERFIT_PATIENCE} evaluations in a row{passes} (best "
+                           f"{best:.4f} at step {best_step}): the model is overfitting; a shorter run or more data would do better")
+
+
+OVERFIT_PATIENCE = 2
+
+
+def overfitting(val_losses: list[float], patience: int = OVERFIT_PATIENCE) -> bool:
+    """True once the validation loss has risen at `patience` evaluations in a row (each above the one before)."""
+    if len(val_losses) <= patience:
+        return False
+    tail = val_losses[-patience - 1 :]
+    return all(b > a for a, b in zip(tail, tail[1:]))
 
 
 def _main_thread() -> bool:

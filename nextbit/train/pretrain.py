@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
         from nextbit.core.fsdp import FSDPTrainLoop as loop_cls
     loop = loop_cls(
         model, ds.tokenizer, cfg.loop, out, d, PretrainObjective(sampler, micro, accum, cfg.loss_chunk),
-        accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}",
+        accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
     )
     result = loop.run()
     result["params"] = model.num_params()
