@@ -53,8 +53,7 @@ for s in "$@"; do
       stage pytest 90 python -m pytest -q -x -p no:cacheprovider tests/test_decode.py -k cuda
       ;;
     train)
-      stage train_vs_hf 240 python bench/train_vs_hf.py --preset "$PRESET" --batch 16 --loss-chunk 4096 --steps 20 --warmup 5
-      stage train_nochunk 90 python bench/train_vs_hf.py --preset "$PRESET" --batch 16 --sides nextbit --steps 20 --warmup 5
+      stage train_vs_hf 300 python bench/train_vs_hf.py --preset "$PRESET" --batch 16 --loss-chunk 0,4096 --steps 20 --warmup 5
       ;;
     gen)
       stage generate_vs_hf 170 python bench/generate_vs_hf.py --preset "$PRESET" --batches 1,32 --warmup 1 --repeats 2

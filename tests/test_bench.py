@@ -57,3 +57,32 @@ def test_time_to_quality_reads_the_evaluations_of_two_training_runs(tmp_path):
     assert r["candidate_best_val_loss"] == 3.3
     r = run(base, slow)
     assert r["candidate_seconds"] is None and r["ratio"] is None and r["candidate_best_val_loss"] == 3.9
+
+
+def _bench_lines(script, *args, timeout=300):
+    """Run a bench script on the CPU and return its JSON lines (the GPU benches' plumbing, checked before a lease)."""
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+def test_gpu_benches_run_on_cpu_at_a_tiny_shape():
+    """Every script bench/h100.sh runs works end to end at a tiny shape (nextbit's sides only: transformers is not a
+    dependency), printing the figures the GPU session reads."""
+    train = _bench_lines("train_vs_hf.py", "--preset", "2", "--batch", "2", "--seq-len", "32", "--vocab-size", "256", "--steps", "1",
+                         "--warmup", "1", "--sides", "nextbit", "--loss-chunk", "0,16")
+    assert [r["loss_chunk"] for r in train if r.get("side") == "nextbit"] == [0, 16]
+    assert train[-1]["bench"] == "train_ratio" and train[-1]["nextbit_tokens_per_s"] > 0
+    gen = _bench_lines("generate_vs_hf.py", "--preset", "2", "--vocab-size", "256", "--ctx", "64", "--batches", "1,3", "--prompt-len", "8",
+                       "--new-tokens", "8", "--sides", "nextbit,nextbit_plain", "--warmup", "1", "--repeats", "1", "--ragged")
+    assert {(r["side"], r["batch"]) for r in gen if r["bench"] == "generate_vs_hf"} == {(s, b) for s in ("nextbit", "nextbit_plain") for b in (1, 3)}
+    assert all(r["tokens_per_s"] > 0 for r in gen if r["bench"] == "generate_vs_hf")
+    prof = _bench_lines("profile_decode.py", "--preset", "2", "--vocab-size", "256", "--batches", "2", "--new-tokens", "4", "--top", "3")
+    assert prof[0]["bench"] == "profile_decode" and prof[0]["ms_per_step_wall"] > 0 and len(prof) == 4
+    mem = _bench_lines("memory.py", "--preset", "2", "--seq-len", "32", "--micro-batch", "2", "--vocab-size", "256", "--steps", "1",
+                       "--warmup", "1", "--variants", "base,ac+chunk", "--loss-chunk", "16")
+    assert [r["variant"] for r in mem] == ["base", "ac+chunk"] and all(r["tokens_per_s"] > 0 for r in mem)
+    ppo = _bench_lines("ppo_throughput.py", "--preset", "2", "--batch", "4", "--minibatch", "2", "--new-tokens", "4", "--steps", "1",
+                       "--ppo-epochs", "1")
+    assert ppo[0]["samples_per_s"] > 0 and 0 < ppo[0]["generation_share"] < 1
