@@ -4,9 +4,10 @@
 # stages run so far are printed at the end. Logs stay in LOG (default out/h100); when OUT is set (the device
 # tool's folder that comes back), the results, metrics and a tarball of the logs are copied there.
 #
-#   bench/h100.sh env train gen ppo       # call 1: GPU-only tests, items 1 and 3, PPO samples/s (issue #4 item 9)
-#   bench/h100.sh quality                 # call 2: item 2, time to quality (AdamW baseline vs nextbit's recipe)
-#   bench/h100.sh memory real             # call 3: item 4 (350m, 1.5b) and item 5 (the 124M run, with samples)
+#   bench/h100.sh env train gen           # GPU-only tests, items 1 and 3
+#   bench/h100.sh memory ppo              # item 4 (350m, 1.5b), PPO samples/s (issue #4 item 9)
+#   bench/h100.sh quality                 # item 2, time to quality (AdamW baseline vs nextbit train's defaults)
+#   REAL_S=150 bench/h100.sh real profile # item 5 (the 124M run, with samples), decode kernel profile
 #   bench/h100.sh sentiment               # issue #4 at --size gpu (carry .whl and gpudata; repeat the call to continue)
 #
 # DATA (default gpudata/corpus) is the fixed corpus of items 2 and 5, made once with
@@ -72,12 +73,13 @@ for s in "$@"; do
       stage memory_big 200 python bench/memory.py --preset "$BIG" --micro-batch 8 --steps 4 --warmup 2 --variants base,ac+chunk,fsdp+ac+chunk
       ;;
     quality)  # item 2: same script, same data, same batch; the baseline gets twice the wall time
-      train_run q_adamw "$QUALITY_S" --preset "$PRESET" --optimizer adamw
-      train_run q_nextbit $((QUALITY_S / 2)) --preset "$PRESET" --optimizer muon --qk-norm --no-tie-embeddings
+      # baseline: plain GPT-2 style (AdamW, tied embeddings, no QK-norm); nextbit: `nextbit train`'s defaults
+      train_run q_adamw "$QUALITY_S" --preset "$PRESET" --optimizer adamw --tie-embeddings --no-qk-norm
+      train_run q_nextbit $((QUALITY_S / 2)) --preset "$PRESET"
       python bench/time_to_quality.py "$OUT/q_adamw.metrics.jsonl" "$OUT/q_nextbit.metrics.jsonl" | tee "$OUT/quality.jsonl"
       ;;
     real)  # item 5: the 124M preset, the recipe, compiled, at most 8 minutes
-      train_run real "$REAL_S" --preset "$PRESET" --optimizer muon --qk-norm --no-tie-embeddings --compile
+      train_run real "$REAL_S" --preset "$PRESET" --compile
       stage samples 120 python -m nextbit sample "$OUT/runs/real/checkpoint" --num-samples 2 --max-new-tokens 160 --seed 0 \
         --prompt "def parse_header(line):"
       stage samples_review 120 python -m nextbit sample "$OUT/runs/real/checkpoint" --num-samples 2 --max-new-tokens 160 --seed 0 \
