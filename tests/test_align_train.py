@@ -23,6 +23,7 @@ from nextbit.align.sampling import sample_responses
 from nextbit.align.sft import SFTConfig, sft
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.config import ModelConfig
+from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
 from nextbit.core.loop import LoopConfig
 from nextbit.core.model import GPT
@@ -141,6 +142,65 @@ def test_ppo_raises_reward_within_kl_bound(work, sft_run, rm_run):
     assert max(s["kl"] for s in steps) < 3 * 3.0  # the leash holds: KL stays near its target
     assert (out / "overoptimization.png").is_file() and (out / "ppo.png").is_file()
     assert "value" in load_checkpoint(out).model.heads
+
+
+def test_ppo_resume_continues_exactly(work, sft_run, rm_run, tmp_path):
+    """Stopped after 2 of 4 steps and resumed, PPO logs the same steps and ends with the same weights and beta as an
+    uninterrupted run: policy, value head, optimizer, beta and every step's randomness survive the checkpoint."""
+    def cfg(out, **kw):
+        return PPOConfig(policy=str(sft_run[0]), reward_model=str(rm_run[0]), prompts=work["prompts"], out=str(out), steps=4,
+                         batch_size=8, minibatch=4, ppo_epochs=2, lr=5e-4, max_new_tokens=6, target_kl=3.0, horizon=16,
+                         eval_every=2, eval_size=8, device="cpu", seed=3, quiet=True, **kw)
+
+    whole = ppo(cfg(tmp_path / "whole"))
+    first = ppo(cfg(tmp_path / "split", stop_after=2))
+    assert first == {"stopped_early": True, "interrupted": False, "step": 2}
+    assert not (tmp_path / "split" / "summary.json").exists()
+    with pytest.raises(NextbitError, match="already has a checkpoint"):
+        ppo(cfg(tmp_path / "split"))
+    rest = ppo(cfg(tmp_path / "split", resume=True))
+    assert rest["resumed_from"] == 2 and rest["kl_coef"] == whole["kl_coef"] and rest["final"] == whole["final"]
+    assert rest["start"] == whole["start"]
+
+    def records(out, name):
+        timing = ("elapsed", "gen_share", "samples_s")
+        return [{k: v for k, v in json.loads(l).items() if k not in timing} for l in (out / name).read_text().splitlines()]
+
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        assert records(tmp_path / "split", name) == records(tmp_path / "whole", name), name
+    a, b = load_checkpoint(tmp_path / "whole").model.state_dict(), load_checkpoint(tmp_path / "split").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(NextbitError, match="already finished"):
+        ppo(cfg(tmp_path / "split", resume=True))
+    with pytest.raises(NextbitError, match="other weights"):
+        ppo(PPOConfig(**{**cfg(tmp_path / "whole").__dict__, "policy": str(work["dir"] / "base"), "steps": 6, "resume": True}))
+
+
+def test_ppo_ctrl_c_saves_a_checkpoint_to_resume(work, sft_run, rm_run, tmp_path):
+    """A real SIGINT to `nextbit ppo`: it finishes the step, writes a checkpoint, exits 130 with one line; --resume goes on."""
+    import signal
+    import time
+
+    out = tmp_path / "ppo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "nextbit", "ppo", "--policy", str(sft_run[0]), "--reward-model", str(rm_run[0]),
+            "--prompts", work["prompts"], "--out", str(out), "--batch-size", "4", "--minibatch", "4",
+            "--ppo-epochs", "1", "--max-new-tokens", "4", "--eval-size", "0", "--device", "cpu", "--quiet"]
+    p = subprocess.Popen(args + ["--steps", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    step = load_checkpoint(out, with_train_state=True).train_state["train"]["step"]
+    logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert step >= 2 and logged == list(range(1, step + 1))  # the checkpoint is at the last finished step
+    r = subprocess.run(args + ["--steps", str(step + 1), "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, step + 2))
 
 
 def test_cli_errors_are_one_line(work, tmp_path):

@@ -1,6 +1,7 @@
 """`nextbit sentiment` in miniature: every stage runs, the outputs the docs promise are written, the figures are
-in range, and a second call reuses the finished stages."""
+in range, a second call reuses the finished stages, and an interrupted stage is resumed."""
 
+import dataclasses
 import json
 
 import pytest
@@ -33,3 +34,12 @@ def test_sentiment_end_to_end_in_miniature(tmp_path, monkeypatch):
     # finished stages are reused: a second call redoes nothing but the judging
     again = S.sentiment(cfg)
     assert again["seconds"]["pretrain"] < 1 and again["seconds"]["compare"] < 1 and again["seconds"]["ppo"] < 1
+    # an interrupted PPO stage (a checkpoint that is not final) is resumed from it, not skipped and not redone
+    from nextbit.align.ppo import PPOConfig, ppo
+
+    rec = json.loads((out / "ppo" / "config.json").read_text())
+    names = {f.name for f in dataclasses.fields(PPOConfig)}
+    stopped = ppo(PPOConfig(**{k: v for k, v in rec.items() if k in names} | {"stop_after": 1, "force": True}))
+    assert stopped["stopped_early"] and not (out / "ppo" / "summary.json").exists()
+    S.sentiment(cfg)
+    assert json.loads((out / "ppo" / "summary.json").read_text())["resumed_from"] == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.checkpoint import load_checkpoint, read_info, save_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig
 from nextbit.core.model import GPT
@@ -63,8 +63,12 @@ def test_resume_is_exact(dataset, tmp_path):
     split = tmp_path / "split"
     first = train(small_train(dataset, split, steps=10, stop_after=5))
     assert first["stopped_early"] and first["step"] == 5
-    assert load_checkpoint(split, with_train_state=True).train_state["train"]["step"] == 5
+    state = load_checkpoint(split, with_train_state=True).train_state["train"]
+    assert state["step"] == 5 and not state["finished"] and state["seconds"] > 0
+    assert read_info(split / "checkpoint")["meta"]["finished"] is False  # a stage to resume, not a finished one
     train(small_train(dataset, split, steps=10, resume=True))
+    done = load_checkpoint(split, with_train_state=True).train_state["train"]
+    assert done["finished"] and done["seconds"] > state["seconds"]  # training time adds up across invocations
     a, b = weights(straight), weights(split)
     assert a.keys() == b.keys()
     for k in a:

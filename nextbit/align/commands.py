@@ -18,6 +18,10 @@ def _run_reward(cfg: RewardConfig) -> None:
     report_stop(train_reward(cfg), cfg.out)
 
 
+def _run_ppo(cfg: PPOConfig) -> None:
+    report_stop(ppo(cfg), cfg.out)
+
+
 def _run_dpo(cfg: DPOConfig) -> None:
     report_stop(dpo(cfg), cfg.out)
 
@@ -40,7 +44,7 @@ COMMANDS = {
     "sft": (SFTConfig, _run_sft, "supervised fine-tuning on prompt/completion or chat JSONL (completion tokens only)", None),
     "reward": (RewardConfig, _run_reward, "train a reward model (backbone + scalar head) on pairwise preferences, Bradley-Terry loss", None),
     "compare": (CompareConfig, compare, "sample pairs of responses from a policy, have a labeler compare them, write preference JSONL", None),
-    "ppo": (PPOConfig, ppo, "PPO against a reward model with a KL penalty to the starting policy (adaptive beta, GAE, value head)", None),
+    "ppo": (PPOConfig, _run_ppo, "PPO against a reward model with a KL penalty to the starting policy (adaptive beta, GAE, value head)", None),
     "dpo": (DPOConfig, _run_dpo, "Direct Preference Optimisation on a preference JSONL (offline alternative to PPO)", None),
 }
 

@@ -143,5 +143,6 @@ def dpo(cfg: DPOConfig) -> dict:
     loop = TrainLoop(model, tok, cfg.loop, out, d, DPOObjective(train_set, cfg, accum, tok.pad_id),
                      accum=accum, evaluate=evaluate, run_config=run_config, title=f"dpo {out.name}")
     result = loop.run()
-    write_json(out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
+    if not result.get("stopped_early"):
+        write_json(out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
     return result

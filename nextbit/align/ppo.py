@@ -19,14 +19,20 @@ Logged every step (metrics.jsonl): reward, KL, beta, entropy, response length, v
 approximate policy KL, end-of-response rate, the independent oracle scores, time spent generating.
 Every `eval_every` steps a fixed held-out prompt set is scored (eval.jsonl): proxy reward, oracle scores and KL,
 the data of the over-optimisation plot (overoptimization.png).
+
+Checkpoints (`save_every`, Ctrl-C, `stop_after`, the end) hold the policy with its value head, the optimizer, beta
+and the RNG; every step's randomness (prompt draw, sampling seed, minibatch order) is a function of (seed, step),
+so `--resume` continues exactly as the uninterrupted run would have. The reference is always re-read from --policy.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -84,6 +90,8 @@ class PPOConfig:
     eval_every: int = 10  # steps between held-out evaluations (0 = start and end only)
     eval_size: int = 128  # prompts held out (the last ones in the file) for evaluation
     save_every: int = 0  # steps between checkpoints; 0 = at the end only
+    stop_after: int = 0  # stop after this many steps of this invocation, with a checkpoint (continue with --resume); 0 = off
+    resume: bool = False  # continue the run in --out from its checkpoint, exactly as if it had not stopped
     seed: int = 1337
     device: str = "auto"
     force: bool = False  # start over in an existing run folder
@@ -102,8 +110,8 @@ class PPOConfig:
             raise NextbitError("--lam must be in [0, 1] and --gamma in (0, 1]")
         if self.temperature <= 0:
             raise NextbitError("--temperature must be > 0 for PPO rollouts")
-        if self.eval_size < 0 or self.eval_every < 0 or self.save_every < 0:
-            raise NextbitError("--eval-size, --eval-every and --save-every must be >= 0")
+        if self.eval_size < 0 or self.eval_every < 0 or self.save_every < 0 or self.stop_after < 0:
+            raise NextbitError("--eval-size, --eval-every, --save-every and --stop-after must be >= 0")
 
 
 class AdaptiveKLController:
@@ -228,9 +236,10 @@ def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Pr
 
 
 def ppo_update(policy: GPT, opt, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig, vocab: int,
-               gen: torch.Generator) -> dict[str, float]:
+               step: int) -> dict[str, float]:
     policy.train()
     B = ro.tokens.size(0)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # minibatch order: a function of (seed, step)
     stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac")}
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=gen)
@@ -306,14 +315,34 @@ def load_reward_model(path: str, device, tok: Tokenizer) -> GPT:
     return ck.model.eval().requires_grad_(False)
 
 
+def _resume_point(cfg: PPOConfig, device, tok: Tokenizer, ref_sha: str):
+    """The checkpoint in --out to continue from, checked against this run's policy."""
+    ckpt_dir = Path(cfg.out) / "checkpoint"
+    if not (ckpt_dir / "train_state.json").is_file():
+        raise NextbitError(f"--resume: no PPO checkpoint in {ckpt_dir}")
+    ck = load_checkpoint(ckpt_dir, device, with_train_state=True)
+    state = ck.train_state["train"]
+    if ck.info.get("meta", {}).get("kind") != "ppo_policy" or "step" not in state:
+        raise NextbitError(f"--resume: {ckpt_dir} is not a PPO checkpoint")
+    ck.tokenizer.check_hash(tok.hash, f"--resume: the checkpoint in {ckpt_dir} (the policy's tokenizer differs)")
+    if state.get("reference_sha256") != ref_sha:
+        raise NextbitError(f"--resume: the run in {cfg.out} started from other weights than --policy {cfg.policy}")
+    if state["step"] >= cfg.steps:
+        raise NextbitError(f"the run in {cfg.out} already finished its {cfg.steps} steps")
+    return ck
+
+
 def ppo(cfg: PPOConfig) -> dict:
     cfg.validate()
     t_start = time.time()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    ck = load_checkpoint(cfg.policy, device)
-    policy, tok = ck.model, ck.tokenizer
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    base = load_checkpoint(cfg.policy, device)
+    tok = base.tokenizer
+    ref = base.model.eval().requires_grad_(False)
+    ref_sha = base.info["weights_sha256"]
+    resumed = _resume_point(cfg, device, tok, ref_sha) if cfg.resume else None
+    policy = resumed.model if resumed else load_checkpoint(cfg.policy, device).model
     if VALUE_HEAD not in policy.heads:
         policy.add_scalar_head(VALUE_HEAD)
     rm = load_reward_model(cfg.reward_model, device, tok)
@@ -325,16 +354,25 @@ def ppo(cfg: PPOConfig) -> dict:
     eval_prompts = prompts[len(prompts) - cfg.eval_size :]
     lr = cfg.lr or 0.05 * 2e-3 * math.sqrt(256 / policy.cfg.width)
     opt = build_optimizer(policy, "adamw", lr, 0.0, (0.9, 0.95))
-    out = prepare_out(cfg.out, False, cfg.force)
+    out = prepare_out(cfg.out, cfg.resume, cfg.force)
     run_config = write_config(out, "ppo", cfg, resolved_lr=lr, train_prompts=len(train_prompts), eval_prompts=len(eval_prompts),
-                              base_checkpoint=str(ck.path))
-    log, evlog = MetricsLog(out / "metrics.jsonl", True, None), MetricsLog(out / "eval.jsonl", True, None)
+                              base_checkpoint=str(base.path))
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    totals = {"gen": 0.0, "all": 0.0, "samples": 0}
+    if resumed is not None:
+        state = resumed.train_state["train"]
+        start, kl_ctl.value, totals = int(state["step"]), float(state["kl_coef"]), dict(state["totals"])
+        opt.load_state_dict(resumed.optimizer_state())
+        resumed.restore_rng()
+    (out / "summary.json").unlink(missing_ok=True)  # written again when this run finishes
+    log = MetricsLog(out / "metrics.jsonl", True, start if resumed else None)
+    evlog = MetricsLog(out / "eval.jsonl", True, start if resumed else None)
     vocab = tok.vocab_size
     if not cfg.quiet:
         print(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} eval prompts, {cfg.steps} steps of {cfg.batch_size} rollouts, "
-              f"lr {lr:.2e}, beta {cfg.init_kl_coef} -> target KL {cfg.target_kl or 'fixed'}, device {device}", flush=True)
+              f"lr {lr:.2e}, beta {cfg.init_kl_coef} -> target KL {cfg.target_kl or 'fixed'}, device {device}"
+              + (f", resuming after step {start} (beta {kl_ctl.value:.4f})" if resumed else ""), flush=True)
 
     def run_eval(step: int) -> dict:
         if not eval_prompts:
@@ -346,15 +384,29 @@ def ppo(cfg: PPOConfig) -> dict:
         return ev
 
     def save(step: int) -> None:
-        save_checkpoint(out / "checkpoint", policy, tok, meta={"run_config": run_config, "step": step, "kind": "ppo_policy",
-                                                               "kl_coef": kl_ctl.value})
+        finished = step >= cfg.steps
+        save_checkpoint(out / "checkpoint", policy, tok, optimizer_state=opt.state_dict(),
+                        train_state={"step": step, "kl_coef": kl_ctl.value, "totals": totals, "reference_sha256": ref_sha,
+                                     "finished": finished},
+                        meta={"run_config": run_config, "step": step, "kind": "ppo_policy", "kl_coef": kl_ctl.value,
+                              "finished": finished})
 
-    first = run_eval(0) if eval_prompts else {}
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if stop["flag"]:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)", flush=True)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    if resumed is None:
+        run_eval(0)
     last: dict = {}
-    step = 0
-    totals = {"gen": 0.0, "all": 0.0, "samples": 0}
+    step = start
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
             rng = np.random.default_rng([cfg.seed, step])
             idx = rng.choice(len(train_prompts), cfg.batch_size, replace=len(train_prompts) < cfg.batch_size)
@@ -365,7 +417,7 @@ def ppo(cfg: PPOConfig) -> dict:
             rewards[torch.arange(rewards.size(0)), last_idx] += ro.scores
             adv, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
             adv = whiten(adv, ro.mask)
-            upd = ppo_update(policy, opt, ro, adv, returns, cfg, vocab, gen)
+            upd = ppo_update(policy, opt, ro, adv, returns, cfg, vocab, step)
             m = rollout_metrics(ro, oracles)
             kl_ctl.update(m["kl"], cfg.batch_size)
             dt = time.time() - t0
@@ -383,19 +435,23 @@ def ppo(cfg: PPOConfig) -> dict:
                       f"clip {upd['clipfrac']:.3f}{orc} ({dt:.1f}s)", flush=True)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 run_eval(step)
-            if cfg.save_every and step % cfg.save_every == 0:
+            halt = stop["flag"] or (cfg.stop_after and step - start >= cfg.stop_after)
+            if step < cfg.steps and (halt or (cfg.save_every and step % cfg.save_every == 0)):
                 save(step)
-    except KeyboardInterrupt:
-        save(step)
-        print(f"interrupted at step {step}; policy saved in {out}/checkpoint", flush=True)
-        raise
-    final = run_eval(cfg.steps) if eval_prompts else {}
+            if halt and step < cfg.steps:
+                return {"stopped_early": True, "interrupted": stop["flag"], "step": step}
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    final = run_eval(cfg.steps)
     save(cfg.steps)
     plot_ppo(log.records(), out / "ppo.png")
+    evals = evlog.records()
     if eval_prompts:
-        plot_overoptimization(evlog.records(), out / "overoptimization.png")
+        plot_overoptimization(evals, out / "overoptimization.png")
+    first = next((e for e in evals if e.get("step") == 0), {})
     summary = {"steps": cfg.steps, "start": first, "final": final, "last_step": last, "kl_coef": kl_ctl.value,
                "samples_per_s": totals["samples"] / max(1e-9, totals["all"]), "gen_share": totals["gen"] / max(1e-9, totals["all"]),
-               "seconds": round(time.time() - t_start, 1)}
+               "seconds": round(time.time() - t_start, 1), **({"resumed_from": start} if resumed else {})}
     write_json(out / "summary.json", summary)
     return summary

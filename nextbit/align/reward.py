@@ -199,7 +199,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     mean, std = normalise_head(model, responses, pad)
     final = pair_metrics(model, val_set, pad) if val_set else {}
     save_checkpoint(out / "checkpoint", model, tok, meta={
-        "run_config": run_config, "kind": "reward_model", "reward_head": HEAD, "normalized": True, "pool": cfg.pool,
+        "run_config": run_config, "kind": "reward_model", "reward_head": HEAD, "normalized": True, "pool": cfg.pool, "finished": True,
         "raw_reward_mean": mean, "raw_reward_std": std, "append_eot": cfg.append_eot, "max_len": max_len, **final})
     summary = {**final, "raw_reward_mean": mean, "raw_reward_std": std, "steps": result["step"]}
     write_json(out / "eval.json", summary)

@@ -165,6 +165,7 @@ class TrainLoop:
         self.model = model.to(dist_info.device)
         self.start_step = 0
         self.tokens_seen = 0
+        self.seconds_before = 0.0  # training seconds of earlier invocations of this run (resume)
         resume_train_state = None
         if cfg.resume:
             if not (self.ckpt_dir / "train_state.json").is_file():
@@ -177,6 +178,7 @@ class TrainLoop:
             resume_train_state = ck
             self.start_step = int(ck.train_state["train"]["step"])
             self.tokens_seen = int(ck.train_state["train"].get("tokens", 0))
+            self.seconds_before = float(ck.train_state["train"].get("seconds", 0.0))
         lr = cfg.lr
         self._shard(self.model)  # sharded subclasses (FSDP) shard here, before the optimizer sees the parameters
         opt_name = "adamw" if cfg.optimizer == "auto" else cfg.optimizer  # stages that want Muon say so
@@ -210,7 +212,9 @@ class TrainLoop:
         return DDP(model, device_ids=ids)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
-    def save(self, step: int) -> None:
+    def save(self, step: int, finished: bool = False) -> None:
+        """Checkpoint after `step`; `finished` marks the run's last step (a stage that is done, not one to resume)."""
+        seconds = round(self.seconds_before + time.time() - getattr(self, "_t_run", time.time()), 2)
         state = self._full_state()
         opt_state = self._full_optimizer_state()
         if self.d.main:
@@ -219,8 +223,8 @@ class TrainLoop:
                 self.model,
                 self.tokenizer,
                 optimizer_state=opt_state,
-                train_state={"step": step, "tokens": self.tokens_seen},
-                meta={"run_config": self.run_config, "step": step, "tokens": self.tokens_seen},
+                train_state={"step": step, "tokens": self.tokens_seen, "seconds": seconds, "finished": finished},
+                meta={"run_config": self.run_config, "step": step, "tokens": self.tokens_seen, "finished": finished},
                 state=state,
             )
         if self.d.enabled:
@@ -291,7 +295,7 @@ class TrainLoop:
                 if cfg.stop_after and steps_this_run >= cfg.stop_after and step < total:
                     stop = True
                 if stop or step == total or (cfg.save_every and step % cfg.save_every == 0):
-                    self.save(step)
+                    self.save(step, finished=step >= total)
                 if stop:
                     interrupted = self._stop
                     break

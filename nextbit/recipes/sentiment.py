@@ -13,12 +13,15 @@ openings positive, learning only from (simulated) pairwise comparisons.
 The labeller and the judge know sentiment in unrelated ways (IMDB star ratings vs a hand-made lexicon), so a
 policy that games the labeller's quirks (or the reward model's) does not automatically win with the judge.
 Every stage's outputs stay in --out; a stage whose output exists is reused (delete it, or pass --force, to redo).
+A training stage that was interrupted (Ctrl-C, or killed after one of PPO's periodic checkpoints) is resumed from its
+checkpoint by running the same command again.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ from nextbit.align.reward import RewardConfig, train_reward
 from nextbit.align.sampling import sample_responses
 from nextbit.align.scorers import BowClassifier, VaderScorer
 from nextbit.core.atomic import write_json, write_text
-from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.checkpoint import load_checkpoint, read_info
 from nextbit.core.config import ModelConfig
 from nextbit.core.distributed import pick_device
 from nextbit.core.errors import NextbitError
@@ -86,6 +89,26 @@ def _stage(path: Path, force: bool) -> bool:
     if force and path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return not path.exists()
+
+
+def _training_stage(run: Path, force: bool) -> str:
+    """For a stage that trains into run/checkpoint: 'run' (start it), 'resume' (it was interrupted) or 'done'."""
+    if force and run.exists():
+        shutil.rmtree(run)
+    ckpt = run / "checkpoint"
+    if not ckpt.exists():
+        return "run"
+    if read_info(ckpt).get("meta", {}).get("finished", True):  # final checkpoints (and those from before the flag)
+        return "done"
+    return "resume" if (ckpt / "train_state.json").is_file() else "run"
+
+
+def _check_finished(result: dict, stage: str) -> None:
+    """Stop the recipe (exit 130, like any Ctrl-C) when a stage stopped before its end; its checkpoint is kept."""
+    if result.get("stopped_early"):
+        print(f"interrupted in the {stage} stage at step {result.get('step')}; its checkpoint is kept — "
+              "run the same command again to continue", file=sys.stderr, flush=True)
+        raise SystemExit(130)
 
 
 def opening(text: str, words: int) -> Optional[str]:
@@ -155,13 +178,19 @@ def sentiment(cfg: SentimentConfig) -> dict:
         print("[1/7] preparing the IMDB reviews", flush=True)
         prepare(PrepareConfig(sources=["imdb"], out=str(data), vocab_size=S["vocab_size"], val_every=val_every, quiet=False))
     pre = out / "pretrain"
-    if _stage(pre / "checkpoint", cfg.force):
-        print(f"[1/7] pretraining a depth-{S['depth']} model for {minutes:g} minutes", flush=True)
-        train(TrainConfig(data=str(data), out=str(pre), force=True, batch_tokens=S["batch_tokens"],
-                          model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"], qk_norm=True, tie_embeddings=False),
-                          loop=LoopConfig(steps=10**7, time_budget=minutes * 60, warmup=10, seed=cfg.seed, device=device,
-                                          optimizer="muon", muon_lr=0.04, lr=4e-3, min_lr_ratio=0.0, quiet=False,
-                                          compile=S.get("compile", False), eval_every=S.get("eval_every", 0))))
+    state = _training_stage(pre, cfg.force)
+    if state != "done":
+        budget = minutes * 60
+        if state == "resume":  # the time budget left by the interrupted run
+            budget = max(1.0, budget - float(json.loads((pre / "checkpoint" / "train_state.json").read_text())["train"].get("seconds", 0)))
+        print(f"[1/7] pretraining a depth-{S['depth']} model for {budget / 60:g} minutes"
+              + (" (resuming)" if state == "resume" else ""), flush=True)
+        _check_finished(train(TrainConfig(
+            data=str(data), out=str(pre), force=state == "run", batch_tokens=S["batch_tokens"],
+            model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"], qk_norm=True, tie_embeddings=False),
+            loop=LoopConfig(steps=10**7, time_budget=budget, warmup=10, seed=cfg.seed, device=device, optimizer="muon",
+                            muon_lr=0.04, lr=4e-3, min_lr_ratio=0.0, quiet=False, compile=S.get("compile", False),
+                            eval_every=S.get("eval_every", 0), resume=state == "resume"))), "pretraining")
     tick("pretrain", t)
 
     # 2. the labelling oracle and the prompts -----------------------------------------------------------------------
@@ -205,35 +234,41 @@ def sentiment(cfg: SentimentConfig) -> dict:
     # 4. reward model -----------------------------------------------------------------------------------------------
     t = time.time()
     rm_dir = out / "reward"
-    if _stage(rm_dir / "checkpoint", cfg.force):
-        print("[4/7] reward model", flush=True)
-        train_reward(RewardConfig(init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=1, val_frac=0.1,
-                                  append_eot=False, pool="mean", force=True, loop=LoopConfig(steps=0, lr=2e-3, weight_decay=0.0, seed=cfg.seed,
-                                                                                device=device, eval_every=100)))
+    state = _training_stage(rm_dir, cfg.force)
+    if state != "done":
+        print("[4/7] reward model" + (" (resuming)" if state == "resume" else ""), flush=True)
+        _check_finished(train_reward(RewardConfig(
+            init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=1, val_frac=0.1, append_eot=False,
+            pool="mean", force=state == "run", loop=LoopConfig(steps=0, lr=2e-3, weight_decay=0.0, seed=cfg.seed, device=device,
+                                                               eval_every=100, resume=state == "resume"))), "reward model")
     rm_eval = json.loads((rm_dir / "eval.json").read_text())
     tick("reward", t)
 
     # 5. PPO --------------------------------------------------------------------------------------------------------
     t = time.time()
     ppo_dir = out / "ppo"
-    if _stage(ppo_dir / "checkpoint", cfg.force):
-        print("[5/7] PPO", flush=True)
-        ppo(PPOConfig(policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
-                      oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
-                      minibatch=min(S["ppo_batch"], max(16, S["ppo_batch"] // 4)), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
-                      init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
-                      horizon=cfg.kl_horizon or max(1, ppo_steps * S["ppo_batch"] // 10), append_eot=False,
-                      eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), seed=cfg.seed, device=device, force=True))
+    state = _training_stage(ppo_dir, cfg.force)
+    if state != "done":
+        print("[5/7] PPO" + (" (resuming)" if state == "resume" else ""), flush=True)
+        _check_finished(ppo(PPOConfig(
+            policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
+            oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
+            minibatch=min(S["ppo_batch"], max(16, S["ppo_batch"] // 4)), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
+            init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, horizon=cfg.kl_horizon or max(1, ppo_steps * S["ppo_batch"] // 10),
+            append_eot=False, eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), save_every=max(1, ppo_steps // 10),
+            seed=cfg.seed, device=device, force=state == "run", resume=state == "resume")), "PPO")
     tick("ppo", t)
 
     # 6. DPO --------------------------------------------------------------------------------------------------------
     t = time.time()
     dpo_dir = out / "dpo"
-    if _stage(dpo_dir / "checkpoint", cfg.force):
-        print("[6/7] DPO on the same comparisons", flush=True)
-        dpo(DPOConfig(init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=1,
-                      append_eot=False, force=True, loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed, device=device,
-                                                                    eval_every=100)))
+    state = _training_stage(dpo_dir, cfg.force)
+    if state != "done":
+        print("[6/7] DPO on the same comparisons" + (" (resuming)" if state == "resume" else ""), flush=True)
+        _check_finished(dpo(DPOConfig(
+            init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=1, append_eot=False,
+            force=state == "run", loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed, device=device, eval_every=100,
+                                                  resume=state == "resume"))), "DPO")
     tick("dpo", t)
 
     # 7. the held-out judge ------------------------------------------------------------------------------------------
