@@ -68,7 +68,6 @@ def main() -> None:
     rng = np.random.default_rng(0)
     words = ["the", "movie", "was", "great", "film", "awful", "and"]
     prompts = [" ".join(rng.choice(words, args.prompt_tokens)) for _ in range(args.batch)]
-    gen = torch.Generator().manual_seed(0)
     t_gen = t_all = 0.0
     for step in range(args.warmup + args.steps):
         if dev.type == "cuda":
@@ -79,7 +78,7 @@ def main() -> None:
         last = (ro.mask.sum(-1).long() - 1).clamp(min=0)
         rewards[torch.arange(rewards.size(0)), last] += ro.scores
         adv, ret = gae(rewards, ro.values, ro.mask, 1.0, 0.95)
-        ppo_update(policy, opt, ro, whiten(adv, ro.mask), ret, pcfg, tok.vocab_size, gen)
+        ppo_update(policy, opt, ro, whiten(adv, ro.mask), ret, pcfg, tok.vocab_size, step)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
