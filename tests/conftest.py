@@ -76,3 +76,20 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "nextbit", *map(str, args)], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
     )
+
+
+def interrupt_cli(*args, metrics: Path, lines: int, timeout: float = 120):
+    """Start `nextbit ARGS`, send it SIGINT (Ctrl-C) once `metrics` has `lines` lines; return (returncode, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "nextbit", *map(str, args)], env=e, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err

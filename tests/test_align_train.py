@@ -29,6 +29,8 @@ from nextbit.core.loop import LoopConfig
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import train_tokenizer
 
+from conftest import interrupt_cli, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 POS = ["great", "wonderful", "excellent", "superb", "lovely", "brilliant"]
 NEG = ["awful", "terrible", "boring", "dreadful", "bad", "dull"]
@@ -178,27 +180,18 @@ def test_ppo_resume_continues_exactly(work, sft_run, rm_run, tmp_path):
 
 def test_ppo_ctrl_c_saves_a_checkpoint_to_resume(work, sft_run, rm_run, tmp_path):
     """A real SIGINT to `nextbit ppo`: it finishes the step, writes a checkpoint, exits 130 with one line; --resume goes on."""
-    import signal
-    import time
-
     out = tmp_path / "ppo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "nextbit", "ppo", "--policy", str(sft_run[0]), "--reward-model", str(rm_run[0]),
-            "--prompts", work["prompts"], "--out", str(out), "--batch-size", "4", "--minibatch", "4",
-            "--ppo-epochs", "1", "--max-new-tokens", "4", "--eval-size", "0", "--device", "cpu", "--quiet"]
-    p = subprocess.Popen(args + ["--steps", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    args = ["ppo", "--policy", sft_run[0], "--reward-model", rm_run[0], "--prompts", work["prompts"], "--out", out,
+            "--batch-size", "4", "--minibatch", "4", "--ppo-epochs", "1", "--max-new-tokens", "4", "--eval-size", "0",
+            "--device", "cpu", "--quiet"]
+    rc, err = interrupt_cli(*args, "--steps", "1000", metrics=metrics, lines=2)
+    assert rc == 130, err
     assert "Traceback" not in err and "--resume" in err
     step = load_checkpoint(out, with_train_state=True).train_state["train"]["step"]
     logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert step >= 2 and logged == list(range(1, step + 1))  # the checkpoint is at the last finished step
-    r = subprocess.run(args + ["--steps", str(step + 1), "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    r = run_cli(*args, "--steps", step + 1, "--resume")
     assert r.returncode == 0, r.stderr
     assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, step + 2))
 

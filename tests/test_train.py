@@ -16,7 +16,7 @@ from nextbit.core.optim import lr_factor
 from nextbit.core.config import ModelConfig
 from nextbit.train.pretrain import TrainConfig, batch_layout, train
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, interrupt_cli, tiny_config
 
 
 def small_train(dataset, out, **loop_kw) -> TrainConfig:
@@ -121,22 +121,11 @@ def test_checkpoint_corruption_is_detected(tmp_path, tokenizer):
 
 def test_interrupt_writes_checkpoint_and_exits_130(dataset, tmp_path):
     """A real SIGINT to a running `nextbit train`: it finishes the step, saves, exits 130 with one line."""
-    import signal
-    import time
-
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "nextbit", "train", "--data", str(dataset), "--out", str(out), "--steps", "100000",
-            "--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32", "--batch-tokens", "256",
-            "--device", "cpu", "--quiet"]
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    rc, err = interrupt_cli("train", "--data", dataset, "--out", out, "--steps", "100000", "--depth", "2", "--width", "64",
+                            "--n-head", "2", "--seq-len", "32", "--batch-tokens", "256", "--device", "cpu", "--quiet",
+                            metrics=out / "metrics.jsonl", lines=3)
+    assert rc == 130, err
     assert "Traceback" not in err and "--resume" in err
     ck = load_checkpoint(out, with_train_state=True)
     assert ck.train_state["train"]["step"] >= 3
