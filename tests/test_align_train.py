@@ -196,6 +196,50 @@ def test_ppo_ctrl_c_saves_a_checkpoint_to_resume(work, sft_run, rm_run, tmp_path
     assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, step + 2))
 
 
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
+def test_two_processes_train_like_one(work, sft_run, tmp_path, command):
+    """torchrun with 2 gloo processes (DDP, each global batch split across them, micro-batches of 2) ends with the same
+    weights and logs the same losses as one process: every stage's loss is its exact share of the global batch's mean."""
+    init = work["dir"] / "base" if command == "sft" else sft_run[0]
+    data = work["sft"] if command == "sft" else work["prefs"]
+    args = [command, "--init-from", init, "--data", data, "--batch-size", "8", "--micro-batch", "2", "--steps", "3", "--lr", "3e-3",
+            "--warmup", "0", "--eval-every", "0", "--val-frac", "0.1", "--device", "cpu", "--seed", "0", "--quiet"]
+    one = run_cli(*args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nextbit",
+                          *map(str, args), "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    a, b = load_checkpoint(tmp_path / "one").model.state_dict(), load_checkpoint(tmp_path / "two").model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+              for run in ("one", "two")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    if command == "reward":  # the main process alone normalised the head and wrote eval.json
+        assert json.loads((tmp_path / "two" / "eval.json").read_text())["val_accuracy"] == json.loads((tmp_path / "one" / "eval.json").read_text())["val_accuracy"]
+
+
+def test_batch_share_weights_give_the_global_mean():
+    """Unequal micro-batches (tokens, pairs) weighted by `share` sum to the global batch's mean, for any split."""
+    from nextbit.align.common import accum_for, shard_rows, share
+
+    values = torch.arange(1.0, 11.0)  # one loss per unit, 10 units in the global batch
+    want = values.mean()
+    for world in (1, 2):
+        micro, accum = accum_for(10, 3, world)
+        total = 0.0
+        for rank in range(world):
+            for m in range(accum):
+                rows = shard_rows(list(range(10)), m, accum, rank, world)
+                total += values[rows].mean() * share(len(rows), 10, accum, world) / accum / world
+        assert torch.isclose(total, want), world
+    with pytest.raises(NextbitError, match="multiple of the number of processes"):
+        accum_for(9, 0, 2)
+
+
 def test_cli_errors_are_one_line(work, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "x", "chosen": "a"}\n')

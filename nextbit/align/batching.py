@@ -47,26 +47,29 @@ def unwrap(model: torch.nn.Module) -> GPT:
     return getattr(model, "module", getattr(model, "_orig_mod", model))
 
 
+def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states through the model's own forward (a DDP or compiled wrapper included: DDP only
+    synchronises gradients of passes that go through its forward)."""
+    return model(ids, return_hidden=True)
+
+
 def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """(B,) sum of log p(completion token) over each row's trained positions, fp32."""
-    m = unwrap(model)
-    h = m.hidden(batch.ids)
-    return token_logprobs(m, h, batch.targets).sum(-1)
+    h = hidden_states(model, batch.ids)
+    return token_logprobs(unwrap(model), h, batch.targets).sum(-1)
 
 
 def last_scalar(model: torch.nn.Module, head: str, batch: Batch) -> torch.Tensor:
     """(B,) the scalar head read at each row's last real token."""
-    m = unwrap(model)
-    h = m.hidden(batch.ids)
+    h = hidden_states(model, batch.ids)
     idx = (batch.lengths - 1).clamp(min=0)
-    return m.scalar(head, h)[torch.arange(h.size(0), device=h.device), idx]
+    return unwrap(model).scalar(head, h)[torch.arange(h.size(0), device=h.device), idx]
 
 
 def pooled_scalar(model: torch.nn.Module, head: str, batch: Batch) -> torch.Tensor:
     """(B,) the scalar head averaged over each row's completion tokens (the trained positions)."""
-    m = unwrap(model)
-    h = m.hidden(batch.ids)
-    s = m.scalar(head, h)
+    h = hidden_states(model, batch.ids)
+    s = unwrap(model).scalar(head, h)
     pool = torch.zeros_like(batch.targets, dtype=torch.bool)
     pool[:, 1:] = batch.targets[:, :-1] != -1
     pool = pool.float()

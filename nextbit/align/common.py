@@ -1,4 +1,5 @@
-"""What the gradient-based alignment stages (sft, reward, dpo) share: run folders, splits, step counts, shuffling."""
+"""What the gradient-based alignment stages (sft, reward, dpo) share: run folders, splits, step counts, shuffling,
+and the split of each global batch across torchrun processes."""
 
 from __future__ import annotations
 
@@ -18,27 +19,39 @@ from nextbit.core.loop import LoopConfig
 T = TypeVar("T")
 
 
+def freeze_unused(model, keep_lm_head: bool, keep_head: str = "") -> None:
+    """Take out of training what a stage's loss never touches (the LM head of a reward model, scalar heads other than
+    `keep_head`): DDP insists that every trained parameter gets a gradient, and the optimizer need not carry them."""
+    for name, p in model.named_parameters():
+        if (name.startswith("lm_head.") and not keep_lm_head) or (name.startswith("heads.") and not name.startswith(f"heads.{keep_head}.")):
+            p.requires_grad_(False)
+
+
 def single_process(command: str, device: str) -> Dist:
-    """The alignment stages run in one process (no torchrun): set up the device or say so in one line."""
+    """Stages that generate as they train (ppo, compare) run in one process: set up the device or say so in one line."""
     d = setup(device)
     if d.enabled:
         raise NextbitError(f"{command} runs in one process; launch it without torchrun")
     return d
 
 
-def prepare_out(out: str | Path, resume: bool, force: bool) -> Path:
+def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -> Path:
+    """Check the run folder (every process, so all fail alike) and, on the main process, clear or create it."""
     out = Path(out)
     if (out / "checkpoint").exists() and not resume:
         if not force:
             raise NextbitError(f"run folder {out} already has a checkpoint; pass --resume to continue it or --force to start over")
-        shutil.rmtree(out / "checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
+        if main:
+            shutil.rmtree(out / "checkpoint")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def write_config(out: Path, command: str, cfg, **extra) -> dict:
+def write_config(out: Path, command: str, cfg, main: bool = True, **extra) -> dict:
     rec = {"command": command, **(asdict(cfg) if is_dataclass(cfg) else dict(cfg)), **extra}
-    write_json(out / "config.json", rec)
+    if main:
+        write_json(out / "config.json", rec)
     return rec
 
 
@@ -85,9 +98,32 @@ class Shuffler:
         return out
 
 
+def accum_for(batch_size: int, micro_batch: int, world: int = 1) -> tuple[int, int]:
+    """(rows per forward pass, micro-steps per optimizer step) for one process's share of the global batch."""
+    if batch_size < 1 or micro_batch < 0:
+        raise NextbitError("--batch-size must be >= 1 and --micro-batch >= 0")
+    if batch_size % world:
+        raise NextbitError(f"--batch-size {batch_size} must be a multiple of the number of processes ({world})")
+    per = batch_size // world
+    micro = min(micro_batch or per, per)
+    return micro, math.ceil(per / micro)
+
+
 def micro_slice(rows: list[int], micro: int, accum: int) -> list[int]:
     per = math.ceil(len(rows) / accum)
     return rows[micro * per : (micro + 1) * per]
+
+
+def shard_rows(rows: list[int], micro: int, accum: int, rank: int, world: int) -> list[int]:
+    """This process's rows of a global batch for micro-step `micro`: every `world`-th row from `rank` on, then cut
+    into `accum` micro-batches. Which rows a step trains on does not depend on the number of processes."""
+    return micro_slice(rows[rank::world], micro, accum)
+
+
+def share(part: float, total: float, accum: int, world: int) -> float:
+    """The factor that turns a micro-batch's mean loss over `part` units (pairs, tokens) into its exact share of the
+    global batch's mean over `total` units, given that the loop divides by `accum` and DDP averages over `world`."""
+    return part * accum * world / max(total, 1e-12)
 
 
 def derived_lr(loop: LoopConfig, width: int, scale: float) -> None:

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from nextbit.align.common import single_process
 from nextbit.align.formats import _prompt, load_prompts, read_jsonl, write_jsonl
 from nextbit.align.labelers import Judgement, Query, make_labeler
 from nextbit.align.sampling import sample_responses
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.distributed import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
 
@@ -66,7 +66,7 @@ def sample_pairs(cfg: CompareConfig) -> list[Query]:
         raise NextbitError("--pairs-per-prompt and --max-pairs must be >= 1")
     prompts = load_prompts(cfg.prompts)
     prompts = prompts[: math.ceil(cfg.max_pairs / cfg.pairs_per_prompt)]
-    ck = load_checkpoint(cfg.policy, pick_device(cfg.device))
+    ck = load_checkpoint(cfg.policy, single_process("compare", cfg.device).device)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
     comps = sample_responses(ck.model, ck.tokenizer, prompts, params, n=2 * cfg.pairs_per_prompt, batch_size=cfg.batch_size)
     pairs = [Query(p, c[2 * k].text, c[2 * k + 1].text) for p, c in zip(prompts, comps) for k in range(cfg.pairs_per_prompt)]

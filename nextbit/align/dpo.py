@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from nextbit.align.batching import collate, sequence_logprobs, unwrap
-from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config, single_process
+from nextbit.align.common import (Shuffler, accum_for, derived_lr, freeze_unused, prepare_out, resolve_steps, shard_rows, share,
+                                  split_holdout, write_config)
 from nextbit.align.reward import EncodedPair, encode_preferences
 from nextbit.align.formats import load_preferences
-from nextbit.align.sft import accum_for
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
@@ -52,22 +53,29 @@ class DPOPair:
 
 
 @torch.no_grad()
-def reference_logprobs(ref: GPT, pairs: Sequence[EncodedPair], pad_id: int, rows: int = 32) -> list[DPOPair]:
+def reference_logprobs(ref: GPT, pairs: Sequence[EncodedPair], pad_id: int, rows: int = 32, d: Optional[Dist] = None) -> list[DPOPair]:
+    """The reference's log-probability of every chosen and rejected response, computed once. With several processes
+    each scores every world-th pair and they exchange the results."""
+    rank, world = (d.rank, d.world) if d is not None else (0, 1)
     device = next(ref.parameters()).device
-    out = []
-    for i in range(0, len(pairs), rows):
-        chunk = pairs[i : i + rows]
-        lc = sequence_logprobs(ref, collate([p.chosen for p in chunk], pad_id).to(device)).cpu()
-        lr = sequence_logprobs(ref, collate([p.rejected for p in chunk], pad_id).to(device)).cpu()
-        out += [DPOPair(p, float(c), float(r)) for p, c, r in zip(chunk, lc, lr)]
-    return out
+    mine = list(range(rank, len(pairs), world))
+    scores: dict[int, tuple[float, float]] = {}
+    for i in range(0, len(mine), rows):
+        idx = mine[i : i + rows]
+        lc = sequence_logprobs(ref, collate([pairs[j].chosen for j in idx], pad_id).to(device)).cpu()
+        lr = sequence_logprobs(ref, collate([pairs[j].rejected for j in idx], pad_id).to(device)).cpu()
+        scores.update({j: (float(c), float(r)) for j, c, r in zip(idx, lc, lr)})
+    if world > 1:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, scores)
+        scores = {j: v for part in parts for j, v in part.items()}
+    return [DPOPair(p, *scores[j]) for j, p in enumerate(pairs)]
 
 
 def dpo_terms(model, batch, beta: float, smoothing: float) -> tuple[torch.Tensor, dict]:
     b, ref_c, ref_r = batch
-    m = unwrap(model)
-    b = b.to(next(m.parameters()).device)
-    lp = sequence_logprobs(m, b)
+    b = b.to(next(unwrap(model).parameters()).device)
+    lp = sequence_logprobs(model, b)
     n = lp.size(0) // 2
     rc = beta * (lp[:n] - ref_c.to(lp.device))
     rr = beta * (lp[n:] - ref_r.to(lp.device))
@@ -84,13 +92,15 @@ class DPOObjective:
         self.shuffle = Shuffler(len(data), cfg.batch_size, cfg.loop.seed)
 
     def batch(self, step, micro, rank, world):
-        rows = [self.data[i] for i in micro_slice(self.shuffle.rows(step), micro, self.accum)]
+        rows = [self.data[i] for i in shard_rows(self.shuffle.rows(step), micro, self.accum, rank, world)]
         b = collate([r.pair.chosen for r in rows] + [r.pair.rejected for r in rows], self.pad_id)
-        return b, torch.tensor([r.ref_chosen for r in rows]), torch.tensor([r.ref_rejected for r in rows])
+        weight = share(len(rows), self.cfg.batch_size, self.accum, world)
+        return (b, torch.tensor([r.ref_chosen for r in rows]), torch.tensor([r.ref_rejected for r in rows])), weight
 
     def loss(self, model, batch):
-        loss, metrics = dpo_terms(model, batch, self.cfg.beta, self.cfg.label_smoothing)
-        return loss, metrics, int(batch[0].lengths.sum())
+        terms, weight = batch
+        loss, metrics = dpo_terms(model, terms, self.cfg.beta, self.cfg.label_smoothing)
+        return loss * weight, metrics, int(terms[0].lengths.sum())
 
 
 @torch.no_grad()
@@ -109,13 +119,14 @@ def dpo_eval(model: GPT, data: list[DPOPair], cfg: DPOConfig, pad_id: int, rows:
 
 
 def dpo(cfg: DPOConfig) -> dict:
-    d = single_process("dpo", cfg.loop.device)
+    d = setup(cfg.loop.device)
     if cfg.beta <= 0:
         raise NextbitError("--beta must be > 0")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise NextbitError("--label-smoothing must be in [0, 0.5)")
     ck = load_checkpoint(cfg.init_from)
     model, tok = ck.model, ck.tokenizer
+    freeze_unused(model, keep_lm_head=True)
     ref_ck = load_checkpoint(cfg.ref_from) if cfg.ref_from else None
     if ref_ck is not None:
         ref_ck.tokenizer.check_hash(tok.hash, f"reference {cfg.ref_from} (the policy's tokenizer differs)")
@@ -127,15 +138,16 @@ def dpo(cfg: DPOConfig) -> dict:
         raise NextbitError(f"{cfg.data}: every pair is a tie; DPO needs preferences")
     pairs = encode_preferences(tok, prefs, max_len, cfg.append_eot)
     ref = (ref_ck.model if ref_ck is not None else model).to(d.device).eval()
-    data = reference_logprobs(ref, pairs, tok.pad_id)
+    data = reference_logprobs(ref, pairs, tok.pad_id, d=d)
     del ref, ref_ck
     train_set, val_set = split_holdout(data, cfg.val_frac, cfg.loop.seed)
-    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch)
+    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch, d.world)
     resolve_steps(cfg.loop, cfg.epochs, len(train_set), cfg.batch_size)
     derived_lr(cfg.loop, model.cfg.width, 0.05)
-    out = prepare_out(cfg.out, cfg.loop.resume, cfg.force)
-    run_config = write_config(out, "dpo", cfg, pairs=len(pairs), train=len(train_set), val=len(val_set), base_checkpoint=str(ck.path))
-    if not cfg.loop.quiet:
+    out = prepare_out(cfg.out, cfg.loop.resume, cfg.force, d.main)
+    run_config = write_config(out, "dpo", cfg, d.main, pairs=len(pairs), train=len(train_set), val=len(val_set),
+                              base_checkpoint=str(ck.path), world_size=d.world)
+    if not cfg.loop.quiet and d.main:
         print(f"dpo: {len(train_set)} train / {len(val_set)} held-out pairs, beta {cfg.beta}, {cfg.loop.steps} steps of "
               f"{cfg.batch_size} pairs, lr {cfg.loop.lr:.2e}", flush=True)
     torch.manual_seed(cfg.loop.seed)
@@ -143,6 +155,6 @@ def dpo(cfg: DPOConfig) -> dict:
     loop = TrainLoop(model, tok, cfg.loop, out, d, DPOObjective(train_set, cfg, accum, tok.pad_id),
                      accum=accum, evaluate=evaluate, run_config=run_config, title=f"dpo {out.name}")
     result = loop.run()
-    if not result.get("stopped_early"):
+    if not result.get("stopped_early") and d.main:
         write_json(out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
     return result

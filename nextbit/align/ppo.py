@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nextbit.align.common import prepare_out, write_config
+from nextbit.align.common import prepare_out, single_process, write_config
 from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
@@ -48,7 +48,6 @@ from nextbit.align.sampling import autocast, generate_batch
 from nextbit.align.scorers import Scorer, make_scorer
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
-from nextbit.core.distributed import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
 from nextbit.core.loop import MetricsLog
@@ -335,7 +334,7 @@ def _resume_point(cfg: PPOConfig, device, tok: Tokenizer, ref_sha: str):
 def ppo(cfg: PPOConfig) -> dict:
     cfg.validate()
     t_start = time.time()
-    device = pick_device(cfg.device)
+    device = single_process("ppo", cfg.device).device
     torch.manual_seed(cfg.seed)
     base = load_checkpoint(cfg.policy, device)
     tok = base.tokenizer

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from nextbit.align.batching import Batch, collate, read_reward, unwrap
-from nextbit.align.common import Shuffler, derived_lr, micro_slice, prepare_out, resolve_steps, split_holdout, write_config, single_process
+from nextbit.align.common import (Shuffler, accum_for, derived_lr, freeze_unused, prepare_out, resolve_steps, shard_rows, share,
+                                  split_holdout, write_config)
 from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, load_preferences
-from nextbit.align.sft import accum_for
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.distributed import setup
 from nextbit.core.errors import NextbitError
 from nextbit.core.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
@@ -91,11 +92,12 @@ class RewardObjective:
         self.shuffle = Shuffler(len(data), batch_size, seed)
 
     def batch(self, step, micro, rank, world):
-        rows = micro_slice(self.shuffle.rows(step), micro, self.accum)
-        return pair_batch([self.data[i] for i in rows], self.pad_id)
+        rows = shard_rows(self.shuffle.rows(step), micro, self.accum, rank, world)
+        b, tie = pair_batch([self.data[i] for i in rows], self.pad_id)
+        return b, tie, share(len(rows), self.shuffle.bs, self.accum, world)
 
     def loss(self, model, batch):
-        b, tie = batch
+        b, tie, weight = batch
         b = b.to(next(unwrap(model).parameters()).device)
         r = read_reward(model, HEAD, b, self.pool)
         n = r.size(0) // 2
@@ -106,7 +108,7 @@ class RewardObjective:
         rc, rr = rc.detach(), rr.detach()
         strict = ~tie.to(r.device)
         acc = ((rc > rr) & strict).sum() / strict.sum().clamp(min=1)
-        return loss, {"accuracy": float(acc), "margin": float((rc - rr).mean())}, int(b.lengths.sum())
+        return loss * weight, {"accuracy": float(acc), "margin": float((rc - rr).mean())}, int(b.lengths.sum())
 
 
 @torch.no_grad()
@@ -160,11 +162,12 @@ def normalise_head(model: GPT, encoded: Sequence[Encoded], pad_id: int) -> tuple
 
 
 def train_reward(cfg: RewardConfig) -> dict:
-    d = single_process("reward", cfg.loop.device)
+    d = setup(cfg.loop.device)
     ck = load_checkpoint(cfg.init_from)
     model, tok = ck.model, ck.tokenizer
     if HEAD not in model.heads:
         model.add_scalar_head(HEAD)
+    freeze_unused(model, keep_lm_head=False, keep_head=HEAD)
     if cfg.pool not in ("last", "mean"):
         raise NextbitError("--pool must be last or mean")
     model.reward_pool = cfg.pool
@@ -176,13 +179,13 @@ def train_reward(cfg: RewardConfig) -> dict:
     train_set, val_set = split_holdout(pairs, cfg.val_frac, cfg.loop.seed)
     if not train_set:
         raise NextbitError(f"{cfg.data}: no pairs left to train on")
-    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch)
+    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch, d.world)
     resolve_steps(cfg.loop, cfg.epochs, len(train_set), cfg.batch_size)
     derived_lr(cfg.loop, model.cfg.width, 0.25)
-    out = prepare_out(cfg.out, cfg.loop.resume, cfg.force)
-    run_config = write_config(out, "reward", cfg, pairs=len(pairs), train=len(train_set), val=len(val_set),
-                              ties=sum(p.tie for p in pairs), base_checkpoint=str(ck.path))
-    if not cfg.loop.quiet:
+    out = prepare_out(cfg.out, cfg.loop.resume, cfg.force, d.main)
+    run_config = write_config(out, "reward", cfg, d.main, pairs=len(pairs), train=len(train_set), val=len(val_set),
+                              ties=sum(p.tie for p in pairs), base_checkpoint=str(ck.path), world_size=d.world)
+    if not cfg.loop.quiet and d.main:
         print(f"reward: {len(train_set)} train / {len(val_set)} held-out pairs, {cfg.loop.steps} steps of {cfg.batch_size} pairs, "
               f"lr {cfg.loop.lr:.2e}", flush=True)
     torch.manual_seed(cfg.loop.seed)
@@ -192,6 +195,9 @@ def train_reward(cfg: RewardConfig) -> dict:
                      accum=accum, evaluate=evaluate, run_config=run_config, title=f"reward {out.name}")
     result = loop.run()
     if result.get("stopped_early"):
+        return result
+    if not d.main:  # the main process normalises, evaluates and writes the final checkpoint
+        torch.distributed.barrier()
         return result
     model = loop.model.eval()
     model.reward_pool = cfg.pool
@@ -209,4 +215,6 @@ def train_reward(cfg: RewardConfig) -> dict:
             msg += f"; agreement with the oracle's noiseless judgement {final['val_oracle_agreement']:.3f}"
         print(msg, flush=True)
     result.update(summary)
+    if d.enabled:
+        torch.distributed.barrier()
     return result

@@ -205,10 +205,14 @@ class GPT(nn.Module):
         head = self.heads[name]
         return F.linear(h.float(), head.weight.float(), head.bias.float()).squeeze(-1)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunk: int = 0, **kw) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunk: int = 0, return_hidden: bool = False,
+                **kw) -> torch.Tensor:
         """Logits (B, T, V), or the mean next-token cross-entropy over targets != -1 when targets are given
-        (`loss_chunk` > 0: fused chunked cross-entropy, see lm_loss)."""
+        (`loss_chunk` > 0: fused chunked cross-entropy, see lm_loss), or with `return_hidden` the final hidden states
+        (what a stage that puts its own head or loss on top calls, so that DDP and torch.compile wrappers see the pass)."""
         h = self.hidden(idx, **kw)
+        if return_hidden:
+            return h
         if targets is None:
             return self.logits(h)
         return lm_loss(self, h, targets, chunk=loss_chunk)
