@@ -68,7 +68,8 @@ def sample_pairs(cfg: CompareConfig) -> list[Query]:
     prompts = prompts[: math.ceil(cfg.max_pairs / cfg.pairs_per_prompt)]
     ck = load_checkpoint(cfg.policy, single_process("compare", cfg.device).device)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
-    comps = sample_responses(ck.model, ck.tokenizer, prompts, params, n=2 * cfg.pairs_per_prompt, batch_size=cfg.batch_size)
+    comps = sample_responses(ck.model, ck.tokenizer, prompts, params, n=2 * cfg.pairs_per_prompt, batch_size=cfg.batch_size,
+                             progress="" if cfg.quiet else "compare: sampling")
     pairs = [Query(p, c[2 * k].text, c[2 * k + 1].text) for p, c in zip(prompts, comps) for k in range(cfg.pairs_per_prompt)]
     return pairs[: cfg.max_pairs]
 

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nextbit.align.common import prepare_out, single_process, write_config
 from nextbit.align.formats import Prompt, load_prompts
@@ -379,7 +380,7 @@ def ppo(cfg: PPOConfig) -> dict:
         ev = {"step": step, **evaluate(policy, ref, rm, tok, eval_prompts, cfg, oracles, cfg.seed + 999_983)}
         evlog.write(ev)
         if not cfg.quiet:
-            print(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k != "step"), flush=True)
+            tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k != "step"))
         return ev
 
     def save(step: int) -> None:
@@ -396,7 +397,7 @@ def ppo(cfg: PPOConfig) -> dict:
         if stop["flag"]:  # second Ctrl-C: give up at once
             raise KeyboardInterrupt
         stop["flag"] = True
-        print("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)", flush=True)
+        tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)")
 
     in_main = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
@@ -404,6 +405,7 @@ def ppo(cfg: PPOConfig) -> dict:
         run_eval(0)
     last: dict = {}
     step = start
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"ppo {out.name}", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
@@ -429,9 +431,11 @@ def ppo(cfg: PPOConfig) -> dict:
             last = rec
             if not cfg.quiet:
                 orc = "".join(f" {k} {v:+.3f}" for k, v in m.items() if k.startswith("oracle_"))
-                print(f"step {step}/{cfg.steps}: reward {m['reward']:+.3f} kl {m['kl']:.2f} beta {beta:.3f} "
-                      f"ent {upd['entropy']:.2f} len {m['response_length']:.1f} vf {upd['value_loss']:.3f} "
-                      f"clip {upd['clipfrac']:.3f}{orc} ({dt:.1f}s)", flush=True)
+                tqdm.write(f"step {step}/{cfg.steps}: reward {m['reward']:+.3f} kl {m['kl']:.2f} beta {beta:.3f} "
+                           f"ent {upd['entropy']:.2f} len {m['response_length']:.1f} vf {upd['value_loss']:.3f} "
+                           f"clip {upd['clipfrac']:.3f}{orc} ({dt:.1f}s)")
+                bar.set_postfix(reward=f"{m['reward']:+.3f}", kl=f"{m['kl']:.2f}", samples_s=f"{cfg.batch_size / dt:.1f}")
+            bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 run_eval(step)
             halt = stop["flag"] or (cfg.stop_after and step - start >= cfg.stop_after)
@@ -440,6 +444,7 @@ def ppo(cfg: PPOConfig) -> dict:
             if halt and step < cfg.steps:
                 return {"stopped_early": True, "interrupted": stop["flag"], "step": step}
     finally:
+        bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     final = run_eval(cfg.steps)

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from nextbit.align.formats import Prompt, encode_prompt
 from nextbit.core.decode import fast_generate
@@ -35,17 +36,20 @@ def generate_batch(model: GPT, tok: Tokenizer, prompts: Sequence[Prompt], params
 
 
 def sample_responses(model: GPT, tok: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams, *,
-                     n: int = 1, batch_size: int = 64) -> list[list[Completion]]:
-    """n completions for every prompt, in prompt order. Each batch gets its own seed (params.seed + batch index)."""
+                     n: int = 1, batch_size: int = 64, progress: str = "") -> list[list[Completion]]:
+    """n completions for every prompt, in prompt order. Each batch gets its own seed (params.seed + batch index).
+    `progress`: a progress bar with this title (counting responses); empty = none."""
     was_training = model.training
     model.eval()
     flat = [i for i in range(len(prompts)) for _ in range(n)]
     out: list[list[Completion]] = [[] for _ in prompts]
-    for b, start in enumerate(range(0, len(flat), batch_size)):
-        rows = flat[start : start + batch_size]
-        p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + b)
-        gen = generate_batch(model, tok, [prompts[i] for i in rows], p)
-        for i, c in zip(rows, gen.completions):
-            out[i].append(c)
+    with tqdm(total=len(flat), desc=progress, unit="resp", disable=not progress, dynamic_ncols=True) as bar:
+        for b, start in enumerate(range(0, len(flat), batch_size)):
+            rows = flat[start : start + batch_size]
+            p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + b)
+            gen = generate_batch(model, tok, [prompts[i] for i in rows], p)
+            for i, c in zip(rows, gen.completions):
+                out[i].append(c)
+            bar.update(len(rows))
     model.train(was_training)
     return out

@@ -280,12 +280,13 @@ def sentiment(cfg: SentimentConfig) -> dict:
     rm = load_reward_model(str(rm_dir), dev, ck_tok)
     judge = VaderScorer()
     params = SamplingParams(cfg.response_tokens, 1.0, seed=cfg.seed + 7)
-    base_texts = [c[0].text for c in sample_responses(start, ck_tok, eval_prompts, params, batch_size=128)]
+    base_texts = [c[0].text for c in sample_responses(start, ck_tok, eval_prompts, params, batch_size=128, progress="judge: start")]
     ev_cfg = PPOConfig(max_new_tokens=cfg.response_tokens, append_eot=False)
     results = {}
     for name, path in (("start", pre), ("ppo", ppo_dir), ("dpo", dpo_dir)):
         pol = load_checkpoint(path, dev).model.eval()
-        texts = [c[0].text for c in sample_responses(pol, ck_tok, eval_prompts, dataclass_replace(params, seed=cfg.seed + 11), batch_size=128)]
+        texts = [c[0].text for c in sample_responses(pol, ck_tok, eval_prompts, dataclass_replace(params, seed=cfg.seed + 11),
+                                                     batch_size=128, progress=f"judge: {name}")]
         stats_ = evaluate(pol, start, rm, ck_tok, eval_prompts, ev_cfg, [judge, clf], cfg.seed + 13)
         results[name] = {**win_rate(judge, texts, base_texts), "kl": stats_["kl"], "reward_model": stats_["reward"],
                          "vader": stats_["oracle_vader"], "labeller_classifier": stats_["oracle_classifier"],
