@@ -77,7 +77,7 @@ def plot_overoptimization(evals: Sequence[dict], path: Path, title: str = "over-
         ax2.set_ylabel("oracle score")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")  # the proxy rises to the right
     else:
         ax.legend(fontsize=8)
     ax.set_title(title)
