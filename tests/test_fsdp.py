@@ -78,13 +78,13 @@ def test_fsdp_two_processes_match_one(plain, dataset, tmp_path):
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_another_world_size(plain, dataset, tmp_path):
     """An FSDP checkpoint (1 process, 1-rank group) resumed by 2 FSDP processes continues the same run; the
-    second half also recomputes activations and uses the fused chunked cross-entropy (same maths, so the same
-    weights up to float summation order)."""
+    second half also recomputes activations, uses the fused chunked cross-entropy and is compiled (same maths, so
+    the same weights up to float summation order)."""
     run = tmp_path / "run"
     _one(*COMMON, "--data", dataset, "--out", run, "--fsdp", "--stop-after", "3")
     ck = load_checkpoint(run, with_train_state=True)  # an ordinary checkpoint: loads without any process group
     assert ck.train_state["train"]["step"] == 3 and ck.optimizer_state()["state"]
-    _two(*COMMON, "--data", dataset, "--out", run, "--fsdp", "--resume", "--activation-checkpointing", "--loss-chunk", "48")
+    _two(*COMMON, "--data", dataset, "--out", run, "--fsdp", "--resume", "--activation-checkpointing", "--loss-chunk", "48", "--compile")
     _assert_close(_weights(plain), _weights(run), atol=1e-4)
     assert _losses(plain) == pytest.approx(_losses(run), rel=1e-4)
 
