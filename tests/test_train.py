@@ -83,6 +83,37 @@ def test_resume_without_checkpoint_fails(dataset, tmp_path):
         train(small_train(dataset, tmp_path / "none", resume=True))
 
 
+def test_muon_batched_and_bf16_newton_schulz():
+    """One Newton–Schulz per shape over stacked matrices (the CUDA default) gives exactly the per-matrix updates;
+    bfloat16 (also the CUDA default) gives nearly the same, still orthogonalised, updates."""
+    from nextbit.core.optim import Muon, _zeropower_ns5
+
+    torch.manual_seed(0)
+    base = GPT(tiny_config())
+    base.reset_parameters(seed=0)
+    x = torch.randint(0, 384, (4, 32))
+    runs = {}
+    for name, kw in {"per_matrix": dict(batched=False), "batched": dict(batched=True),
+                     "bf16": dict(batched=True, ns_dtype=torch.bfloat16)}.items():
+        m = GPT(tiny_config())
+        m.load_state_dict(base.state_dict())
+        hidden = [p for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+        opt = Muon(hidden, lr=0.02, **kw)
+        for _ in range(2):  # the second step also exercises the momentum buffers
+            m.zero_grad()
+            m(x[:, :-1], x[:, 1:]).backward()
+            opt.step()
+        runs[name] = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for n in runs["per_matrix"]:
+        assert torch.equal(runs["per_matrix"][n], runs["batched"][n]), n
+        assert torch.allclose(runs["per_matrix"][n], runs["bf16"][n], atol=2e-3), n
+    assert any(not torch.equal(base.state_dict()[n], runs["batched"][n]) for n in runs["batched"])  # it did train
+    g = torch.randn(3, 48, 96)
+    for dtype in (torch.float32, torch.bfloat16):
+        sv = torch.linalg.svdvals(_zeropower_ns5(g, dtype=dtype).float())
+        assert sv.min() > 0.6 and sv.max() < 1.2, dtype
+
+
 def test_muon_and_schedules_train(dataset, tmp_path):
     r = train(small_train(dataset, tmp_path / "m", steps=20, optimizer="muon", schedule="wsd"))
     assert r["loss"] < 5.5
