@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,10 +103,16 @@ def _training_stage(run: Path, force: bool) -> str:
     return "resume" if (ckpt / "train_state.json").is_file() else "run"
 
 
-def _check_finished(result: dict, stage: str) -> None:
-    """Stop the recipe (exit 130, like any Ctrl-C) when a stage stopped before its end; its checkpoint is kept."""
+def _train_stage(run: Path, force: bool, title: str, name: str, go: Callable[[bool], dict]) -> None:
+    """Run a training stage unless it finished, resuming it if it was interrupted: `go(resume)` runs it. A stage that
+    stops before its end (Ctrl-C) stops the recipe with exit 130; its checkpoint is kept for the next call."""
+    state = _training_stage(run, force)
+    if state == "done":
+        return
+    print(title + (" (resuming)" if state == "resume" else ""), flush=True)
+    result = go(state == "resume")
     if result.get("stopped_early"):
-        print(f"interrupted in the {stage} stage at step {result.get('step')}; its checkpoint is kept — "
+        print(f"interrupted in the {name} stage at step {result.get('step')}; its checkpoint is kept — "
               "run the same command again to continue", file=sys.stderr, flush=True)
         raise SystemExit(130)
 
@@ -178,19 +184,19 @@ def sentiment(cfg: SentimentConfig) -> dict:
         print("[1/7] preparing the IMDB reviews", flush=True)
         prepare(PrepareConfig(sources=["imdb"], out=str(data), vocab_size=S["vocab_size"], val_every=val_every, quiet=False))
     pre = out / "pretrain"
-    state = _training_stage(pre, cfg.force)
-    if state != "done":
+
+    def pretrain(resume: bool) -> dict:
         budget = minutes * 60
-        if state == "resume":  # the time budget left by the interrupted run
+        if resume:  # the time budget the interrupted run left
             budget = max(1.0, budget - float(json.loads((pre / "checkpoint" / "train_state.json").read_text())["train"].get("seconds", 0)))
-        print(f"[1/7] pretraining a depth-{S['depth']} model for {budget / 60:g} minutes"
-              + (" (resuming)" if state == "resume" else ""), flush=True)
-        _check_finished(train(TrainConfig(
-            data=str(data), out=str(pre), force=state == "run", batch_tokens=S["batch_tokens"],
+        return train(TrainConfig(
+            data=str(data), out=str(pre), force=not resume, batch_tokens=S["batch_tokens"],
             model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"], qk_norm=True, tie_embeddings=False),
             loop=LoopConfig(steps=10**7, time_budget=budget, warmup=10, seed=cfg.seed, device=device, optimizer="muon",
                             muon_lr=0.04, lr=4e-3, min_lr_ratio=0.0, quiet=False, compile=S.get("compile", False),
-                            eval_every=S.get("eval_every", 0), resume=state == "resume"))), "pretraining")
+                            eval_every=S.get("eval_every", 0), resume=resume)))
+
+    _train_stage(pre, cfg.force, f"[1/7] pretraining a depth-{S['depth']} model for {minutes:g} minutes", "pretraining", pretrain)
     tick("pretrain", t)
 
     # 2. the labelling oracle and the prompts -----------------------------------------------------------------------
@@ -234,41 +240,31 @@ def sentiment(cfg: SentimentConfig) -> dict:
     # 4. reward model -----------------------------------------------------------------------------------------------
     t = time.time()
     rm_dir = out / "reward"
-    state = _training_stage(rm_dir, cfg.force)
-    if state != "done":
-        print("[4/7] reward model" + (" (resuming)" if state == "resume" else ""), flush=True)
-        _check_finished(train_reward(RewardConfig(
-            init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=1, val_frac=0.1, append_eot=False,
-            pool="mean", force=state == "run", loop=LoopConfig(steps=0, lr=2e-3, weight_decay=0.0, seed=cfg.seed, device=device,
-                                                               eval_every=100, resume=state == "resume"))), "reward model")
+    _train_stage(rm_dir, cfg.force, "[4/7] reward model", "reward model", lambda resume: train_reward(RewardConfig(
+        init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=1, val_frac=0.1, append_eot=False,
+        pool="mean", force=not resume, loop=LoopConfig(steps=0, lr=2e-3, weight_decay=0.0, seed=cfg.seed, device=device,
+                                                       eval_every=100, resume=resume))))
     rm_eval = json.loads((rm_dir / "eval.json").read_text())
     tick("reward", t)
 
     # 5. PPO --------------------------------------------------------------------------------------------------------
     t = time.time()
     ppo_dir = out / "ppo"
-    state = _training_stage(ppo_dir, cfg.force)
-    if state != "done":
-        print("[5/7] PPO" + (" (resuming)" if state == "resume" else ""), flush=True)
-        _check_finished(ppo(PPOConfig(
-            policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
-            oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
-            minibatch=min(S["ppo_batch"], max(16, S["ppo_batch"] // 4)), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
-            init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, horizon=cfg.kl_horizon or max(1, ppo_steps * S["ppo_batch"] // 10),
-            append_eot=False, eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), save_every=max(1, ppo_steps // 10),
-            seed=cfg.seed, device=device, force=state == "run", resume=state == "resume")), "PPO")
+    _train_stage(ppo_dir, cfg.force, "[5/7] PPO", "PPO", lambda resume: ppo(PPOConfig(
+        policy=str(pre), reward_model=str(rm_dir), prompts=str(out / "prompts_ppo.jsonl"), out=str(ppo_dir),
+        oracles=["vader", f"classifier:{clf_dir}"], steps=ppo_steps, batch_size=S["ppo_batch"],
+        minibatch=min(S["ppo_batch"], max(16, S["ppo_batch"] // 4)), lr=cfg.ppo_lr, max_new_tokens=cfg.response_tokens,
+        init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl, horizon=cfg.kl_horizon or max(1, ppo_steps * S["ppo_batch"] // 10),
+        append_eot=False, eval_every=max(1, ppo_steps // 10), eval_size=len(eval_prompts), save_every=max(1, ppo_steps // 10),
+        seed=cfg.seed, device=device, force=not resume, resume=resume)))
     tick("ppo", t)
 
     # 6. DPO --------------------------------------------------------------------------------------------------------
     t = time.time()
     dpo_dir = out / "dpo"
-    state = _training_stage(dpo_dir, cfg.force)
-    if state != "done":
-        print("[6/7] DPO on the same comparisons" + (" (resuming)" if state == "resume" else ""), flush=True)
-        _check_finished(dpo(DPOConfig(
-            init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=1, append_eot=False,
-            force=state == "run", loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed, device=device, eval_every=100,
-                                                  resume=state == "resume"))), "DPO")
+    _train_stage(dpo_dir, cfg.force, "[6/7] DPO on the same comparisons", "DPO", lambda resume: dpo(DPOConfig(
+        init_from=str(pre), data=str(prefs), out=str(dpo_dir), beta=cfg.dpo_beta, batch_size=32, epochs=1, append_eot=False,
+        force=not resume, loop=LoopConfig(steps=0, weight_decay=0.0, seed=cfg.seed, device=device, eval_every=100, resume=resume))))
     tick("dpo", t)
 
     # 7. the held-out judge ------------------------------------------------------------------------------------------
