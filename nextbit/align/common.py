@@ -28,7 +28,7 @@ def freeze_unused(model, keep_lm_head: bool, keep_head: str = "") -> None:
 
 
 def single_process(command: str, device: str) -> Dist:
-    """Stages that generate as they train (ppo, compare) run in one process: set up the device or say so in one line."""
+    """Stages that sample as they go (ppo, compare) run in one process: set up the device or say so in one line."""
     d = setup(device)
     if d.enabled:
         raise NextbitError(f"{command} runs in one process; launch it without torchrun")
