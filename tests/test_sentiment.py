@@ -15,7 +15,7 @@ def test_sentiment_end_to_end_in_miniature(tmp_path, monkeypatch):
     from nextbit.recipes import sentiment as S
 
     monkeypatch.setitem(S.SIZES, "cpu", dict(depth=1, seq_len=64, vocab_size=512, pretrain_minutes=0.05, batch_tokens=1024,
-                                             ppo_steps=2, ppo_batch=8, eval_prompts=16))
+                                             ppo_steps=2, ppo_batch=8, eval_prompts=16, reward_lr=2e-3))
     cfg = S.SentimentConfig(out=str(tmp_path / "s"), comparisons=64, response_tokens=8)
     summary = S.sentiment(cfg)
     out = tmp_path / "s"

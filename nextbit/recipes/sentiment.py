@@ -52,12 +52,15 @@ from nextbit.train.pretrain import TrainConfig, train
 SIZES = {
     # depth, context, vocab, pretraining minutes, batch tokens, PPO steps, PPO batch, eval prompts
     "cpu": dict(depth=4, seq_len=128, vocab_size=4096, pretrain_minutes=25.0, batch_tokens=4096, ppo_steps=60, ppo_batch=64,
-                eval_prompts=256),
+                eval_prompts=256, reward_lr=2e-3),
     # gpu: on one H100 the compiled 124M step ran at ~350k tokens/s, so 2 minutes (less ~35 s of compilation) are ~30M
     # tokens, about 4 passes over IMDB's ~8M; a 124M model on 10M tokens was measured to overfit after ~4 passes, so
     # more minutes would not help. PPO: ~200 rollouts/s measured, so 100 steps of 256 take a few minutes.
+    # The reward model's LR: 2e-3 was measured best-or-level on the barely trained CPU backbone (1e-3 and 3e-3 gave the
+    # same agreement); a 124M backbone pretrained to 4 passes would be overwritten at that rate, so the gpu size takes
+    # `nextbit reward`'s default for its width (0.25 x 2e-3 x sqrt(256/768), about 3e-4). Unmeasured on a GPU.
     "gpu": dict(depth=12, seq_len=256, vocab_size=8192, pretrain_minutes=2.0, batch_tokens=65536, ppo_steps=100, ppo_batch=256,
-                eval_prompts=1024, compile=True, eval_every=50),
+                eval_prompts=1024, compile=True, eval_every=50, reward_lr=0.0),
 }
 
 
@@ -242,7 +245,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
     rm_dir = out / "reward"
     _train_stage(rm_dir, cfg.force, "[4/7] reward model", "reward model", lambda resume: train_reward(RewardConfig(
         init_from=str(pre), data=str(prefs), out=str(rm_dir), batch_size=32, epochs=1, val_frac=0.1, append_eot=False,
-        pool="mean", force=not resume, loop=LoopConfig(steps=0, lr=2e-3, weight_decay=0.0, seed=cfg.seed, device=device,
+        pool="mean", force=not resume, loop=LoopConfig(steps=0, lr=S["reward_lr"], weight_decay=0.0, seed=cfg.seed, device=device,
                                                        eval_every=100, resume=resume))))
     rm_eval = json.loads((rm_dir / "eval.json").read_text())
     tick("reward", t)
