@@ -27,9 +27,8 @@ so `--resume` continues exactly as the uninterrupted run would have. The referen
 
 from __future__ import annotations
 
+import copy
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
-from nextbit.core.loop import MetricsLog
+from nextbit.core.loop import CtrlC, MetricsLog
 from nextbit.core.model import GPT, padded_attention
 from nextbit.core.optim import build_optimizer
 from nextbit.core.tokenizer import Tokenizer
@@ -339,10 +338,10 @@ def ppo(cfg: PPOConfig) -> dict:
     torch.manual_seed(cfg.seed)
     base = load_checkpoint(cfg.policy, device)
     tok = base.tokenizer
-    ref = base.model.eval().requires_grad_(False)
     ref_sha = base.info["weights_sha256"]
     resumed = _resume_point(cfg, device, tok, ref_sha) if cfg.resume else None
-    policy = resumed.model if resumed else load_checkpoint(cfg.policy, device).model
+    policy = resumed.model if resumed else copy.deepcopy(base.model)
+    ref = base.model.eval().requires_grad_(False)
     if VALUE_HEAD not in policy.heads:
         policy.add_scalar_head(VALUE_HEAD)
     rm = load_reward_model(cfg.reward_model, device, tok)
@@ -391,16 +390,7 @@ def ppo(cfg: PPOConfig) -> dict:
                         meta={"run_config": run_config, "step": step, "kind": "ppo_policy", "kl_coef": kl_ctl.value,
                               "finished": finished})
 
-    stop = {"flag": False}
-
-    def on_sigint(signum, frame):
-        if stop["flag"]:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        stop["flag"] = True
-        tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)")
-
-    in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    ctrl_c = CtrlC(say=not cfg.quiet).__enter__()
     if resumed is None:
         run_eval(0)
     last: dict = {}
@@ -438,15 +428,14 @@ def ppo(cfg: PPOConfig) -> dict:
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 run_eval(step)
-            halt = stop["flag"] or (cfg.stop_after and step - start >= cfg.stop_after)
+            halt = ctrl_c.requested or (cfg.stop_after and step - start >= cfg.stop_after)
             if step < cfg.steps and (halt or (cfg.save_every and step % cfg.save_every == 0)):
                 save(step)
             if halt and step < cfg.steps:
-                return {"stopped_early": True, "interrupted": stop["flag"], "step": step}
+                return {"stopped_early": True, "interrupted": ctrl_c.requested, "step": step}
     finally:
         bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        ctrl_c.__exit__()
     final = run_eval(cfg.steps)
     save(cfg.steps)
     plot_ppo(log.records(), out / "ppo.png")

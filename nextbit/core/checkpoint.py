@@ -181,6 +181,18 @@ def read_info(path: str | Path) -> dict:
     return info
 
 
+def read_train_state(path: str | Path) -> Optional[dict]:
+    """The training state of a training checkpoint (step, tokens, seconds, finished, ...), without loading weights;
+    None for a checkpoint without one (a final model, or no checkpoint at all)."""
+    f = Path(path) / "train_state.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())["train"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
+        raise NextbitError(f"checkpoint {path} has corrupted training state: {e}")
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", *, with_train_state: bool = False, verify: bool = True
 ) -> Checkpoint:

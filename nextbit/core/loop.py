@@ -192,7 +192,6 @@ class TrainLoop:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", dist_info.main, self.start_step if cfg.resume else None)
-        self._stop = False
         self.data_tokens = data_tokens  # one pass over the training data, in tokens: metrics then carry `passes`
         self._val_history: list[tuple[int, float]] = []
         self._warned_overfit = False
@@ -237,18 +236,11 @@ class TrainLoop:
         return self.optimizer.state_dict()
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _on_sigint(self, signum, frame):
-        if self._stop:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self._stop = True
-        if self.d.main and not self.cfg.quiet:
-            tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)")
-
     def run(self) -> dict:
         cfg, d = self.cfg, self.d
         if self.start_step >= cfg.steps:
             raise NextbitError(f"the run in {self.run_dir} already finished its {cfg.steps} steps")
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        ctrl_c = CtrlC(say=d.main and not cfg.quiet).__enter__()
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not d.main or cfg.quiet, desc=self.title, dynamic_ncols=True)
         last: dict = {}
         step = self.start_step
@@ -291,18 +283,17 @@ class TrainLoop:
                 if self.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
                     ev = self._evaluate(step)
                     last.update(ev)
-                stop = any_flag(self._stop, d)
+                stop = any_flag(ctrl_c.requested, d)
                 if cfg.stop_after and steps_this_run >= cfg.stop_after and step < total:
                     stop = True
                 if stop or step == total or (cfg.save_every and step % cfg.save_every == 0):
                     self.save(step, finished=step >= total)
                 if stop:
-                    interrupted = self._stop
+                    interrupted = ctrl_c.requested
                     break
         finally:
             bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            ctrl_c.__exit__()
         if d.main:
             plot_losses(self.log.records(), self.run_dir / "loss.png", self.title)
         if self._val_history:
@@ -388,10 +379,32 @@ def overfitting(val_losses: list[float], patience: int = OVERFIT_PATIENCE) -> bo
     return all(b > a for a, b in zip(tail, tail[1:]))
 
 
-def _main_thread() -> bool:
-    import threading
+class CtrlC:
+    """Graceful Ctrl-C for a training loop, as a context manager: the first SIGINT only sets `requested` (the loop
+    finishes its step, writes a checkpoint and stops); a second one raises KeyboardInterrupt at once. Installed only
+    in the main thread (signal handlers can live nowhere else); the previous handler comes back on exit."""
 
-    return threading.current_thread() is threading.main_thread()
+    def __init__(self, say: bool = True):
+        self.requested, self.say, self._old = False, say, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.say:
+            tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)")
+
+    def __enter__(self) -> "CtrlC":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def config_dict(*cfgs) -> dict:

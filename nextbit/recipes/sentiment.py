@@ -39,7 +39,7 @@ from nextbit.align.reward import RewardConfig, train_reward
 from nextbit.align.sampling import sample_responses
 from nextbit.align.scorers import BowClassifier, VaderScorer
 from nextbit.core.atomic import write_json, write_text
-from nextbit.core.checkpoint import load_checkpoint, read_info
+from nextbit.core.checkpoint import load_checkpoint, read_info, read_train_state
 from nextbit.core.config import ModelConfig
 from nextbit.core.distributed import pick_device
 from nextbit.core.errors import NextbitError
@@ -103,7 +103,7 @@ def _training_stage(run: Path, force: bool) -> str:
         return "run"
     if read_info(ckpt).get("meta", {}).get("finished", True):  # final checkpoints (and those from before the flag)
         return "done"
-    return "resume" if (ckpt / "train_state.json").is_file() else "run"
+    return "resume" if read_train_state(ckpt) is not None else "run"
 
 
 def _train_stage(run: Path, force: bool, title: str, name: str, go: Callable[[bool], dict]) -> None:
@@ -191,7 +191,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
     def pretrain(resume: bool) -> dict:
         budget = minutes * 60
         if resume:  # the time budget the interrupted run left
-            budget = max(1.0, budget - float(json.loads((pre / "checkpoint" / "train_state.json").read_text())["train"].get("seconds", 0)))
+            budget = max(1.0, budget - float(read_train_state(pre / "checkpoint").get("seconds", 0)))
         return train(TrainConfig(
             data=str(data), out=str(pre), force=not resume, batch_tokens=S["batch_tokens"],
             model=ModelConfig(depth=S["depth"], seq_len=S["seq_len"], qk_norm=True, tie_embeddings=False),
