@@ -29,8 +29,8 @@ import torch
 from _common import device_peak, emit, env_info, peak_memory, reset_peak, timed
 
 from nextbit.core.config import ModelConfig, depth_for
-from nextbit.core.distributed import setup, teardown
-from nextbit.core.loop import autocast_for
+from nextbit.train.distributed import setup, teardown
+from nextbit.core.device import autocast_for
 from nextbit.core.model import GPT
 from nextbit.core.optim import build_optimizer
 
@@ -56,7 +56,7 @@ def run_variant(args) -> dict:
         rec["params"] = model.num_params()
         model.activation_checkpointing = "ac" in parts
         if "fsdp" in parts:
-            from nextbit.core.fsdp import ensure_process_group, shard_model
+            from nextbit.train.fsdp import ensure_process_group, shard_model
 
             ensure_process_group(d)
             shard_model(model, d, "auto")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nextbit.align.ppo import PPOConfig, gae, ppo_update, rollout, whiten  # noqa: E402
 from nextbit.align.reward import HEAD  # noqa: E402
 from nextbit.core.config import PRESETS, ModelConfig  # noqa: E402
-from nextbit.core.distributed import pick_device  # noqa: E402
+from nextbit.core.device import pick_device  # noqa: E402
 from nextbit.core.model import GPT  # noqa: E402
 from nextbit.core.optim import build_optimizer  # noqa: E402
 from nextbit.core.tokenizer import train_tokenizer  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 from _common import device_peak, emit, env_info, matmul_flops_per_token, peak_memory, pick_device, quiet_transformers, reset_peak, timed, train_step
 
 from nextbit.core.config import ModelConfig, depth_for
-from nextbit.core.loop import autocast_for
+from nextbit.core.device import autocast_for
 from nextbit.core.model import GPT
 from nextbit.core.optim import build_optimizer
 

@@ -25,7 +25,7 @@ from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.config import ModelConfig
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
-from nextbit.core.loop import LoopConfig
+from nextbit.train.loop import LoopConfig
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import train_tokenizer
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from nextbit.core.checkpoint import load_checkpoint, read_info, save_checkpoint
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig
+from nextbit.train.loop import LoopConfig
 from nextbit.core.model import GPT
 from nextbit.core.optim import lr_factor
 from nextbit.core.config import ModelConfig
@@ -187,7 +187,7 @@ def test_ddp_two_processes_match_one(dataset, tmp_path):
 
 
 def test_overfitting_is_flagged_when_validation_loss_keeps_rising(dataset, tmp_path, monkeypatch, capsys):
-    from nextbit.core.loop import overfitting
+    from nextbit.train.metrics import overfitting
     import nextbit.train.pretrain as pretrain
 
     assert not overfitting([3.0, 2.5, 2.6])  # one rise is noise

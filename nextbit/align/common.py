@@ -12,9 +12,9 @@ from typing import Sequence, TypeVar
 import numpy as np
 
 from nextbit.core.atomic import write_json
-from nextbit.core.distributed import Dist, setup
+from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig
+from nextbit.train.loop import LoopConfig
 
 T = TypeVar("T")
 

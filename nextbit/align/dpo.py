@@ -21,9 +21,9 @@ from nextbit.align.reward import EncodedPair, encode_preferences
 from nextbit.align.formats import load_preferences
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.distributed import Dist, setup
+from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig, TrainLoop
+from nextbit.train.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
 
 

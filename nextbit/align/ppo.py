@@ -50,7 +50,8 @@ from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
-from nextbit.core.loop import CtrlC, MetricsLog
+from nextbit.train.interrupt import CtrlC
+from nextbit.train.metrics import MetricsLog
 from nextbit.core.model import GPT, padded_attention
 from nextbit.core.optim import build_optimizer
 from nextbit.core.tokenizer import Tokenizer

@@ -23,9 +23,9 @@ from nextbit.align.common import (Shuffler, accum_for, derived_lr, freeze_unused
 from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, load_preferences
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
-from nextbit.core.distributed import setup
+from nextbit.train.distributed import setup
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig, TrainLoop
+from nextbit.train.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
 

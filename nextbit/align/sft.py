@@ -17,9 +17,9 @@ from nextbit.align.common import (Shuffler, accum_for, derived_lr, freeze_unused
                                   split_holdout, write_config)
 from nextbit.align.formats import Encoded, encode_sft, load_sft
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.distributed import setup
+from nextbit.train.distributed import setup
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig, TrainLoop
+from nextbit.train.loop import LoopConfig, TrainLoop
 from nextbit.core.model import lm_loss
 
 

@@ -1,1 +1,1 @@
-"""The shared core every stage builds on: tokenizer, model, checkpoint, generation, training loop."""
+"""The small core every stage builds on: config (one dial), tokenizer, model, checkpoint, optimizers, token shards, devices, atomic writes, errors."""

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig
+from nextbit.train.loop import LoopConfig
 from nextbit.core.config import ModelConfig
 from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.data.sources import Skipped, iter_stdlib
-from nextbit.sample import SampleConfig, print_samples, sample
+from nextbit.infer.sample import SampleConfig, print_samples, sample
 from nextbit.train.pretrain import TrainConfig, train
 
 

@@ -41,10 +41,10 @@ from nextbit.align.scorers import BowClassifier, VaderScorer
 from nextbit.core.atomic import write_json, write_text
 from nextbit.core.checkpoint import load_checkpoint, read_info, read_train_state
 from nextbit.core.config import ModelConfig
-from nextbit.core.distributed import pick_device
+from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import SamplingParams
-from nextbit.core.loop import LoopConfig
+from nextbit.train.loop import LoopConfig
 from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.data.sources import load_reviews
 from nextbit.train.pretrain import TrainConfig, train

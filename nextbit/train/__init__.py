@@ -1,1 +1,1 @@
-"""Stage 1b: pretraining (`nextbit train`)."""
+"""Training machinery (loop, metrics, Ctrl-C, distributed, FSDP2, bits per byte) and pretraining (`nextbit train`)."""

@@ -11,12 +11,12 @@ from typing import Optional
 import torch
 
 from nextbit.core.atomic import write_json
-from nextbit.core.bpb import evaluate_split
+from nextbit.train.bpb import evaluate_split
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.config import ModelConfig, default_batch_tokens, default_lr, depth_for
-from nextbit.core.distributed import Dist, setup
+from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import LoopConfig, TrainLoop
+from nextbit.train.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
 from nextbit.core.shards import BatchSampler, Dataset
 
@@ -130,7 +130,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
         evaluate = lambda m: evaluate_split(m, val_split, mcfg.seq_len, cfg.eval_tokens or None)
     loop_cls = TrainLoop
     if cfg.fsdp:
-        from nextbit.core.fsdp import FSDPTrainLoop as loop_cls
+        from nextbit.train.fsdp import FSDPTrainLoop as loop_cls
     loop = loop_cls(
         model, ds.tokenizer, cfg.loop, out, d, PretrainObjective(sampler, micro, accum, cfg.loss_chunk),
         accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,

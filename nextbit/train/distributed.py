@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nextbit.core.device import pick_device
+
 
 @dataclass
 class Dist:
@@ -23,18 +25,6 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world > 1
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            from nextbit.core.errors import NextbitError
-
-            raise NextbitError("--device cuda was asked for, but no CUDA GPU is available")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def setup(device: str = "auto") -> Dist:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.distributed import pick_device
+from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.generate import Completion, SamplingParams, generate
 

@@ -9,24 +9,24 @@ stop on Ctrl-C (checkpoint written, exit code 130).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import torch
 from tqdm import tqdm
 
-from nextbit.core.atomic import write_text
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
-from nextbit.core.distributed import Dist, any_flag
+from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.core.optim import build_optimizer, lr_factor, set_lr
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.train.distributed import Dist, any_flag
+from nextbit.train.interrupt import CtrlC
+from nextbit.train.metrics import OVERFIT_PATIENCE, MetricsLog, overfitting, plot_losses
 
 
 @dataclass
@@ -84,59 +84,6 @@ class Objective(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float], int]:
         """(scalar loss to minimise, extra metrics, tokens processed)."""
-
-
-def autocast_for(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class MetricsLog:
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            if resume_step is None:
-                write_text(path, "")
-            elif path.exists():  # keep the history up to the checkpoint we resume from
-                kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-                write_text(path, "".join(l + "\n" for l in kept))
-
-    def write(self, rec: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def records(self) -> list[dict]:
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
-
-
-def plot_losses(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", lw=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per token")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 class TrainLoop:
@@ -366,60 +313,3 @@ class TrainLoop:
                 passes = f" after {self.tokens_seen / self.data_tokens:.1f} passes over the data" if self.data_tokens else ""
                 tqdm.write(f"warning: validation loss has risen at {OVERFIT_PATIENCE} evaluations in a row{passes} (best "
                            f"{best:.4f} at step {best_step}): the model is overfitting; a shorter run or more data would do better")
-
-
-OVERFIT_PATIENCE = 2
-
-
-def overfitting(val_losses: list[float], patience: int = OVERFIT_PATIENCE) -> bool:
-    """True once the validation loss has risen at `patience` evaluations in a row (each above the one before)."""
-    if len(val_losses) <= patience:
-        return False
-    tail = val_losses[-patience - 1 :]
-    return all(b > a for a, b in zip(tail, tail[1:]))
-
-
-class CtrlC:
-    """Graceful Ctrl-C for a training loop, as a context manager: the first SIGINT only sets `requested` (the loop
-    finishes its step, writes a checkpoint and stops); a second one raises KeyboardInterrupt at once. Installed only
-    in the main thread (signal handlers can live nowhere else); the previous handler comes back on exit."""
-
-    def __init__(self, say: bool = True):
-        self.requested, self.say, self._old = False, say, None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.say:
-            tqdm.write("Ctrl-C: finishing this step and writing a checkpoint (press again to abort without saving)")
-
-    def __enter__(self) -> "CtrlC":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
-
-
-def config_dict(*cfgs) -> dict:
-    out = {}
-    for c in cfgs:
-        out.update(asdict(c))
-    return out
-
-
-def report_stop(result: dict, out: str | Path) -> None:
-    """After a run that stopped before its last step: say where the checkpoint is; exit 130 if it was Ctrl-C."""
-    if result.get("stopped_early"):
-        import sys
-
-        how = "interrupted" if result.get("interrupted") else "stopped"
-        print(f"{how} at step {result['step']}; checkpoint saved in {out}/checkpoint — continue with --resume", file=sys.stderr)
-        if result.get("interrupted"):
-            raise SystemExit(130)

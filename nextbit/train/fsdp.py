@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nextbit.core.distributed import Dist
+from nextbit.train.distributed import Dist
 from nextbit.core.errors import NextbitError
-from nextbit.core.loop import TrainLoop, autocast_for
+from nextbit.core.device import autocast_for
+from nextbit.train.loop import TrainLoop
 from nextbit.core.model import GPT
 
 

@@ -1,0 +1,67 @@
+"""Every `nextbit` command, in one registry: name -> Command(config class, runner, help, positional field).
+
+This is the top of the package: it imports the stages and recipes, and nothing imports it but cli.py. There are no
+optional commands and no fallbacks, so an import error anywhere below is an error here, not a command that vanishes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from nextbit.align.compare import CompareConfig, compare
+from nextbit.align.dpo import DPOConfig, dpo
+from nextbit.align.ppo import PPOConfig, ppo
+from nextbit.align.reward import RewardConfig, train_reward
+from nextbit.align.sft import SFTConfig, sft
+from nextbit.data.prepare import PrepareConfig, prepare
+from nextbit.infer.sample import SampleConfig, load_prompt, print_samples, sample
+from nextbit.recipes.demo import DemoConfig, demo
+from nextbit.recipes.sentiment import SentimentConfig, sentiment
+from nextbit.train.pretrain import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Command:
+    config: type
+    run: Callable[[Any], Any]
+    help: str
+    positional: Optional[str] = None  # a config field given as the command's positional argument
+    positional_help: str = ""
+
+
+def report_stop(result: dict, out: str | Path) -> None:
+    """After a run that stopped before its last step: say where the checkpoint is; exit 130 if it was Ctrl-C."""
+    if result.get("stopped_early"):
+        how = "interrupted" if result.get("interrupted") else "stopped"
+        print(f"{how} at step {result['step']}; checkpoint saved in {out}/checkpoint — continue with --resume", file=sys.stderr)
+        if result.get("interrupted"):
+            raise SystemExit(130)
+
+
+def training(stage: Callable[[Any], dict]) -> Callable[[Any], None]:
+    """A training stage as a command: run it, then report a stop before the last step."""
+    return lambda cfg: report_stop(stage(cfg), cfg.out)
+
+
+def _sample(cfg: SampleConfig) -> None:
+    print_samples(load_prompt(cfg), sample(cfg))
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(PrepareConfig, prepare, "turn text or code into token shards (+ tokenizer)"),
+    "train": Command(TrainConfig, training(train), "pretrain a model on prepared shards (torchrun for several processes)"),
+    "sample": Command(SampleConfig, _sample, "generate text from a checkpoint", "checkpoint",
+                      "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo, what `nextbit demo` writes)"),
+    "demo": Command(DemoConfig, demo, "the whole recipe in ~5 CPU minutes: prepare stdlib, train, compare with xz, sample"),
+    "sft": Command(SFTConfig, training(sft), "supervised fine-tuning on prompt/completion or chat JSONL (completion tokens only)"),
+    "reward": Command(RewardConfig, training(train_reward),
+                      "train a reward model (backbone + scalar head) on pairwise preferences, Bradley-Terry loss"),
+    "compare": Command(CompareConfig, compare, "sample pairs of responses from a policy, have a labeler compare them, write preference JSONL"),
+    "ppo": Command(PPOConfig, training(ppo), "PPO against a reward model with a KL penalty to the starting policy (adaptive beta, GAE, value head)"),
+    "dpo": Command(DPOConfig, training(dpo), "Direct Preference Optimisation on a preference JSONL (offline alternative to PPO)"),
+    "sentiment": Command(SentimentConfig, sentiment,
+                         "the end-to-end RLHF task: IMDB pretraining -> comparisons -> reward model -> PPO and DPO"),
+}
