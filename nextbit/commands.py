@@ -17,7 +17,7 @@ from nextbit.align.ppo import PPOConfig, ppo
 from nextbit.align.reward import RewardConfig, train_reward
 from nextbit.align.sft import SFTConfig, sft
 from nextbit.data.prepare import PrepareConfig, prepare
-from nextbit.infer.sample import SampleConfig, load_prompt, print_samples, sample
+from nextbit.infer.sample import SampleConfig, print_samples, sample
 from nextbit.recipes.demo import DemoConfig, demo
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
 from nextbit.train.pretrain import TrainConfig, train
@@ -47,7 +47,7 @@ def training(stage: Callable[[Any], dict]) -> Callable[[Any], None]:
 
 
 def _sample(cfg: SampleConfig) -> None:
-    print_samples(load_prompt(cfg), sample(cfg))
+    print_samples(cfg, sample(cfg))
 
 
 COMMANDS: dict[str, Command] = {

@@ -45,11 +45,28 @@ def test_prepare_and_sample(corpus_dir, trained, tmp_path):
     assert again.stdout == r.stdout
 
 
+def test_sample_chat_renders_the_template_and_stops_at_the_end_of_turn(trained, tokenizer):
+    from nextbit.core.checkpoint import load_checkpoint
+    from nextbit.infer.sample import SampleConfig, prompt_ids
+
+    tok = load_checkpoint(trained).tokenizer
+    ids = prompt_ids(SampleConfig(chat="<|user|> hi", system="be brief"), tok)
+    assert ids[:2] == [tok.eot_id, tok.role_id("system")] and ids[-1] == tok.role_id("assistant")
+    assert ids.count(tok.role_id("user")) == 1 and ids.count(tok.end_id) == 2  # typed role tokens stay text
+    r = run_cli("sample", trained, "--chat", "hi", "--system", "be brief", "--max-new-tokens", "8", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert not r.stdout.startswith(("hi", "be brief", "<|"))  # the reply alone is printed, not the prompt
+    assert_one_line_error(run_cli("sample", trained, "--system", "x"), "--system needs --chat")
+    assert_one_line_error(run_cli("sample", trained, "--chat", "x", "--prompt", "y"), "--chat")
+    r = run_cli("sample", "--help")
+    assert "CHECKPOINT" in r.stdout and "runs/demo" in r.stdout and "--chat" in r.stdout
+
+
 def test_missing_paths(tmp_path):
     assert_one_line_error(run_cli("prepare", "--sources", tmp_path / "nope", "--out", tmp_path / "d"), "source not found")
     assert_one_line_error(run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "r"), "no prepared dataset")
     assert_one_line_error(run_cli("sample", tmp_path / "nope"), "checkpoint not found")
-    assert_one_line_error(run_cli("sample", tmp_path, "--prompt-file", tmp_path / "p.txt"), "prompt file not found")
+    assert_one_line_error(run_cli("sample", tmp_path, "--prompt-file", tmp_path / "p.txt"), "--prompt-file not found")
     assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from nextbit.core.config import PRESETS, ModelConfig, default_batch_tokens, default_lr
 from nextbit.core.errors import NextbitError
-from nextbit.core.model import GPT, KVCache, apply_rope, padded_attention, rope_tables
+from nextbit.core.model import GPT, apply_rope, padded_attention, rope_tables
 
 from conftest import tiny_config
 
@@ -98,20 +98,6 @@ def test_chunked_loss_equals_full():
     x = torch.randint(0, 384, (3, 20))
     h = m.hidden(x)
     assert torch.allclose(lm_loss(m, h, x, chunk=7), lm_loss(m, h, x), atol=1e-6)
-
-
-def test_kv_cache_prefill_then_decode_matches_full_forward():
-    torch.manual_seed(0)
-    m = GPT(tiny_config(n_kv_head=1, qk_norm=True)).eval()
-    idx = torch.randint(0, 384, (2, 24))
-    with torch.no_grad():
-        full = m(idx)
-        cache = KVCache(m.cfg, 2, 32, "cpu", torch.float32)
-        a = m(idx[:, :10], cache=cache)
-        b = m(idx[:, 10:17], cache=cache)  # chunked prefill onto a filled cache
-        steps = [m(idx[:, t : t + 1], cache=cache) for t in range(17, 24)]
-    got = torch.cat([a, b, *steps], 1)
-    assert torch.allclose(got, full, atol=1e-5)
 
 
 def test_left_padding_matches_unpadded_rows():

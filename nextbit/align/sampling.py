@@ -1,20 +1,18 @@
-"""Responses from a policy for a list of prompts, in batches through the core's fast decode engine (static KV cache;
-compiled and CUDA-graphed on GPU, eager on CPU), which PPO rollouts and `nextbit compare` share."""
+"""Responses from a policy for a list of prompts, through the one generation engine (infer/engine.py), which PPO
+rollouts and `nextbit compare` share."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Sequence
 
-import torch
 from tqdm import tqdm
 
 from nextbit.align.formats import Prompt, encode_prompt
-from nextbit.core.decode import fast_generate
-from nextbit.core.generate import Completion, Generation, SamplingParams
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.infer.engine import Completion, Generation, generate
+from nextbit.infer.sampling import SamplingParams
 
 
 def prompt_tokens(tok: Tokenizer, prompt: Prompt, ctx: int, max_new_tokens: int) -> list[int]:
@@ -24,15 +22,9 @@ def prompt_tokens(tok: Tokenizer, prompt: Prompt, ctx: int, max_new_tokens: int)
     return ids[-room:]
 
 
-def autocast(model: GPT):
-    dev = next(model.parameters()).device
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-
-
 def generate_batch(model: GPT, tok: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams) -> Generation:
     ids = [prompt_tokens(tok, p, model.cfg.seq_len, params.max_new_tokens) for p in prompts]
-    with torch.no_grad(), autocast(model):
-        return fast_generate(model, tok, ids, params)
+    return generate(model, tok, ids, params)
 
 
 def sample_responses(model: GPT, tok: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams, *,

@@ -5,8 +5,9 @@ rotary position embeddings (half-split "rotate_half" convention), RMSNorm, SwiGL
 optional per-head QK RMSNorm (Qwen3), tied or untied embeddings, grouped-query attention.
 Attention goes through `F.scaled_dot_product_attention` (FlashAttention / cuDNN kernels on GPU).
 
-The model can carry extra scalar heads (reward, value) on top of the final hidden states, and takes
-an optional `KVCache` and per-sequence positions so one batch can hold left-padded prompts of different lengths.
+The model can carry extra scalar heads (reward, value) on top of the final hidden states. Its forward takes
+per-sequence positions and an attention mask (so one batch can hold left-padded sequences of different lengths),
+or the generation engine's view of a KV cache (infer/engine.py), which supplies both.
 """
 
 from __future__ import annotations
@@ -46,31 +47,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer; `pos` slots are filled. Slots are shared by the batch."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.depth, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.size(2)
-        end = self.pos + t
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished sequences dropped)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -83,7 +59,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache], attn_mask: Optional[torch.Tensor]):
+    def forward(self, x, cos, sin, cache, attn_mask: Optional[torch.Tensor]):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -97,9 +73,6 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        Tk = k.size(2)
-        if attn_mask is None and T > 1 and Tk != T:  # chunked prefill onto a filled cache: causal with offset
-            attn_mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
         is_causal = attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -172,17 +145,24 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         positions: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        cache=None,
         attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, width). `positions` (B, T) defaults to cache.pos + arange(T)."""
+        """Final normalised hidden states (B, T, width).
+
+        Without a cache, `positions` (B, T) and `attn_mask` describe a padded batch (see padded_attention); None means
+        positions 0..T-1 and causal attention. With a cache (the engine's view of its KV cache, infer/engine.py),
+        the cache says where each row stands: `cache.positions(T)` and `cache.attn_mask(T)` (None: as above), and
+        each layer's `cache.update(layer, k, v)` stores this call's keys and values and returns those to attend over.
+        """
         B, T = idx.shape
+        if cache is not None:
+            positions, attn_mask = cache.positions(T), cache.attn_mask(T)
         if positions is None:
-            start = cache.pos if cache is not None else 0
-            if start + T > self.cfg.seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the model's context {self.cfg.seq_len}")
-            cos = self.rope_cos[start : start + T][None, None]
-            sin = self.rope_sin[start : start + T][None, None]
+            if T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context {self.cfg.seq_len}")
+            cos = self.rope_cos[:T][None, None]
+            sin = self.rope_sin[:T][None, None]
         else:
             cos = self.rope_cos[positions][:, None]
             sin = self.rope_sin[positions][:, None]
@@ -192,8 +172,6 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, attn_mask)
-        if cache is not None:
-            cache.pos += T
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`nextbit sample`: continue a prompt with a trained checkpoint, many samples in one batch."""
+"""`nextbit sample`: continue a prompt (or answer a chat message) with a trained checkpoint, many samples in one
+batch, through the one generation engine."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Optional
 
 import torch
 
+from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
-from nextbit.core.generate import Completion, SamplingParams, generate
+from nextbit.infer.engine import Completion, generate
+from nextbit.infer.sampling import SamplingParams
 
 
 @dataclass
@@ -20,6 +23,8 @@ class SampleConfig:
     checkpoint: str = "runs/demo"  # a checkpoint folder, or a run folder holding checkpoint/
     prompt: str = ""  # text to continue ("" = start a new document)
     prompt_file: Optional[str] = None  # read the prompt from this file instead
+    chat: Optional[str] = None  # a user message, rendered in the chat template (for SFT chat models); the reply ends at <|end|>
+    system: Optional[str] = None  # with --chat: a system message before the user's
     num_samples: int = 1  # sequences generated together in one batch
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0 = greedy
@@ -27,38 +32,49 @@ class SampleConfig:
     top_p: float = 0.95  # 1 = off
     stop: list[str] = field(default_factory=list)  # stop strings
     seed: Optional[int] = None
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
 
 
 def load_prompt(cfg: SampleConfig) -> str:
     if cfg.prompt_file:
         p = Path(cfg.prompt_file)
         if not p.is_file():
-            raise NextbitError(f"prompt file not found: {p}")
+            raise NextbitError(f"--prompt-file not found: {p}")
         try:
             return p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise NextbitError(f"prompt file {p} is not UTF-8 text")
+            raise NextbitError(f"--prompt-file {p} is not UTF-8 text")
     return cfg.prompt
+
+
+def prompt_ids(cfg: SampleConfig, tok) -> list[int]:
+    if cfg.chat is None:
+        if cfg.system is not None:
+            raise NextbitError("--system needs --chat")
+        return [tok.eot_id] + tok.encode(load_prompt(cfg))  # documents start after <|endoftext|> in training
+    if cfg.prompt or cfg.prompt_file:
+        raise NextbitError("give --chat or --prompt/--prompt-file, not both")
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system is not None else []) + [{"role": "user", "content": cfg.chat}]
+    return render_messages(tok, messages, add_generation_prompt=True)[0]
 
 
 def sample(cfg: SampleConfig) -> list[Completion]:
     if cfg.num_samples < 1:
-        raise NextbitError("--num-samples must be >= 1")
-    prompt = load_prompt(cfg)
+        raise NextbitError(f"--num-samples must be >= 1, got {cfg.num_samples}")
+    load_prompt(cfg)  # a missing --prompt-file fails before the checkpoint is read
     ck = load_checkpoint(cfg.checkpoint, pick_device(cfg.device))
     model, tok = ck.model.eval(), ck.tokenizer
-    ids = [tok.eot_id] + tok.encode(prompt)  # documents start after <|endoftext|> in training
+    ids = prompt_ids(cfg, tok)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, list(cfg.stop), seed=cfg.seed)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if next(model.parameters()).is_cuda else torch.no_grad()
-    with ctx:
-        return generate(model, tok, [ids] * cfg.num_samples, params).completions
+    return generate(model, tok, [ids] * cfg.num_samples, params).completions
 
 
-def print_samples(prompt: str, completions: list[Completion], out=sys.stdout) -> None:
+def print_samples(cfg: SampleConfig, completions: list[Completion], out=sys.stdout) -> None:
+    """Each sample after its prompt (a chat reply alone)."""
+    prefix = "" if cfg.chat is not None else load_prompt(cfg)
     for i, c in enumerate(completions):
         if len(completions) > 1:
             print(f"----- sample {i + 1} ({c.finish_reason}) -----", file=out)
-        print(prompt + c.text, file=out)
+        print(prefix + c.text, file=out)

@@ -107,9 +107,9 @@ def demo(cfg: DemoConfig) -> dict:
     prompts = ["import os\nimport sys\n", "def fibonacci(n):\n", "class Stack:\n"]
     print("samples:", flush=True)
     for i, p in enumerate(prompts[: cfg.num_samples]):
-        comps = sample(SampleConfig(checkpoint=str(out), prompt=p, max_new_tokens=120, seed=cfg.seed + i, device="cpu"))
+        sc = SampleConfig(checkpoint=str(out), prompt=p, max_new_tokens=120, seed=cfg.seed + i, device="cpu")
         print(f"--- prompt {p!r}")
-        print_samples(p, comps)
+        print_samples(sc, sample(sc))
     summary = {"val_bpb": result["val_bpb"], "compressors": {k: v for k, v in rows.items() if k != "nextbit model"},
                "steps": result["step"], "tokens": result["tokens"], "params": result["params"],
                "wall_seconds": round(time.time() - t_start, 1)}

@@ -1,0 +1,379 @@
+"""The one generation engine: `nextbit sample`, `nextbit compare`, PPO rollouts (and the server) all generate here.
+
+    eng = Engine(model, tokenizer)
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95, seed=1))
+
+    # or, request by request, as a server does (continuous batching):
+    eng.start(slots=32, max_len=1024)
+    eng.submit(Request(prompt_ids, params, seed))      # joins the running batch at the next step
+    finished = eng.step()                               # one decode step for every busy slot
+
+State is a fixed number of slots. Each slot holds one sequence, left-aligned in a static KV cache of `max_len`
+positions, with its own length (its rotary position and what it attends to), its own sampling parameters and its
+own random stream (infer/sampling.py). A new request is prefilled into a free slot (several at once, right-padded:
+padding after a sequence never changes it under causal attention) and decodes with the others from the next step
+on; a finished row frees its slot at once. The engine calls the model's own forward (`GPT.forward(..., cache=)`)
+with a cache view that tells it each row's positions and mask, so it never re-implements the transformer.
+
+Every decode step has the same shapes and tensor addresses, so on CUDA `torch.compile(mode="reduce-overhead")`
+turns it into one CUDA-graph replay; stop tokens and length limits end rows on the device, and the host reads the
+new tokens every `sync_every` steps (stop strings are checked there, exactly at the token that completes them).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from nextbit.core.device import autocast_for
+from nextbit.core.errors import NextbitError
+from nextbit.core.model import GPT
+from nextbit.infer.sampling import SamplingParams, cut_at_stop, filter_width, row_seed, sample_tokens
+
+STOP_WIDTH = 4  # stop-token ids per slot (padded with -1): a fixed width keeps one compiled step
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated tokens, up to and including a stop token if one ended it
+    text: str  # decoded, cut before any stop string / stop token
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class Generation:
+    completions: list[Completion]
+    tokens: torch.Tensor  # (B, P + N): left-padded prompts followed by the generated tokens
+    valid: torch.Tensor  # (B, P + N) bool: real prompt tokens and generated tokens up to the end of each row
+    prompt_len: int  # P, the padded prompt length
+
+
+def completion(tokenizer, tokens: list[int], finish: Optional[str], stop: Sequence[str]) -> Completion:
+    """finish: "token" (ended by a stop token, which is left out of the text), "string" or None (the length limit)."""
+    body = tokens[:-1] if finish == "token" else tokens
+    return Completion(list(tokens), cut_at_stop(tokenizer.decode(body), stop)[0], "stop" if finish else "length")
+
+
+def stop_ids_for(tokenizer, params: SamplingParams) -> list[int]:
+    return list(params.stop_token_ids) if params.stop_token_ids is not None else [tokenizer.eot_id, tokenizer.end_id]
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    seed: int  # this row's random stream (see sampling.row_seed)
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    finish: Optional[str] = None  # "token" | "string" | "length" once done
+    slot: int = -1
+    on_token: Optional[Callable[["Request", int], None]] = None  # called for every generated token (streaming)
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+
+class _Prefill:
+    """The cache as the model sees it while prompts are prefilled into `slots`: keys and values are written at
+    positions 0..T-1 of those slots, and the prompt attends causally to itself."""
+
+    def __init__(self, k, v, slots: torch.Tensor, T: int):
+        self.k, self.v, self.slots, self.T = k, v, slots, T
+
+    def positions(self, T: int):
+        return None
+
+    def attn_mask(self, T: int):
+        return None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer][self.slots, :, : self.T] = k.to(self.k[layer].dtype)
+        self.v[layer][self.slots, :, : self.T] = v.to(self.v[layer].dtype)
+        return k, v
+
+
+class _Decode:
+    """The cache as the model sees it in a decode step: every slot's new key/value is written at that slot's own
+    length (indexed assignment, which inductor keeps as an in-place write of the static buffer), and each row
+    attends to its own first length + 1 positions."""
+
+    def __init__(self, k, v, lengths: torch.Tensor):
+        self.k, self.v, self.lengths = k, v, lengths
+        self.rows = torch.arange(lengths.size(0), device=lengths.device)
+
+    def positions(self, T: int):
+        return self.lengths[:, None]
+
+    def attn_mask(self, T: int):
+        L = self.k[0].size(2)
+        return (torch.arange(L, device=self.lengths.device)[None] <= self.lengths[:, None])[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.k[layer], self.v[layer]
+        kc[self.rows, :, self.lengths] = k[:, :, 0].to(kc.dtype)
+        vc[self.rows, :, self.lengths] = v[:, :, 0].to(vc.dtype)
+        return kc, vc
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer, *, compile: Union[str, bool] = "auto", sync_every: int = 0,
+                 precision: str = "auto"):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.compile = self.device.type == "cuda" if compile == "auto" else bool(compile)
+        self.sync_every = sync_every or (16 if self.device.type == "cuda" else 1)  # host reads per this many steps
+        self.precision = precision
+        self.vocab = tokenizer.vocab_size  # the model's embedding may be padded past the tokenizer's vocabulary
+        self._steps: dict[tuple, Callable] = {}
+        self._shape: Optional[tuple] = None
+        self.slots = 0
+
+    # ---- state ----------------------------------------------------------------------------------------------------
+    def start(self, slots: int, max_len: Optional[int] = None) -> None:
+        """Make room for `slots` sequences of up to `max_len` tokens (default: the model's context). Buffers of the
+        same shape are reused; any running request is dropped."""
+        ctx = self.model.cfg.seq_len
+        max_len = max_len or ctx
+        if not 1 <= max_len <= ctx:
+            raise NextbitError(f"--max-len must be in [1, {ctx}] (the model's context), got {max_len}")
+        if slots < 1:
+            raise NextbitError(f"the engine needs at least one slot, got {slots}")
+        with autocast_for(self.device, self.precision):
+            dtype = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else \
+                next(self.model.parameters()).dtype
+        shape = (slots, max_len, dtype)
+        if shape != self._shape:
+            c, dev = self.model.cfg, self.device
+            kv = (slots, c.n_kv_head, max_len, c.head_dim)
+            self.k = [torch.zeros(kv, device=dev, dtype=dtype) for _ in range(c.depth)]
+            self.v = [torch.zeros(kv, device=dev, dtype=dtype) for _ in range(c.depth)]
+            if self.compile:  # fixed addresses: the CUDA graph writes into them in place
+                for t in self.k + self.v:
+                    torch._dynamo.mark_static_address(t)
+            self._shape = shape
+        self.slots, self.max_len = slots, max_len
+        z = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=self.device)  # noqa: E731
+        self.lengths, self.last, self.counters, self.max_new, self.seeds = z(), z(), z(), z(), z()
+        self.active = z(torch.bool)
+        self.temperature, self.top_p, self.top_k = z(torch.float32), torch.ones(slots, device=self.device), z()
+        self.stop_ids = torch.full((slots, STOP_WIDTH), -1, dtype=torch.long, device=self.device)
+        self.running: dict[int, Request] = {}
+        self.waiting: deque[Request] = deque()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; it is prefilled into the next free slot at the next step."""
+        if not self.slots:
+            raise NextbitError("Engine.start() first")
+        req.params.validate()
+        n = len(req.prompt)
+        if n == 0:
+            raise NextbitError("empty prompt: start with at least one token (e.g. <|endoftext|>)")
+        if n >= self.max_len:
+            raise NextbitError(f"prompt of {n} tokens does not fit the context of {self.max_len}")
+        if any(t < 0 or t >= self.vocab for t in req.prompt):
+            raise NextbitError(f"prompt token ids must be in [0, {self.vocab})")
+        if len(stop_ids_for(self.tokenizer, req.params)) > STOP_WIDTH:
+            raise NextbitError(f"at most {STOP_WIDTH} stop token ids per request")
+        self.waiting.append(req)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Admit waiting requests into free slots, run `sync_every` decode steps, read the new tokens back, and
+        return the requests that finished (their slots are free again)."""
+        finished: list[Request] = []
+        with autocast_for(self.device, self.precision):
+            free = [s for s in range(self.slots) if s not in self.running]
+            admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+            emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if admit:
+                emitted.append(self._prefill(admit, free[: len(admit)]))
+            for _ in range(self.sync_every):
+                if not self.running:
+                    break
+                emitted.append(self._decode())
+            if emitted:  # the one host sync
+                toks = torch.stack([t for t, _ in emitted]).tolist()
+                live = torch.stack([a for _, a in emitted]).tolist()
+                finished = self._collect(toks, live)
+        return finished
+
+    def _prefill(self, reqs: list[Request], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, tok = self.device, self.tokenizer
+        T = max(len(r.prompt) for r in reqs)
+        ids = torch.full((len(reqs), T), tok.pad_id, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+            r.slot = slots[i]
+            self.running[slots[i]] = r
+        s = torch.tensor(slots, device=dev)
+        lens = torch.tensor([len(r.prompt) for r in reqs], device=dev)
+        self._set_rows(reqs, s, lens)
+        h = self.model(ids.to(dev), cache=_Prefill(self.k, self.v, s, T), return_hidden=True)
+        h = h[torch.arange(len(reqs), device=dev), lens - 1]  # each prompt's last real token
+        logits = self.model.logits(h)[:, : self.vocab]
+        width = filter_width([r.params for r in reqs], self.vocab)
+        nxt = sample_tokens(logits, self.temperature[s], self.top_k[s], self.top_p[s], self.seeds[s], self.counters[s],
+                            width, any(r.params.temperature > 0 for r in reqs))
+        return self._advance(nxt, s, lens)
+
+    def _set_rows(self, reqs: list[Request], s: torch.Tensor, lens: torch.Tensor) -> None:
+        dev = self.device
+        p = [r.params for r in reqs]
+        self.temperature[s] = torch.tensor([x.temperature for x in p], device=dev, dtype=torch.float32)
+        self.top_k[s] = torch.tensor([x.top_k for x in p], device=dev)
+        self.top_p[s] = torch.tensor([x.top_p for x in p], device=dev, dtype=torch.float32)
+        self.seeds[s] = torch.tensor([r.seed for r in reqs], device=dev)
+        self.max_new[s] = torch.tensor([min(x.max_new_tokens, self.max_len - len(r.prompt)) for x, r in zip(p, reqs)], device=dev)
+        stops = [stop_ids_for(self.tokenizer, x) + [-1] * STOP_WIDTH for x in p]
+        self.stop_ids[s] = torch.tensor([x[:STOP_WIDTH] for x in stops], device=dev)
+        self.counters[s] = 0
+        self.lengths[s] = lens
+        self.active[s] = True
+
+    def _advance(self, nxt: torch.Tensor, s: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the prefill's first token: the slots' state moves on as a decode step's would."""
+        self.counters[s] = 1
+        done = (nxt[:, None] == self.stop_ids[s]).any(-1) | (self.max_new[s] <= 1)
+        self.last[s] = nxt
+        self.active[s] = ~done
+        toks = torch.full((self.slots,), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        live = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
+        toks[s], live[s] = nxt, True
+        return toks, live
+
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        reqs = list(self.running.values())
+        width = filter_width([r.params for r in reqs], self.vocab)
+        sampling = any(r.params.temperature > 0 for r in reqs)
+        key = (self._shape, width, sampling)
+        if key not in self._steps:
+            self._steps[key] = self._make_step(width, sampling)
+        if self.compile and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        live = self.active.clone()
+        nxt, lengths, counters, active = self._steps[key](
+            self.last, self.lengths, self.counters, self.active, self.max_new, self.temperature, self.top_k, self.top_p,
+            self.seeds, self.stop_ids, self.k, self.v)
+        self.last.copy_(nxt)
+        self.lengths.copy_(lengths)
+        self.counters.copy_(counters)
+        self.active.copy_(active)
+        return nxt.clone(), live
+
+    def _make_step(self, width: int, sampling: bool):
+        model, vocab, pad = self.model, self.vocab, self.tokenizer.pad_id
+
+        def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, k, v):
+            h = model(last[:, None], cache=_Decode(k, v, lengths), return_hidden=True)[:, -1]
+            logits = model.logits(h)[:, :vocab]
+            nxt = sample_tokens(logits, temperature, top_k, top_p, seeds, counters, width, sampling)
+            nxt = torch.where(active, nxt, torch.full_like(nxt, pad))  # idle rows feed padding
+            step_ = active.long()
+            counters = counters + step_
+            done = (nxt[:, None] == stop_ids).any(-1) | (counters >= max_new)
+            return nxt, lengths + step_, counters, active & ~done
+
+        if not self.compile:
+            return step
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+
+    def _collect(self, toks: list[list[int]], live: list[list[bool]]) -> list[Request]:
+        """Host side: hand each step's tokens to their requests, in order, and end the ones that are done."""
+        finished = []
+        for t_row, l_row in zip(toks, live):
+            for slot, req in list(self.running.items()):
+                if not l_row[slot] or req.done:
+                    continue
+                t = t_row[slot]
+                req.tokens.append(t)
+                if req.on_token is not None:
+                    req.on_token(req, t)
+                self._check_end(req, t)
+                if req.done:
+                    finished.append(req)
+                    del self.running[slot]
+                    self.active[slot] = False
+        return finished
+
+    def _check_end(self, req: Request, t: int) -> None:
+        p = req.params
+        if t in stop_ids_for(self.tokenizer, p):
+            req.finish = "token"
+        elif p.stop and cut_at_stop(self.tokenizer.decode(req.tokens), p.stop)[1]:
+            req.finish = "string"
+        elif len(req.tokens) >= min(p.max_new_tokens, self.max_len - len(req.prompt)):
+            req.finish = "length"
+
+    # ---- offline: a list of prompts -------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: Union[SamplingParams, Sequence[SamplingParams]], *,
+                 max_slots: int = 256) -> Generation:
+        """Generate for every prompt (all in one batch, or refilling `max_slots` slots as rows finish). With one
+        SamplingParams, row i draws from stream row_seed(seed, i); without a seed, from torch's global RNG."""
+        if not prompts:
+            raise NextbitError("no prompts given")
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise NextbitError("one SamplingParams per prompt, or one for all")
+        for p in plist:
+            p.validate()
+        ctx = self.model.cfg.seq_len
+        if min(len(p) for p in prompts) == 0:
+            raise NextbitError("empty prompt: start with at least one token (e.g. <|endoftext|>)")
+        longest = max(len(p) for p in prompts)
+        if longest >= ctx:
+            raise NextbitError(f"prompt of {longest} tokens does not fit the model's context of {ctx}")
+        need = max(len(q) + min(p.max_new_tokens, ctx - len(q)) for q, p in zip(prompts, plist))
+        max_len = min(ctx, -(-need // 64) * 64)  # rounded: fewer distinct shapes, less attention than the whole context
+        self.start(min(len(prompts), max_slots), max_len)
+        base = {}
+        reqs = []
+        for i, (q, p) in enumerate(zip(prompts, plist)):
+            if p.seed is None:
+                base.setdefault(id(p), int(torch.randint(0, 1 << 31, (1,))))
+            seed = row_seed(p.seed if p.seed is not None else base[id(p)], i)
+            reqs.append(Request(list(q), p, seed))
+            self.submit(reqs[-1])
+        while self.busy:
+            self.step()
+        return self._assemble(reqs)
+
+    def _assemble(self, reqs: list[Request]) -> Generation:
+        pad = self.tokenizer.pad_id
+        P = max(len(r.prompt) for r in reqs)
+        N = max(len(r.tokens) for r in reqs)
+        tokens = torch.full((len(reqs), P + N), pad, dtype=torch.long)
+        valid = torch.zeros((len(reqs), P + N), dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            row = r.prompt + r.tokens
+            tokens[i, P - len(r.prompt) : P + len(r.tokens)] = torch.tensor(row)
+            valid[i, P - len(r.prompt) : P + len(r.tokens)] = True
+        comps = [completion(self.tokenizer, r.tokens, r.finish if r.finish != "length" else None, r.params.stop) for r in reqs]
+        return Generation(comps, tokens.to(self.device), valid.to(self.device), P)
+
+
+_ENGINES: "weakref.WeakKeyDictionary[GPT, Engine]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model: GPT, tokenizer, *, compile: Union[str, bool] = "auto") -> Engine:
+    """The model's engine, kept across calls (compiled steps and cache buffers are reused)."""
+    eng = _ENGINES.get(model)
+    want = next(model.parameters()).is_cuda if compile == "auto" else bool(compile)
+    if eng is None or eng.compile != want or eng.tokenizer is not tokenizer:
+        eng = _ENGINES[model] = Engine(model, tokenizer, compile=compile)
+    return eng
+
+
+def generate(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], params: Union[SamplingParams, Sequence[SamplingParams]],
+             *, compile: Union[str, bool] = "auto") -> Generation:
+    """Generate through the model's engine: the one entry point every caller uses."""
+    return engine_for(model, tokenizer, compile=compile).generate(prompts, params)

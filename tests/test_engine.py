@@ -1,0 +1,195 @@
+"""The one generation engine (infer/engine.py) against the plain reference (infer/reference.py): full recomputation,
+one prompt at a time, no cache. Eager on CPU; the compiled step is checked against eager below, and the CUDA-graph
+variant runs the same step function on a GPU."""
+
+import pytest
+import torch
+
+from nextbit.core.errors import NextbitError
+from nextbit.infer.engine import Engine, Request, generate
+from nextbit.infer.reference import reference_generate
+from nextbit.infer.sampling import SamplingParams, counter_noise, row_seed, sample_tokens
+
+from conftest import peaky_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peaky_model()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    # ragged: 1 to ~20 tokens
+    return [tokenizer.encode("def foo(x):\n    return"), tokenizer.encode("import os"), tokenizer.encode("x"),
+            tokenizer.encode("class A:\n    pass\n\n\nclass B(A):")]
+
+
+def _same(got, ref):
+    assert [(c.tokens, c.text, c.finish_reason) for c in got] == [(c.tokens, c.text, c.finish_reason) for c in ref]
+
+
+def test_greedy_equals_the_reference_for_ragged_batches_stop_strings_and_stop_tokens(model, tokenizer, prompts):
+    eng = Engine(model, tokenizer, compile=False)
+    free = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[], seed=0)
+    ref = reference_generate(model, tokenizer, prompts, free)
+    _same(eng.generate(prompts, free).completions, ref)
+    assert len(set(ref[0].tokens)) > 1 and all(c.finish_reason == "length" for c in ref)
+    by_token = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[ref[0].tokens[5], ref[3].tokens[9]], seed=0)
+    got = eng.generate(prompts, by_token).completions
+    _same(got, reference_generate(model, tokenizer, prompts, by_token))
+    assert got[0].finish_reason == "stop" and len(got[0].tokens) == 6 and got[0].tokens[-1] == ref[0].tokens[5]
+    by_string = SamplingParams(max_new_tokens=40, temperature=0, stop=[ref[0].text[6:8], "\n\n"], stop_token_ids=[], seed=0)
+    got = eng.generate(prompts, by_string).completions
+    _same(got, reference_generate(model, tokenizer, prompts, by_string))
+    assert got[0].finish_reason == "stop" and ref[0].text[6:8] not in got[0].text and ref[0].text.startswith(got[0].text)
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 16])
+def test_seeded_sampling_equals_the_reference_whatever_the_sync_interval(model, tokenizer, prompts, sync_every):
+    p = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.9, stop=["\n\n"], seed=11)
+    got = Engine(model, tokenizer, compile=False, sync_every=sync_every).generate(prompts, p).completions
+    _same(got, reference_generate(model, tokenizer, prompts, p))
+    assert len({tuple(c.tokens) for c in Engine(model, tokenizer, compile=False).generate([prompts[0]] * 4, p).completions}) > 1
+
+
+def test_generation_tensors_are_left_padded_prompts_then_the_completions(model, tokenizer, prompts):
+    p = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[tokenizer.encode(" ")[0]], seed=0)
+    g = generate(model, tokenizer, prompts, p, compile=False)
+    P = max(len(q) for q in prompts)
+    assert g.prompt_len == P and g.tokens.shape == g.valid.shape
+    for i, (q, c) in enumerate(zip(prompts, g.completions)):
+        assert g.tokens[i, P - len(q) : P].tolist() == q and not g.valid[i, : P - len(q)].any()
+        assert g.tokens[i, P:][g.valid[i, P:]].tolist() == c.tokens
+
+
+def test_a_request_gives_the_same_tokens_alone_and_inside_a_busy_batch(model, tokenizer, prompts):
+    """Continuous batching: requests join a running batch as slots free up, each with its own parameters and
+    random stream. A request's output equals what it gets alone (and what the reference gives)."""
+    params = [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, top_p=tp, seed=s, stop_token_ids=[])
+              for n, t, k, tp, s in [(20, 0.0, 0, 1.0, 1), (7, 1.0, 0, 1.0, 2), (15, 0.7, 5, 1.0, 3), (11, 1.2, 0, 0.8, 4),
+                                     (25, 1.0, 40, 0.95, 5), (3, 0.0, 0, 1.0, 6)]]
+    qs = [prompts[i % len(prompts)] for i in range(len(params))]
+    alone = [reference_generate(model, tokenizer, [q], p)[0].tokens for q, p in zip(qs, params)]
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=2, max_len=96)  # fewer slots than requests: rows finish and are refilled
+    reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(qs, params)]
+    joined_while_busy = 0
+    for r in reqs[:2]:
+        eng.submit(r)
+    eng.step()
+    for r in reqs[2:]:
+        joined_while_busy += bool(eng.running)
+        eng.submit(r)
+        eng.step()
+    while eng.busy:
+        eng.step()
+    assert joined_while_busy == len(reqs) - 2
+    assert [r.tokens for r in reqs] == alone
+    assert [len(r.tokens) for r in reqs] == [p.max_new_tokens for p in params]
+    assert not eng.running and not eng.active.any()
+
+
+def test_more_prompts_than_slots_refill_the_slots(model, tokenizer, prompts):
+    p = SamplingParams(max_new_tokens=9, temperature=1.0, seed=3, stop_token_ids=[])
+    many = prompts * 3
+    eng = Engine(model, tokenizer, compile=False)
+    assert [c.tokens for c in eng.generate(many, p, max_slots=5).completions] == \
+           [c.tokens for c in eng.generate(many, p).completions]
+
+
+def test_cache_views_match_the_full_forward(model, tokenizer):
+    """Prefill into two slots of the static cache, then decode step by step: the logits are the full forward's."""
+    from nextbit.infer.engine import _Decode, _Prefill
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, 384, (2, 24))
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=3, max_len=32)
+    with torch.no_grad():
+        full = model(idx)
+        slots = torch.tensor([2, 0])
+        first = model(idx[:, :10], cache=_Prefill(eng.k, eng.v, slots, 10))
+        lengths = torch.tensor([10, 0, 10])
+        steps = []
+        for t in range(10, 24):
+            tok = torch.stack([idx[1, t], torch.tensor(0), idx[0, t]])
+            out = model(tok[:, None], cache=_Decode(eng.k, eng.v, lengths))
+            steps.append(out[[2, 0]])
+            lengths = lengths + torch.tensor([1, 0, 1])
+    assert torch.allclose(torch.cat([first, *steps], 1), full, atol=1e-5)
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    n = 40000
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).expand(n, 5)
+    probs = logits[0].softmax(-1)
+    seeds, counters = torch.arange(n), torch.zeros(n, dtype=torch.long)
+    t, k0, p1 = torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n)
+
+    def draw(k, p, width):
+        return sample_tokens(logits, t, torch.full((n,), k), torch.full((n,), p), seeds, counters, width)
+
+    freq = torch.bincount(draw(0, 1.0, 0), minlength=5).float() / n
+    assert torch.allclose(freq, probs, atol=0.01)
+    top2 = draw(2, 1.0, 2)
+    assert set(top2.tolist()) == {0, 1}
+    assert torch.bincount(top2).float()[0] / n == pytest.approx(float(probs[0] / probs[:2].sum()), abs=0.01)
+    assert set(draw(0, 0.7, 5).tolist()) == {0, 1}  # p0 = 0.55 < 0.7 <= p0 + p1
+    # one step later the same rows draw fresh noise, independent of the first
+    later = sample_tokens(logits, t, k0, p1, seeds, counters + 1, 0)
+    assert (later != draw(0, 1.0, 0)).float().mean() == pytest.approx(1 - float((probs**2).sum()), abs=0.01)
+
+
+def test_counter_noise_is_uniform_and_independent_of_the_batch():
+    u = torch.exp(-counter_noise(torch.arange(64), torch.zeros(64, dtype=torch.long), torch.arange(4096)))
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.005) and float(u.var()) == pytest.approx(1 / 12, abs=0.003)
+    row = counter_noise(torch.tensor([37]), torch.tensor([5]), torch.arange(100))
+    batch = counter_noise(torch.tensor([1, 37, 2]), torch.tensor([0, 5, 9]), torch.arange(100))
+    assert torch.equal(row[0], batch[1])
+
+
+def test_unseeded_sampling_follows_torch_manual_seed(model, tokenizer, prompts):
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=[])
+    torch.manual_seed(5)
+    a = generate(model, tokenizer, prompts, p, compile=False)
+    torch.manual_seed(5)
+    b = generate(model, tokenizer, prompts, p, compile=False)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_bad_inputs(model, tokenizer):
+    eng = Engine(model, tokenizer, compile=False)
+    for prompts, p, msg in [([[1] * 200], SamplingParams(5), "does not fit"), ([[]], SamplingParams(5), "empty prompt"),
+                            ([[1]], SamplingParams(5, top_p=0), "--top-p"), ([[1]], SamplingParams(5, temperature=-1), "--temperature"),
+                            ([[1]], SamplingParams(0), "--max-new-tokens"), ([[9999]], SamplingParams(5), "token ids"), ([], SamplingParams(5), "no prompts")]:
+        with pytest.raises(NextbitError, match=msg):
+            eng.generate(prompts, p)
+
+
+def test_compiled_step_equals_eager_and_is_reused_across_prompt_lengths(model, tokenizer, prompts):
+    """torch.compile (inductor's CPU backend) of the decode step, whose cache writes are in-place indexed writes into
+    the static per-layer buffers: tokens equal the eager engine's over a ragged batch, twice in a row, and other
+    prompt lengths with the same slots and cache length compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    p = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=30, seed=2, stop_token_ids=[])
+    eager = Engine(model, tokenizer, compile=False)
+    eng = Engine(model, tokenizer, compile=True)
+    for _ in range(2):
+        assert torch.equal(eager.generate(prompts, p).tokens, eng.generate(prompts, p).tokens)
+    graphs = counters["stats"]["unique_graphs"]
+    shorter = [q[:2] for q in prompts]
+    assert torch.equal(eager.generate(shorter, p).tokens, eng.generate(shorter, p).tokens)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_matches_eager(tokenizer, prompts):
+    m = peaky_model(device="cuda")
+    p = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[])
+    eager = Engine(m, tokenizer, compile=False, precision="fp32").generate(prompts, p)
+    eng = Engine(m, tokenizer, compile=True, precision="fp32")
+    for _ in range(3):  # warm-up, record, replay
+        fast = eng.generate(prompts, p)
+    assert [c.tokens for c in fast.completions] == [c.tokens for c in eager.completions]
