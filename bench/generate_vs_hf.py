@@ -1,13 +1,18 @@
-"""Generation throughput: nextbit's DecodeEngine vs Hugging Face transformers' `generate`, same shape, same run.
+"""Generation throughput: nextbit's engine vs an earlier revision of nextbit and Hugging Face transformers' `generate`,
+same shape, same weights, same run.
 
     # H100, issue #3 item 3 (124m, bf16, 32-token prompts, 256 new tokens, top-k 50, batch 1 and 32)
     python bench/generate_vs_hf.py --preset 124m --batches 1,32
     python bench/generate_vs_hf.py --preset 124m --batches 32 --ragged        # prompts of 8..32 tokens, left-padded
     # CPU smoke run
     python bench/generate_vs_hf.py --preset tiny --vocab-size 4096 --batches 1,4 --prompt-len 16 --new-tokens 32
+    # before/after a change, in one process (issue #9: the one engine against the two it replaced)
+    python bench/generate_vs_hf.py --preset tiny --vocab-size 4096 --ctx 256 --batches 1,16 --prompt-len 16 \
+        --new-tokens 128 --sides nextbit,base,base_plain --baseline 9550e60
 
-Sides: "nextbit" (DecodeEngine: static KV cache, compiled + CUDA-graphed decode step on GPU, on-device sampling),
-"nextbit_plain" (core.generate, the dynamic-cache reference path), "hf" (GPT2LMHeadModel sdpa, `generate` with its
+Sides: "nextbit" (infer.engine: static KV cache in slots, compiled + CUDA-graphed decode step on GPU, on-device
+sampling), "base" and "base_plain" (the --baseline revision's fast path and plain path: before issue #9 these were
+core.decode.DecodeEngine and core.generate; later revisions have one engine), "hf" (GPT2LMHeadModel sdpa, `generate` with its
 default dynamic cache), optionally "hf_static" (transformers' static cache + compiled forward, if that version
 supports it). Every row generates exactly --new-tokens tokens (no stop tokens; HF gets min_new_tokens), sampling
 with temperature 1 and top-k 50. Both models in bf16 on CUDA, fp32 on CPU. Time = median of --repeats runs after
@@ -21,14 +26,14 @@ import argparse
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from _common import emit, env_info, pick_device, quiet_transformers, sync
 
+from baseline import baseline_model, import_baseline
 from nextbit.core.config import ModelConfig, depth_for
-from nextbit.core.decode import DecodeEngine
-from nextbit.core.generate import SamplingParams, generate
 from nextbit.core.model import GPT
 
 
@@ -63,11 +68,32 @@ def run_timed(fn, warmup: int, repeats: int, dev) -> float:
     return statistics.median(times)
 
 
-def nextbit_runner(model, tok, args, compiled: bool, plain: bool):
+def nextbit_runner(model, tok, args, compiled: bool):
+    from nextbit.infer.engine import Engine
+    from nextbit.infer.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_k=args.top_k, seed=0, stop_token_ids=[])
+    eng = Engine(model, tok, compile=compiled)
+    return lambda prompts: eng.generate(prompts, params)
+
+
+def base_runner(base, model, tok, args, compiled: bool, plain: bool):
+    """The baseline revision's engine on the same weights: the one engine if it has one, else its two."""
+    old = baseline_model(base, model)
+    if (Path(base.__file__).parent / "infer" / "engine.py").exists():
+        from nextbit_base.infer.engine import Engine
+        from nextbit_base.infer.sampling import SamplingParams
+
+        params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_k=args.top_k, seed=0, stop_token_ids=[])
+        eng = Engine(old, tok, compile=compiled and not plain)
+        return lambda prompts: eng.generate(prompts, params)
+    from nextbit_base.core.decode import DecodeEngine
+    from nextbit_base.core.generate import SamplingParams, generate
+
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_k=args.top_k, seed=0, stop_token_ids=[])
     if plain:
-        return lambda prompts: generate(model, tok, prompts, params)
-    eng = DecodeEngine(model, compile=compiled)
+        return lambda prompts: generate(old, tok, prompts, params)
+    eng = DecodeEngine(old, compile=compiled)
     return lambda prompts: eng.generate(tok, prompts, params)
 
 
@@ -119,8 +145,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--compile", default="auto", help="nextbit DecodeEngine: auto (CUDA only) | on | off")
-    ap.add_argument("--sides", default="nextbit,nextbit_plain,hf", help="comma-separated: nextbit, nextbit_plain, hf, hf_static")
+    ap.add_argument("--compile", default="auto", help="nextbit's engine: auto (CUDA only) | on | off")
+    ap.add_argument("--sides", default="nextbit,hf", help="comma-separated: nextbit, base, base_plain, hf, hf_static")
+    ap.add_argument("--baseline", default="", help="git revision whose package the base sides run (e.g. 9550e60)")
     args = ap.parse_args()
 
     dev = pick_device(args.device)
@@ -132,13 +159,21 @@ def main():
     common = {"bench": "generate_vs_hf", **env_info(dev), "preset": args.preset, "vocab": args.vocab, "dtype": str(dtype).split(".")[-1],
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "top_k": args.top_k, "ragged": args.ragged}
     results: dict[int, dict[str, float]] = {b: {} for b in batches}
+    if any(s.startswith("base") for s in sides):
+        if not args.baseline:
+            raise SystemExit("the base sides need --baseline REV")
+        base = import_baseline(args.baseline)
+        common["baseline"] = args.baseline
     for side in sides:
-        if side.startswith("nextbit"):
+        if side == "nextbit" or side.startswith("base"):
             cfg = ModelConfig(depth=depth_for(args.preset), vocab_size=args.vocab, seq_len=args.ctx).resolved()
             torch.manual_seed(0)
             model = GPT(cfg).to(dev, dtype).eval()
-            run = nextbit_runner(model, tok, args, compiled, plain=side == "nextbit_plain")
-            extra = {"compile": compiled and side == "nextbit"}
+            if side == "nextbit":
+                run = nextbit_runner(model, tok, args, compiled)
+            else:
+                run = base_runner(base, model, tok, args, compiled, plain=side == "base_plain")
+            extra = {"compile": compiled and side in ("nextbit", "base")}
         elif side in ("hf", "hf_static"):
             model = hf_model(args, dev, dtype)
             try:

@@ -52,7 +52,7 @@ for s in "$@"; do
     env)
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
       python -c "import torch, transformers, tokenizers, safetensors, tqdm, matplotlib; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-      stage pytest 90 python -m pytest -q -x -p no:cacheprovider tests/test_decode.py -k cuda
+      stage pytest 90 python -m pytest -q -x -p no:cacheprovider tests/test_engine.py -k cuda
       ;;
     train)
       stage train_vs_hf 300 python bench/train_vs_hf.py --preset "$PRESET" --batch 16 --loss-chunk 0,4096 --steps 20 --warmup 5

@@ -1,4 +1,4 @@
-"""Where a DecodeEngine step spends its device time: torch.profiler over one warm `generate` call.
+"""Where an engine decode step spends its device time: torch.profiler over one warm `generate` call.
 
     python bench/profile_decode.py --preset 124m --batches 1,32      # H100
     python bench/profile_decode.py --preset tiny --vocab-size 4096 --batches 1,4 --new-tokens 16   # CPU smoke run
@@ -20,8 +20,8 @@ from _common import emit, env_info, pick_device, sync
 from generate_vs_hf import StubTokenizer, make_prompts
 
 from nextbit.core.config import ModelConfig, depth_for
-from nextbit.core.decode import DecodeEngine
-from nextbit.core.generate import SamplingParams
+from nextbit.infer.engine import Engine
+from nextbit.infer.sampling import SamplingParams
 from nextbit.core.model import GPT
 
 
@@ -54,19 +54,19 @@ def main() -> None:
         model = model.to(torch.bfloat16)
     tok = StubTokenizer(args.vocab)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_k=50, top_p=1.0, stop_token_ids=[], seed=0)
-    engine = DecodeEngine(model)
+    engine = Engine(model, tok)
     for b in [int(x) for x in args.batches.split(",") if x]:
         prompts = make_prompts(b, args.prompt_len, args.vocab, False)
         for _ in range(2):  # compile, record the graph
-            engine.generate(tok, prompts, params)
+            engine.generate(prompts, params)
         sync(dev)
         t = time.perf_counter()
-        engine.generate(tok, prompts, params)
+        engine.generate(prompts, params)
         sync(dev)
         wall = time.perf_counter() - t
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            engine.generate(tok, prompts, params)
+            engine.generate(prompts, params)
             sync(dev)
         evts = [e for e in prof.key_averages() if device_us(e, cuda) > 0]
         kernels = sum(e.count for e in evts if cuda and e.device_type == torch.autograd.DeviceType.CUDA)

@@ -75,8 +75,8 @@ def test_gpu_benches_run_on_cpu_at_a_tiny_shape():
     assert [r["loss_chunk"] for r in train if r.get("side") == "nextbit"] == [0, 16]
     assert train[-1]["bench"] == "train_ratio" and train[-1]["nextbit_tokens_per_s"] > 0
     gen = _bench_lines("generate_vs_hf.py", "--preset", "2", "--vocab-size", "256", "--ctx", "64", "--batches", "1,3", "--prompt-len", "8",
-                       "--new-tokens", "8", "--sides", "nextbit,nextbit_plain", "--warmup", "1", "--repeats", "1", "--ragged")
-    assert {(r["side"], r["batch"]) for r in gen if r["bench"] == "generate_vs_hf"} == {(s, b) for s in ("nextbit", "nextbit_plain") for b in (1, 3)}
+                       "--new-tokens", "8", "--sides", "nextbit,base", "--baseline", "HEAD", "--warmup", "1", "--repeats", "1", "--ragged")
+    assert {(r["side"], r["batch"]) for r in gen if r["bench"] == "generate_vs_hf"} == {(s, b) for s in ("nextbit", "base") for b in (1, 3)}
     assert all(r["tokens_per_s"] > 0 for r in gen if r["bench"] == "generate_vs_hf")
     prof = _bench_lines("profile_decode.py", "--preset", "2", "--vocab-size", "256", "--batches", "2", "--new-tokens", "4", "--top", "3")
     assert prof[0]["bench"] == "profile_decode" and prof[0]["ms_per_step_wall"] > 0 and len(prof) == 4
