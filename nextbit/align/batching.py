@@ -44,7 +44,12 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
+    """The GPT inside a DDP or torch.compile wrapper (or the model itself)."""
     return getattr(model, "module", getattr(model, "_orig_mod", model))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,3 @@ def pooled_scalar(model: torch.nn.Module, head: str, batch: Batch) -> torch.Tens
 def read_reward(model: torch.nn.Module, head: str, batch: Batch, pool: str = "last") -> torch.Tensor:
     return pooled_scalar(model, head, batch) if pool == "mean" else last_scalar(model, head, batch)
 
-
-def chunks(n: int, size: int):
-    for i in range(0, n, size):
-        yield range(i, min(n, i + size))

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 from nextbit.align.common import single_process
-from nextbit.align.formats import _prompt, load_prompts, read_jsonl, write_jsonl
+from nextbit.align.formats import load_prompts, parse_prompt, read_jsonl, write_jsonl
 from nextbit.align.labelers import Judgement, Query, make_labeler
 from nextbit.align.sampling import sample_responses
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
-from nextbit.core.generate import SamplingParams
+from nextbit.infer.sampling import SamplingParams
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _read_pairs(path: str) -> list[Query]:
     out = []
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
-        p = _prompt(obj, where)
+        p = parse_prompt(obj, where)
         if not isinstance(obj.get("a"), str) or not isinstance(obj.get("b"), str):
             raise NextbitError(f"{where}: a pair needs string fields 'a' and 'b'")
         out.append(Query(p, obj["a"], obj["b"]))

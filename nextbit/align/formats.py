@@ -66,7 +66,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 # ---- validation of one record -------------------------------------------------------------------------------
-def _messages(obj: Any, where: str, what: str) -> Messages:
+def parse_messages(obj: Any, where: str, what: str) -> Messages:
+    """A list of {"role", "content"} messages (field `what` of the line at `where`), checked."""
     if not isinstance(obj, list) or not obj:
         raise NextbitError(f"{where}: {what} must be a non-empty list of messages")
     out = []
@@ -79,14 +80,15 @@ def _messages(obj: Any, where: str, what: str) -> Messages:
     return out
 
 
-def _prompt(obj: dict, where: str) -> Prompt:
+def parse_prompt(obj: dict, where: str) -> Prompt:
+    """The 'prompt' field of a line: a string or a list of messages."""
     if "prompt" not in obj:
         raise NextbitError(f"{where}: missing field 'prompt'")
     p = obj["prompt"]
     if isinstance(p, str):
         return p
     if isinstance(p, list):
-        return _messages(p, where, "prompt")
+        return parse_messages(p, where, "prompt")
     raise NextbitError(f"{where}: 'prompt' must be a string or a list of messages")
 
 
@@ -101,7 +103,7 @@ def _answer(obj: dict, key: str, prompt: Prompt, where: str) -> str:
         return v
     if isinstance(v, str):
         return v
-    msgs = _messages(v, where, key)
+    msgs = parse_messages(v, where, key)
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
         raise NextbitError(f"{where}: {key!r} must be one assistant message")
     return msgs[0]["content"]
@@ -126,16 +128,16 @@ class PreferenceExample:
 
 def parse_sft(obj: dict, where: str) -> SFTExample:
     if "messages" in obj:
-        msgs = _messages(obj["messages"], where, "messages")
+        msgs = parse_messages(obj["messages"], where, "messages")
         if not any(m["role"] == "assistant" for m in msgs):
             raise NextbitError(f"{where}: 'messages' has no assistant turn to train on")
         return SFTExample(prompt=msgs, messages=msgs)
-    prompt = _prompt(obj, where)
+    prompt = parse_prompt(obj, where)
     return SFTExample(prompt=prompt, completion=_answer(obj, "completion", prompt, where))
 
 
 def parse_preference(obj: dict, where: str) -> PreferenceExample:
-    prompt = _prompt(obj, where)
+    prompt = parse_prompt(obj, where)
     chosen, rejected = _answer(obj, "chosen", prompt, where), _answer(obj, "rejected", prompt, where)
     tie = obj.get("tie", False)
     if not isinstance(tie, bool):
@@ -169,20 +171,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             raise NextbitError(f"file not found: {p}")
         prompts: list[Prompt] = [l.rstrip("\n") for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
     else:
-        prompts = [_prompt(obj, f"{path}:{n}") for n, obj in read_jsonl(p)]
+        prompts = [parse_prompt(obj, f"{path}:{n}") for n, obj in read_jsonl(p)]
     if not prompts:
         raise NextbitError(f"{path} holds no prompts")
     return prompts
-
-
-def preference_record(ex: PreferenceExample) -> dict:
-    rec: dict[str, Any] = {"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected}
-    if ex.tie:
-        rec["tie"] = True
-    if ex.labeler:
-        rec["labeler"] = ex.labeler
-    rec.update(ex.extra)
-    return rec
 
 
 def prompt_key(prompt: Prompt) -> str:
@@ -218,10 +210,6 @@ def encode_completion(tok: Tokenizer, prompt: Prompt, completion: str, append_eo
     if not isinstance(prompt, str):
         return ids + [tok.end_id]
     return ids + [tok.eot_id] if append_eot else ids
-
-
-def stop_ids(tok: Tokenizer, prompt: Prompt) -> list[int]:
-    return [tok.end_id, tok.eot_id]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from nextbit.align.formats import Prompt, _messages, prompt_key, read_jsonl
+from nextbit.align.formats import Prompt, parse_prompt, prompt_key, read_jsonl
 from nextbit.align.scorers import Scorer, make_scorer
 from nextbit.core.errors import NextbitError
 
@@ -102,11 +102,7 @@ class JSONLLabeler:
         self.table: dict[tuple[str, str, str], Judgement] = {}
         for n, obj in read_jsonl(path):
             where = f"{path}:{n}"
-            p = obj.get("prompt")
-            if isinstance(p, list):
-                p = _messages(p, where, "prompt")
-            elif not isinstance(p, str):
-                raise NextbitError(f"{where}: missing string or message-list field 'prompt'")
+            p = parse_prompt(obj, where)
             who = obj.get("labeler") or "human"
             ts = obj.get("timestamp", time.time())
             if "chosen" in obj or "rejected" in obj:
