@@ -90,6 +90,24 @@ def test_a_request_gives_the_same_tokens_alone_and_inside_a_busy_batch(model, to
     assert not eng.running and not eng.active.any()
 
 
+def test_a_cancelled_request_frees_its_slot_for_the_queue(model, tokenizer, prompts):
+    p = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[])
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=1, max_len=96)
+    first, second, third = (Request(list(prompts[i]), p, 0) for i in range(3))
+    for r in (first, second, third):
+        eng.submit(r)
+    eng.step()
+    eng.cancel(first)  # mid-generation: the slot is free at the next step
+    eng.cancel(third)  # still queued
+    assert first.finish == third.finish == "cancelled" and 1 <= len(first.tokens) < 30
+    eng.step()
+    assert eng.running == {0: second} and not eng.waiting
+    while eng.busy:
+        eng.step()
+    assert second.tokens == reference_generate(model, tokenizer, [prompts[1]], SamplingParams(30, 0, stop_token_ids=[], seed=0))[0].tokens
+
+
 def test_more_prompts_than_slots_refill_the_slots(model, tokenizer, prompts):
     p = SamplingParams(max_new_tokens=9, temperature=1.0, seed=3, stop_token_ids=[])
     many = prompts * 3

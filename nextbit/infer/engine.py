@@ -68,7 +68,7 @@ class Request:
     params: SamplingParams
     seed: int  # this row's random stream (see sampling.row_seed)
     tokens: list[int] = field(default_factory=list)  # generated so far
-    finish: Optional[str] = None  # "token" | "string" | "length" once done
+    finish: Optional[str] = None  # "token" | "string" | "length" once done ("cancelled" if dropped)
     slot: int = -1
     on_token: Optional[Callable[["Request", int], None]] = None  # called for every generated token (streaming)
 
@@ -179,6 +179,16 @@ class Engine:
         if len(stop_ids_for(self.tokenizer, req.params)) > STOP_WIDTH:
             raise NextbitError(f"at most {STOP_WIDTH} stop token ids per request")
         self.waiting.append(req)
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client went away): out of the queue, or out of its slot, which is free at once."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif self.running.get(req.slot) is req:
+            del self.running[req.slot]
+            self.active[req.slot] = False
+        if req.finish is None:
+            req.finish = "cancelled"
 
     @property
     def busy(self) -> bool:
