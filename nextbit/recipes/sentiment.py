@@ -43,7 +43,7 @@ from nextbit.core.checkpoint import load_checkpoint, read_info, read_train_state
 from nextbit.core.config import ModelConfig
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
-from nextbit.core.generate import SamplingParams
+from nextbit.infer.sampling import SamplingParams
 from nextbit.train.loop import LoopConfig
 from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.data.sources import load_reviews
