@@ -55,8 +55,10 @@ def compressor_bpb(data: bytes) -> dict[str, float]:
     }
 
 
-def heldout_bytes(val_every: int) -> bytes:
-    return b"".join(d.text.encode("utf-8") for d in iter_stdlib(val_every, Skipped()) if d.split == "val")
+def heldout_bytes(val_every: int) -> tuple[bytes, int]:
+    """The held-out files' bytes, and how many files they are."""
+    docs = [d.text.encode("utf-8") for d in iter_stdlib(val_every, Skipped()) if d.split == "val"]
+    return b"".join(docs), len(docs)
 
 
 def demo(cfg: DemoConfig) -> dict:
@@ -95,8 +97,8 @@ def demo(cfg: DemoConfig) -> dict:
     result = train(tcfg)
     t_train = time.time() - t_start
 
-    print("[3/3] held-out bits per byte (12 standard-library files never seen in training):", flush=True)
-    held = heldout_bytes(50)
+    held, n_files = heldout_bytes(50)
+    print(f"[3/3] held-out bits per byte ({n_files} standard-library files never seen in training):", flush=True)
     rows = {"nextbit model": result["val_bpb"], **compressor_bpb(held)}
     width = max(len(k) for k in rows)
     for name, bpb in rows.items():
