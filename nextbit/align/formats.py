@@ -10,7 +10,7 @@ Preferences (reward model, DPO):
 Prompts (PPO, compare): {"prompt": ...}; a plain .txt file (one prompt a line) also works.
 Extra fields are kept and ignored. A malformed line is reported as `path:line: what is wrong`.
 
-Chat template, built on the tokenizer's role tokens:
+Chat template (core/chat.py), built on the tokenizer's role tokens:
     <|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
 Plain-text prompts start after <|endoftext|>, as every pretraining document does; plain completions are
 followed by <|endoftext|> when `append_eot` is on (so the model learns to stop). Loss masks cover the
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from nextbit.core.atomic import atomic_path
+from nextbit.core.chat import Messages, render_messages
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import ROLE_TOKENS, Tokenizer
 
-Messages = list[dict[str, str]]
 Prompt = Union[str, Messages]
 
 
@@ -182,21 +182,7 @@ def prompt_key(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-# ---- chat template and tokens --------------------------------------------------------------------------------
-def render_messages(tok: Tokenizer, messages: Messages, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and the loss mask (True on assistant content and its <|end|>)."""
-    ids, mask = [tok.eot_id], [False]
-    for m in messages:
-        body = tok.encode(m["content"]) + [tok.end_id]
-        train = m["role"] == "assistant"
-        ids += [tok.role_id(m["role"])] + body
-        mask += [False] + [train] * len(body)
-    if add_generation_prompt:
-        ids.append(tok.role_id("assistant"))
-        mask.append(False)
-    return ids, mask
-
-
+# ---- chat template (core/chat.py) and tokens ----------------------------------------------------------------
 def encode_prompt(tok: Tokenizer, prompt: Prompt) -> list[int]:
     """What the model is conditioned on: <|endoftext|> + text, or the chat ending in <|assistant|>."""
     if isinstance(prompt, str):
