@@ -24,7 +24,7 @@ from nextbit.align.sft import SFTConfig, sft
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.config import ModelConfig
 from nextbit.core.errors import NextbitError
-from nextbit.core.generate import SamplingParams
+from nextbit.infer.sampling import SamplingParams
 from nextbit.train.loop import LoopConfig
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import train_tokenizer
@@ -249,3 +249,140 @@ def test_cli_errors_are_one_line(work, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == f"nextbit: error: {bad}:2: missing field 'rejected'"
     assert not (tmp_path / "rm" / "checkpoint").exists()
+
+
+# ---- the shared stage setup (issue 9) ------------------------------------------------------------------------------
+def stage_run(command, work, out, rows=None, **kw):
+    """Run sft / reward / dpo from the base model on `rows` (default: the module's data); returns (config, result)."""
+    data = {"sft": work["sft"], "reward": work["prefs"], "dpo": work["prefs"]}[command]
+    if rows is not None:
+        data = jsonl(out.parent / f"{out.name}.jsonl", rows)
+    make, run = {"sft": (SFTConfig, sft), "reward": (RewardConfig, train_reward), "dpo": (DPOConfig, dpo)}[command]
+    loop_kw = {k: kw.pop(k) for k in list(kw) if k in LoopConfig.__dataclass_fields__}
+    cfg = make(init_from=str(work["dir"] / "base"), data=data, out=str(out), batch_size=4, loop=loop(**loop_kw), **kw)
+    return cfg, run(cfg)
+
+
+def few_rows(command, n=8):
+    if command == "sft":
+        return [{"prompt": p, "completion": completion(POS, i)} for i, p in enumerate(PROMPTS[:n])]
+    return [{"prompt": p, "chosen": completion(POS, i), "rejected": completion(NEG, i)} for i, p in enumerate(PROMPTS[:n])]
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
+def test_stage_resolves_steps_and_lr_into_a_copy(work, tmp_path, command):
+    """--steps 0 and --lr 0 are resolved into a copy that config.json records; the caller's config is left as it was."""
+    import copy
+
+    from nextbit.align.common import LR_SCALE
+    from nextbit.core.config import default_lr
+
+    cfg, res = stage_run(command, work, tmp_path / "run", few_rows(command), epochs=1.5, val_frac=0.0)
+    before = copy.deepcopy(cfg)
+    rec = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert rec["loop"]["steps"] == res["step"] == 3  # ceil(1.5 passes x 8 rows / 4 a step)
+    assert rec["loop"]["lr"] == pytest.approx(LR_SCALE[command] * default_lr(64))
+    assert cfg == before and cfg.loop.steps == 0 and cfg.loop.lr == 0.0
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
+def test_time_budget_means_the_same_in_every_stage(work, tmp_path, command):
+    """With --time-budget the budget decides how long a stage trains (two default epochs of 8 rows would take a
+    fraction of a second); --epochs, given, caps it."""
+    from nextbit.align.common import UNCAPPED
+
+    cfg, res = stage_run(command, work, tmp_path / "budget", few_rows(command), time_budget=1.5, val_frac=0.0)
+    logged = [json.loads(l) for l in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["elapsed"] > 1.0 and res["step"] > 4 and not res["stopped_early"]
+    assert json.loads((tmp_path / "budget" / "config.json").read_text())["loop"]["steps"] == UNCAPPED
+    assert cfg.loop.steps == 0 and cfg.epochs is None
+    _, capped = stage_run(command, work, tmp_path / "capped", few_rows(command), time_budget=30, epochs=1, val_frac=0.0)
+    assert capped["step"] == 2  # one pass over 8 rows, 4 a step, long before the budget
+
+
+@pytest.mark.parametrize("command", ["reward", "dpo"])
+def test_pairs_with_chosen_equal_to_rejected(work, tmp_path, capsys, command):
+    """Such pairs hold no preference: dropped with a count; a file with nothing else is refused in one line."""
+    same = [{"prompt": p, "chosen": completion(POS, i), "rejected": completion(POS, i)} for i, p in enumerate(PROMPTS[:6])]
+    cfg, res = stage_run(command, work, tmp_path / "some", same + few_rows(command), steps=1, val_frac=0.0)
+    assert "dropped 6 of 14 pairs whose chosen and rejected responses are the same" in capsys.readouterr().err
+    assert json.loads((tmp_path / "some" / "config.json").read_text())["pairs"] == 8
+    with pytest.raises(NextbitError, match="every pair .*the same chosen and rejected response"):
+        stage_run(command, work, tmp_path / "all", same * 7, steps=1)
+    assert not (tmp_path / "all").exists()
+
+
+def test_reward_margins_say_their_units(rm_run):
+    """The margin logged during training is in the raw head's units, the final one after normalisation is
+    `val_margin_normalised`, and eval.json holds both: the raw one is what was printed and logged last."""
+    out, res = rm_run
+    ev = json.loads((out / "eval.json").read_text())
+    logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_margin" in l]
+    assert ev["val_margin"] == logged[-1]["val_margin"] == res["val_margin"]
+    assert ev["val_margin_normalised"] == pytest.approx(ev["val_margin"] / ev["raw_reward_std"], rel=1e-3)
+    assert load_checkpoint(out).info["meta"]["pool"] == "last"
+
+
+def test_ppo_refuses_checkpoints_of_the_wrong_kind(work, sft_run, rm_run, tmp_path):
+    """--policy refuses a reward model, --reward-model refuses a policy, each in one line naming the flag."""
+    kw = dict(prompts=work["prompts"], out=str(tmp_path / "ppo"), steps=1, batch_size=4, minibatch=4, device="cpu", quiet=True)
+    with pytest.raises(NextbitError, match=r"^--policy .* is a reward model"):
+        ppo(PPOConfig(policy=str(rm_run[0]), reward_model=str(rm_run[0]), **kw))
+    with pytest.raises(NextbitError, match=r"^--reward-model .* has no 'reward' head"):
+        ppo(PPOConfig(policy=str(sft_run[0]), reward_model=str(sft_run[0]), **kw))
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_ppo_reward_model_with_another_tokenizer_names_both_the_right_way_round(work, sft_run, tmp_path):
+    from nextbit.align.reward import HEAD
+
+    other = train_tokenizer(["a different corpus of words " * 20, "and another line of text"], 300)
+    m = GPT(ModelConfig(depth=1, vocab_size=320, width=64, n_head=2, seq_len=64))
+    m.add_scalar_head(HEAD)
+    save_checkpoint(tmp_path / "rm", m, other)
+    policy_hash = load_checkpoint(sft_run[0]).tokenizer.hash
+    with pytest.raises(NextbitError) as e:
+        ppo(PPOConfig(policy=str(sft_run[0]), reward_model=str(tmp_path / "rm"), prompts=work["prompts"], out=str(tmp_path / "ppo"),
+                      device="cpu", quiet=True))
+    assert str(e.value) == (f"tokenizer mismatch: --reward-model {tmp_path / 'rm'} was made with tokenizer {other.hash}, "
+                            f"but the policy's tokenizer is {policy_hash}")
+
+
+def test_ppo_default_eval_size_scales_with_the_prompt_file(work, sft_run, rm_run, tmp_path):
+    """A 50-prompt file with the default --eval-size holds out 5 prompts (a tenth, 1..128); an explicit --eval-size
+    that takes every prompt is still refused."""
+    prompts = jsonl(tmp_path / "p50.jsonl", [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(50)])
+    kw = dict(policy=str(sft_run[0]), reward_model=str(rm_run[0]), prompts=prompts, steps=1, batch_size=4, minibatch=4,
+              ppo_epochs=1, max_new_tokens=4, device="cpu", quiet=True)
+    ppo(PPOConfig(out=str(tmp_path / "auto"), **kw))
+    rec = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert (rec["eval_size"], rec["eval_prompts"], rec["train_prompts"]) == (5, 5, 45)
+    assert len((tmp_path / "auto" / "eval.jsonl").read_text().splitlines()) == 2  # start and end
+    with pytest.raises(NextbitError, match="--eval-size 50 leaves no training prompts"):
+        ppo(PPOConfig(out=str(tmp_path / "all"), eval_size=50, **kw))
+
+
+@pytest.mark.parametrize("command, flags, says", [
+    ("sft", ["--val-frac", "1.5"], "--val-frac must be in [0, 1), got 1.5"),
+    ("sft", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("sft", ["--micro-batch", "-1"], "--micro-batch must be >= 0"),
+    ("sft", ["--max-len", "1"], "--max-len must be in [2, 64]"),
+    ("sft", ["--epochs", "0"], "--epochs must be > 0"),
+    ("reward", ["--pool", "max"], "--pool must be last or mean, got 'max'"),
+    ("dpo", ["--beta", "0"], "--beta must be > 0, got 0.0"),
+    ("ppo", ["--minibatch", "0"], "--minibatch must be in [1, --batch-size 64], got 0"),
+    ("ppo", ["--eval-size", "-2"], "--eval-size must be >= 0 (or -1: auto), got -2"),
+])
+def test_option_errors_name_the_flag(work, tmp_path, capsys, command, flags, says):
+    """Bad options fail in one line that names the option as it is typed."""
+    from nextbit.cli import main
+
+    src = ["--init-from", work["dir"] / "base", "--data", work["sft"] if command == "sft" else work["prefs"]]
+    if command == "ppo":
+        src = ["--policy", work["dir"] / "base", "--prompts", work["prompts"]]
+    argv = [command, *map(str, src), "--out", str(tmp_path / "run"), "--device", "cpu", *flags]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"nextbit: error: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

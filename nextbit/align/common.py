@@ -1,22 +1,54 @@
-"""What the gradient-based alignment stages (sft, reward, dpo) share: run folders, splits, step counts, shuffling,
-and the split of each global batch across torchrun processes."""
+"""What the gradient-based alignment stages (sft, reward, dpo) share, so each stage file holds only its algorithm.
+
+Every stage runs the same way (TRL's layout: one shared trainer base, one thin file per algorithm):
+
+    base = open_base(cfg)                                       # processes, checkpoint, frozen parameters, --max-len
+    items = ... the stage reads and encodes its data with base.tok and base.max_len ...
+    stage = prepare_stage("sft", cfg, base, items, unit="examples")   # split, batch layout, steps, LR, run folder,
+                                                                      # config.json (the resolved values)
+    result = run_loop(stage, objective, evaluate)               # the shared TrainLoop
+
+Derived values (the number of steps, the learning rate) go into a resolved copy of the stage's loop config
+(`Stage.loop`); the caller's config is never changed. The learning rate of every alignment stage, PPO included, is
+`scale x core.config.default_lr(width)` with the stage's scale (`LR_SCALE`).
+
+Training length: `--steps N` trains N optimizer steps; `--steps 0` (the default) trains `--epochs` passes over the
+training split. With `--time-budget SECONDS` the budget decides: training runs for the budget (the schedule is
+fitted to it) and `--steps` / `--epochs`, when given, only cap it; given neither, nothing caps it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
-from dataclasses import asdict, is_dataclass
+import sys
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
+import torch
 
 from nextbit.core.atomic import write_json
-from nextbit.train.distributed import Dist, setup
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.config import default_lr
 from nextbit.core.errors import NextbitError
-from nextbit.train.loop import LoopConfig
+from nextbit.core.model import GPT
+from nextbit.core.tokenizer import Tokenizer
+from nextbit.train.distributed import Dist, setup
+from nextbit.train.loop import LoopConfig, Objective, TrainLoop
 
 T = TypeVar("T")
+
+# peak LR of each stage when --lr is 0, as a multiple of the pretraining default for the model's width
+LR_SCALE = {"sft": 0.25, "reward": 0.25, "dpo": 0.05, "ppo": 0.05}
+UNCAPPED = 10**9  # the step cap of a --time-budget run given neither --steps nor --epochs: the budget alone decides
+
+
+def stage_lr(command: str, lr: float, width: int) -> float:
+    """The peak learning rate: `lr` when given, else the stage's share of the pretraining default for `width`."""
+    return lr or LR_SCALE[command] * default_lr(width)
 
 
 def freeze_unused(model, keep_lm_head: bool, keep_head: str = "") -> None:
@@ -49,6 +81,7 @@ def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -
 
 
 def write_config(out: Path, command: str, cfg, main: bool = True, **extra) -> dict:
+    """config.json: the command, every field of its (resolved) config, and `extra` facts about the run."""
     rec = {"command": command, **(asdict(cfg) if is_dataclass(cfg) else dict(cfg)), **extra}
     if main:
         write_json(out / "config.json", rec)
@@ -58,7 +91,7 @@ def write_config(out: Path, command: str, cfg, main: bool = True, **extra) -> di
 def split_holdout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], list[T]]:
     """(train, held out): a seeded random `frac` of the items is held out (at least one when frac > 0 and n > 1)."""
     if not 0 <= frac < 1:
-        raise NextbitError("--val-frac must be in [0, 1)")
+        raise NextbitError(f"--val-frac must be in [0, 1), got {frac}")
     n = len(items)
     k = 0 if frac == 0 or n < 2 else max(1, int(round(frac * n)))
     order = np.random.default_rng(seed).permutation(n)
@@ -66,14 +99,19 @@ def split_holdout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], 
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def resolve_steps(loop: LoopConfig, epochs: float, n_examples: int, batch_size: int) -> None:
-    """--steps 0 means: as many optimizer steps as `epochs` passes over the data take."""
-    if batch_size < 1:
-        raise NextbitError("--batch-size must be >= 1")
-    if loop.steps == 0:
-        if epochs <= 0:
-            raise NextbitError("give --steps or --epochs > 0")
-        loop.steps = max(1, math.ceil(epochs * n_examples / batch_size))
+def resolve_steps(loop: LoopConfig, epochs: Optional[float], default_epochs: float, n_examples: int, batch_size: int) -> tuple[int, Optional[float]]:
+    """(optimizer steps, passes over the data) of a run; see the module docstring. `epochs` None = not given: the
+    stage's `default_epochs`, or no cap at all under --time-budget."""
+    if loop.steps < 0:
+        raise NextbitError(f"--steps must be >= 0 (0: --epochs passes over the data), got {loop.steps}")
+    if loop.steps:
+        return loop.steps, epochs
+    if epochs is None and loop.time_budget:
+        return UNCAPPED, None
+    epochs = default_epochs if epochs is None else epochs
+    if epochs <= 0:
+        raise NextbitError(f"--epochs must be > 0 (or give --steps), got {epochs:g}")
+    return max(1, math.ceil(epochs * n_examples / batch_size)), epochs
 
 
 class Shuffler:
@@ -100,8 +138,10 @@ class Shuffler:
 
 def accum_for(batch_size: int, micro_batch: int, world: int = 1) -> tuple[int, int]:
     """(rows per forward pass, micro-steps per optimizer step) for one process's share of the global batch."""
-    if batch_size < 1 or micro_batch < 0:
-        raise NextbitError("--batch-size must be >= 1 and --micro-batch >= 0")
+    if batch_size < 1:
+        raise NextbitError(f"--batch-size must be >= 1, got {batch_size}")
+    if micro_batch < 0:
+        raise NextbitError(f"--micro-batch must be >= 0 (0: the whole batch), got {micro_batch}")
     if batch_size % world:
         raise NextbitError(f"--batch-size {batch_size} must be a multiple of the number of processes ({world})")
     per = batch_size // world
@@ -109,15 +149,12 @@ def accum_for(batch_size: int, micro_batch: int, world: int = 1) -> tuple[int, i
     return micro, math.ceil(per / micro)
 
 
-def micro_slice(rows: list[int], micro: int, accum: int) -> list[int]:
-    per = math.ceil(len(rows) / accum)
-    return rows[micro * per : (micro + 1) * per]
-
-
 def shard_rows(rows: list[int], micro: int, accum: int, rank: int, world: int) -> list[int]:
     """This process's rows of a global batch for micro-step `micro`: every `world`-th row from `rank` on, then cut
     into `accum` micro-batches. Which rows a step trains on does not depend on the number of processes."""
-    return micro_slice(rows[rank::world], micro, accum)
+    mine = rows[rank::world]
+    per = math.ceil(len(mine) / accum)
+    return mine[micro * per : (micro + 1) * per]
 
 
 def share(part: float, total: float, accum: int, world: int) -> float:
@@ -126,7 +163,97 @@ def share(part: float, total: float, accum: int, world: int) -> float:
     return part * accum * world / max(total, 1e-12)
 
 
-def derived_lr(loop: LoopConfig, width: int, scale: float) -> None:
-    """Fine-tuning LR when --lr is 0: `scale` x the pretraining default for this width."""
-    if loop.lr == 0:
-        loop.lr = scale * 2e-3 * math.sqrt(256 / width)
+# ---- the shared stage setup ----------------------------------------------------------------------------------------
+@dataclass
+class Base:
+    """What a stage starts from: its processes, the checkpoint (--init-from) and the length limit of its examples."""
+
+    d: Dist
+    model: GPT
+    tok: Tokenizer
+    path: Path  # the checkpoint read
+    max_len: int  # tokens per example (--max-len, or the model's context)
+
+
+def open_base(cfg, *, keep_lm_head: bool = True, head: str = "") -> Base:
+    """Join the processes, load `cfg.init_from`, add the scalar `head` if asked and missing, freeze what the stage's
+    loss never touches, and check `cfg.max_len` against the model's context."""
+    d = setup(cfg.loop.device)
+    ck = load_checkpoint(cfg.init_from)
+    model = ck.model
+    if head and head not in model.heads:
+        model.add_scalar_head(head)
+    freeze_unused(model, keep_lm_head=keep_lm_head, keep_head=head)
+    ctx = model.cfg.seq_len
+    max_len = cfg.max_len or ctx
+    if not 2 <= max_len <= ctx:
+        raise NextbitError(f"--max-len must be in [2, {ctx}] (the model's context), got {cfg.max_len}")
+    return Base(d, model, ck.tokenizer, ck.path, max_len)
+
+
+@dataclass
+class Stage:
+    """A stage ready to train: what it starts from, its data split, batch layout, resolved loop config and run folder."""
+
+    command: str
+    base: Base
+    train: list
+    val: list
+    micro: int  # rows per forward pass
+    accum: int  # micro-steps per optimizer step
+    loop: LoopConfig  # the caller's loop config with the derived values filled in (steps, lr)
+    out: Path
+    run_config: dict  # what config.json holds
+
+    @property
+    def model(self) -> GPT:
+        return self.base.model
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self.base.tok
+
+    @property
+    def d(self) -> Dist:
+        return self.base.d
+
+
+def prepare_stage(command: str, cfg, base: Base, items: Sequence, *, unit: str, default_epochs: float = 2.0,
+                  note: str = "", **facts: Any) -> Stage:
+    """Hold out `cfg.val_frac` of `items`, lay out the batch over processes and micro-batches, resolve the steps and
+    the learning rate into a copy of `cfg.loop` (validated before anything is written), prepare the run folder and
+    write config.json with the resolved values and `facts`. `unit` names the items in messages and config.json."""
+    train, val = split_holdout(items, cfg.val_frac, cfg.loop.seed)
+    if not train:
+        raise NextbitError(f"{cfg.data}: no {unit} left to train on")
+    d = base.d
+    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch, d.world)
+    steps, epochs = resolve_steps(cfg.loop, cfg.epochs, default_epochs, len(train), cfg.batch_size)
+    loop = dataclasses.replace(cfg.loop, steps=steps, lr=stage_lr(command, cfg.loop.lr, base.model.cfg.width))
+    loop.validate()
+    out = prepare_out(cfg.out, loop.resume, cfg.force, d.main)
+    resolved = dataclasses.replace(cfg, loop=loop, epochs=epochs)
+    run_config = write_config(out, command, resolved, d.main, **{unit: len(items)}, train=len(train), val=len(val), **facts,
+                              base_checkpoint=str(base.path), world_size=d.world)
+    if not loop.quiet and d.main:
+        length = f"{steps} steps"
+        if loop.time_budget:
+            length = f"steps for {loop.time_budget:g} s" + ("" if steps == UNCAPPED else f" (at most {steps})")
+        print(f"{command}: {len(train)} train / {len(val)} held-out {unit}{note}, {cfg.batch_size} {unit} a step, {length}, "
+              f"lr {loop.lr:.2e}", flush=True)
+    return Stage(command, base, train, val, micro, accum, loop, out, run_config)
+
+
+def run_loop(stage: Stage, objective: Objective, evaluate: Optional[Callable[[GPT], dict]]) -> dict:
+    """Train `stage.model` in place with the shared TrainLoop under the stage's resolved loop config."""
+    torch.manual_seed(stage.loop.seed)
+    loop = TrainLoop(stage.model, stage.tok, stage.loop, stage.out, stage.d, objective, accum=stage.accum,
+                     evaluate=evaluate if stage.val else None, run_config=stage.run_config,
+                     title=f"{stage.command} {stage.out.name}")
+    return loop.run()
+
+
+def say(msg: str, d: Optional[Dist] = None) -> None:
+    """A note about the input (on the main process, to stderr, even with --quiet)."""
+    if d is None or d.main:
+        print(msg, file=sys.stderr, flush=True)

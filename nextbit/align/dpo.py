@@ -3,7 +3,9 @@
     loss = -log sigmoid(beta * [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))])
 with the frozen reference = the starting checkpoint. The reference log-probabilities are computed once, up
 front, so training holds one model. Ties carry no preference and are skipped. Logged: the implicit reward
-margin (beta x the bracket), chosen/rejected implicit rewards, and how often chosen beats rejected.
+margin (beta x the bracket), chosen/rejected implicit rewards, and how often chosen beats rejected. Pairs whose
+chosen and rejected responses are the same are dropped too (with a count). The stage setup (steps, --time-budget,
+learning rate, run folder) is the one every alignment stage shares (align/common.py).
 """
 
 from __future__ import annotations
@@ -14,17 +16,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from nextbit.align.batching import collate, sequence_logprobs, unwrap
-from nextbit.align.common import (Shuffler, accum_for, derived_lr, freeze_unused, prepare_out, resolve_steps, shard_rows, share,
-                                  split_holdout, write_config)
-from nextbit.align.reward import EncodedPair, encode_preferences
-from nextbit.align.formats import load_preferences
+from nextbit.align.batching import Batch, device_of, sequence_logprobs
+from nextbit.align.common import Shuffler, open_base, prepare_stage, run_loop, shard_rows, share
+from nextbit.align.reward import EncodedPair, encode_preferences, halves, pair_batch, read_preferences
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
-from nextbit.train.loop import LoopConfig, TrainLoop
 from nextbit.core.model import GPT
+from nextbit.train.distributed import Dist
+from nextbit.train.loop import LoopConfig
 
 
 @dataclass
@@ -38,7 +38,7 @@ class DPOConfig:
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 0  # pairs per forward pass; 0 = the whole batch
     max_len: int = 0  # tokens per prompt + response; 0 = the model's context
-    epochs: float = 1.0  # passes over the pairs when --steps is 0
+    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 1); with --time-budget only a cap
     val_frac: float = 0.05  # share of pairs held out
     append_eot: bool = True  # end plain-text responses with <|endoftext|>
     force: bool = False  # start over in an existing run folder
@@ -57,13 +57,12 @@ def reference_logprobs(ref: GPT, pairs: Sequence[EncodedPair], pad_id: int, rows
     """The reference's log-probability of every chosen and rejected response, computed once. With several processes
     each scores every world-th pair and they exchange the results."""
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
-    device = next(ref.parameters()).device
+    device = device_of(ref)
     mine = list(range(rank, len(pairs), world))
     scores: dict[int, tuple[float, float]] = {}
     for i in range(0, len(mine), rows):
         idx = mine[i : i + rows]
-        lc = sequence_logprobs(ref, collate([pairs[j].chosen for j in idx], pad_id).to(device)).cpu()
-        lr = sequence_logprobs(ref, collate([pairs[j].rejected for j in idx], pad_id).to(device)).cpu()
+        lc, lr = halves(sequence_logprobs(ref, pair_batch([pairs[j] for j in idx], pad_id).to(device)).cpu())
         scores.update({j: (float(c), float(r)) for j, c, r in zip(idx, lc, lr)})
     if world > 1:
         parts: list = [None] * world
@@ -72,13 +71,18 @@ def reference_logprobs(ref: GPT, pairs: Sequence[EncodedPair], pad_id: int, rows
     return [DPOPair(p, *scores[j]) for j, p in enumerate(pairs)]
 
 
+def dpo_batch(rows: Sequence[DPOPair], pad_id: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """The pairs' responses (chosen, then rejected) and the reference's log-probabilities of each."""
+    return (pair_batch([r.pair for r in rows], pad_id), torch.tensor([r.ref_chosen for r in rows]),
+            torch.tensor([r.ref_rejected for r in rows]))
+
+
 def dpo_terms(model, batch, beta: float, smoothing: float) -> tuple[torch.Tensor, dict]:
     b, ref_c, ref_r = batch
-    b = b.to(next(unwrap(model).parameters()).device)
-    lp = sequence_logprobs(model, b)
-    n = lp.size(0) // 2
-    rc = beta * (lp[:n] - ref_c.to(lp.device))
-    rr = beta * (lp[n:] - ref_r.to(lp.device))
+    b = b.to(device_of(model))
+    lp_c, lp_r = halves(sequence_logprobs(model, b))
+    rc = beta * (lp_c - ref_c.to(lp_c.device))
+    rr = beta * (lp_r - ref_r.to(lp_r.device))
     margin = rc - rr
     loss = -(1 - smoothing) * F.logsigmoid(margin) - smoothing * F.logsigmoid(-margin)
     rc, rr, margin = rc.detach(), rr.detach(), margin.detach()
@@ -93,9 +97,7 @@ class DPOObjective:
 
     def batch(self, step, micro, rank, world):
         rows = [self.data[i] for i in shard_rows(self.shuffle.rows(step), micro, self.accum, rank, world)]
-        b = collate([r.pair.chosen for r in rows] + [r.pair.rejected for r in rows], self.pad_id)
-        weight = share(len(rows), self.cfg.batch_size, self.accum, world)
-        return (b, torch.tensor([r.ref_chosen for r in rows]), torch.tensor([r.ref_rejected for r in rows])), weight
+        return dpo_batch(rows, self.pad_id), share(len(rows), self.cfg.batch_size, self.accum, world)
 
     def loss(self, model, batch):
         terms, weight = batch
@@ -110,51 +112,30 @@ def dpo_eval(model: GPT, data: list[DPOPair], cfg: DPOConfig, pad_id: int, rows:
     tot: dict[str, float] = {}
     for i in range(0, len(data), rows):
         chunk = data[i : i + rows]
-        b = collate([r.pair.chosen for r in chunk] + [r.pair.rejected for r in chunk], pad_id)
-        batch = (b, torch.tensor([r.ref_chosen for r in chunk]), torch.tensor([r.ref_rejected for r in chunk]))
-        loss, m = dpo_terms(model, batch, cfg.beta, cfg.label_smoothing)
+        loss, m = dpo_terms(model, dpo_batch(chunk, pad_id), cfg.beta, cfg.label_smoothing)
         for k, v in {"loss": float(loss), **m}.items():
             tot[k] = tot.get(k, 0.0) + v * len(chunk)
     return {f"val_{k}": v / len(data) for k, v in tot.items()}
 
 
 def dpo(cfg: DPOConfig) -> dict:
-    d = setup(cfg.loop.device)
     if cfg.beta <= 0:
-        raise NextbitError("--beta must be > 0")
+        raise NextbitError(f"--beta must be > 0, got {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5:
-        raise NextbitError("--label-smoothing must be in [0, 0.5)")
-    ck = load_checkpoint(cfg.init_from)
-    model, tok = ck.model, ck.tokenizer
-    freeze_unused(model, keep_lm_head=True)
+        raise NextbitError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    base = open_base(cfg)
+    d, tok = base.d, base.tok
     ref_ck = load_checkpoint(cfg.ref_from) if cfg.ref_from else None
     if ref_ck is not None:
-        ref_ck.tokenizer.check_hash(tok.hash, f"reference {cfg.ref_from} (the policy's tokenizer differs)")
-    max_len = cfg.max_len or model.cfg.seq_len
-    if not 2 <= max_len <= model.cfg.seq_len:
-        raise NextbitError(f"--max-len must be in [2, {model.cfg.seq_len}] (the model's context)")
-    prefs = [p for p in load_preferences(cfg.data) if not p.tie]
-    if not prefs:
-        raise NextbitError(f"{cfg.data}: every pair is a tie; DPO needs preferences")
-    pairs = encode_preferences(tok, prefs, max_len, cfg.append_eot)
-    ref = (ref_ck.model if ref_ck is not None else model).to(d.device).eval()
+        ref_ck.tokenizer.check_hash(tok.hash, f"--ref-from {cfg.ref_from} (the policy's tokenizer differs)")
+    prefs, same = read_preferences(cfg.data, d, drop_ties=True)
+    pairs = encode_preferences(tok, prefs, base.max_len, cfg.append_eot)
+    ref = (ref_ck.model if ref_ck is not None else base.model).to(d.device).eval()
     data = reference_logprobs(ref, pairs, tok.pad_id, d=d)
     del ref, ref_ck
-    train_set, val_set = split_holdout(data, cfg.val_frac, cfg.loop.seed)
-    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch, d.world)
-    resolve_steps(cfg.loop, cfg.epochs, len(train_set), cfg.batch_size)
-    derived_lr(cfg.loop, model.cfg.width, 0.05)
-    out = prepare_out(cfg.out, cfg.loop.resume, cfg.force, d.main)
-    run_config = write_config(out, "dpo", cfg, d.main, pairs=len(pairs), train=len(train_set), val=len(val_set),
-                              base_checkpoint=str(ck.path), world_size=d.world)
-    if not cfg.loop.quiet and d.main:
-        print(f"dpo: {len(train_set)} train / {len(val_set)} held-out pairs, beta {cfg.beta}, {cfg.loop.steps} steps of "
-              f"{cfg.batch_size} pairs, lr {cfg.loop.lr:.2e}", flush=True)
-    torch.manual_seed(cfg.loop.seed)
-    evaluate = (lambda m: dpo_eval(m, val_set, cfg, tok.pad_id)) if val_set else None
-    loop = TrainLoop(model, tok, cfg.loop, out, d, DPOObjective(train_set, cfg, accum, tok.pad_id),
-                     accum=accum, evaluate=evaluate, run_config=run_config, title=f"dpo {out.name}")
-    result = loop.run()
+    stage = prepare_stage("dpo", cfg, base, data, unit="pairs", default_epochs=1.0, note=f", beta {cfg.beta}",
+                          dropped_identical=same)
+    result = run_loop(stage, DPOObjective(stage.train, cfg, stage.accum, tok.pad_id), lambda m: dpo_eval(m, stage.val, cfg, tok.pad_id))
     if not result.get("stopped_early") and d.main:
-        write_json(out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
+        write_json(stage.out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
     return result

@@ -23,6 +23,10 @@ the data of the over-optimisation plot (overoptimization.png).
 Checkpoints (`save_every`, Ctrl-C, `stop_after`, the end) hold the policy with its value head, the optimizer, beta
 and the RNG; every step's randomness (prompt draw, sampling seed, minibatch order) is a function of (seed, step),
 so `--resume` continues exactly as the uninterrupted run would have. The reference is always re-read from --policy.
+
+The loop is this file's own (as CleanRL keeps an algorithm readable in one file); what it shares with the other
+stages comes from align/common.py (run folder, config.json, learning rate), train/ (Ctrl-C, metrics) and core/
+(checkpoints). `--policy` must be a language model and `--reward-model` a reward model (each refuses the other).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,22 +43,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nextbit.align.common import prepare_out, single_process, write_config
+from nextbit.align.batching import device_of
+from nextbit.align.common import prepare_out, single_process, stage_lr, write_config
 from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
-from nextbit.align.reward import score_texts
-from nextbit.align.sampling import autocast, generate_batch
+from nextbit.align.reward import RewardModel
+from nextbit.align.sampling import generate_batch
 from nextbit.align.scorers import Scorer, make_scorer
 from nextbit.core.atomic import write_json
-from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
-from nextbit.core.generate import SamplingParams
-from nextbit.train.interrupt import CtrlC
-from nextbit.train.metrics import MetricsLog
 from nextbit.core.model import GPT, padded_attention
 from nextbit.core.optim import build_optimizer
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.infer.sampling import SamplingParams
+from nextbit.train.interrupt import CtrlC
+from nextbit.train.metrics import MetricsLog
 
 VALUE_HEAD = "value"
 
@@ -88,7 +94,7 @@ class PPOConfig:
     append_eot: bool = True  # score responses followed by <|endoftext|> (as the reward model was trained)
     grad_clip: float = 1.0  # 0 = off
     eval_every: int = 10  # steps between held-out evaluations (0 = start and end only)
-    eval_size: int = 128  # prompts held out (the last ones in the file) for evaluation
+    eval_size: int = -1  # prompts held out (the last ones in the file) for evaluation; -1 = auto: 10% of the prompts, 1 to 128
     save_every: int = 0  # steps between checkpoints; 0 = at the end only
     stop_after: int = 0  # stop after this many steps of this invocation, with a checkpoint (continue with --resume); 0 = off
     resume: bool = False  # continue the run in --out from its checkpoint, exactly as if it had not stopped
@@ -98,20 +104,34 @@ class PPOConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.ppo_epochs < 1:
-            raise NextbitError("--steps, --batch-size and --ppo-epochs must be >= 1")
+        for name in ("steps", "batch_size", "ppo_epochs", "max_new_tokens", "horizon"):
+            if getattr(self, name) < 1:
+                raise NextbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "stop_after", "init_kl_coef", "target_kl", "lr", "grad_clip", "score_clip",
+                     "ent_coef", "vf_coef", "cliprange", "cliprange_value"):
+            if getattr(self, name) < 0:
+                raise NextbitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.minibatch <= self.batch_size:
-            raise NextbitError("--minibatch must be in [1, --batch-size]")
+            raise NextbitError(f"--minibatch must be in [1, --batch-size {self.batch_size}], got {self.minibatch}")
         if self.kl_penalty not in ("k1", "k3"):
-            raise NextbitError("--kl-penalty must be k1 or k3")
-        if self.init_kl_coef < 0 or self.target_kl < 0 or self.horizon < 1:
-            raise NextbitError("--init-kl-coef and --target-kl must be >= 0, --horizon >= 1")
-        if not (0 <= self.lam <= 1 and 0 < self.gamma <= 1):
-            raise NextbitError("--lam must be in [0, 1] and --gamma in (0, 1]")
+            raise NextbitError(f"--kl-penalty must be k1 or k3, got {self.kl_penalty!r}")
+        if not 0 <= self.lam <= 1:
+            raise NextbitError(f"--lam must be in [0, 1], got {self.lam}")
+        if not 0 < self.gamma <= 1:
+            raise NextbitError(f"--gamma must be in (0, 1], got {self.gamma}")
         if self.temperature <= 0:
-            raise NextbitError("--temperature must be > 0 for PPO rollouts")
-        if self.eval_size < 0 or self.eval_every < 0 or self.save_every < 0 or self.stop_after < 0:
-            raise NextbitError("--eval-size, --eval-every, --save-every and --stop-after must be >= 0")
+            raise NextbitError(f"--temperature must be > 0 for PPO rollouts, got {self.temperature}")
+        if self.eval_size < -1:
+            raise NextbitError(f"--eval-size must be >= 0 (or -1: auto), got {self.eval_size}")
+
+    def eval_prompts(self, n: int) -> int:
+        """How many of `n` prompts are held out: --eval-size, or (-1) a tenth of them, at least 1 and at most 128, and
+        never all of them. An explicit --eval-size must leave a prompt to train on."""
+        if self.eval_size == -1:
+            return 0 if n < 2 else min(128, max(1, n // 10))
+        if self.eval_size >= n:
+            raise NextbitError(f"--eval-size {self.eval_size} leaves no training prompts out of the {n} in --prompts {self.prompts}")
+        return self.eval_size
 
 
 class AdaptiveKLController:
@@ -199,11 +219,11 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Prompt], cfg: PPOConfig, seed: int,
+def rollout(policy: GPT, ref: GPT, rm: RewardModel, tok: Tokenizer, prompts: Sequence[Prompt], cfg: PPOConfig, seed: int,
             *, values: bool = True) -> tuple[Rollout, float]:
     """Generate, then score with policy / reference / reward model. Returns the rollout and the generation seconds."""
     policy.eval()
-    dev = next(policy.parameters()).device
+    dev = device_of(policy)
     t0 = time.time()
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, 1.0, seed=seed)
     gen = generate_batch(policy, tok, prompts, params)
@@ -214,14 +234,14 @@ def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Pr
     if tokens.size(1) == P:  # nothing generated at all (cannot happen with max_new_tokens >= 1, kept for safety)
         raise NextbitError("the policy generated no tokens")
     V = tok.vocab_size
-    with autocast(policy):
+    with autocast_for(dev):
         cur = response_forward(policy, tokens, valid, P, V, temperature=cfg.temperature, values=values, full=True)
         refd = response_forward(ref, tokens, valid, P, V, temperature=cfg.temperature, full=True)
     mask = valid[:, P:].float()
     texts = [c.text for c in gen.completions]
     finished = torch.tensor([c.finish_reason == "stop" for c in gen.completions], device=dev)
-    with autocast(rm):
-        raw = score_texts(rm, tok, list(prompts), texts, append_eot=cfg.append_eot).to(dev)
+    with autocast_for(device_of(rm.model)):
+        raw = rm.score(tok, list(prompts), texts, append_eot=cfg.append_eot).to(dev)
     scores = raw.clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip > 0 else raw.clone()
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~finished).float()
@@ -238,15 +258,16 @@ def rollout(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Pr
 def ppo_update(policy: GPT, opt, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig, vocab: int,
                step: int) -> dict[str, float]:
     policy.train()
+    dev = device_of(policy)
     B = ro.tokens.size(0)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # minibatch order: a function of (seed, step)
     stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac")}
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=gen)
         for idx in order.split(cfg.minibatch):
-            idx = idx.to(ro.tokens.device)
+            idx = idx.to(dev)
             m = ro.mask[idx]
-            with autocast(policy):
+            with autocast_for(dev):
                 out = response_forward(policy, ro.tokens[idx], ro.valid[idx], ro.P, vocab, temperature=cfg.temperature,
                                        values=True, entropy=True)
             logp, v = out["logp"], out["values"].float()
@@ -290,7 +311,7 @@ def rollout_metrics(ro: Rollout, oracles: Sequence[Scorer]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[Prompt], cfg: PPOConfig,
+def evaluate(policy: GPT, ref: GPT, rm: RewardModel, tok: Tokenizer, prompts: Sequence[Prompt], cfg: PPOConfig,
              oracles: Sequence[Scorer], seed: int, batch: int = 128) -> dict[str, float]:
     """The held-out prompts, sampled as in training (fixed seed): proxy reward, oracle scores, KL to the reference."""
     acc: dict[str, float] = {}
@@ -304,15 +325,30 @@ def evaluate(policy: GPT, ref: GPT, rm: GPT, tok: Tokenizer, prompts: Sequence[P
     return {k: v / max(1, n) for k, v in acc.items()}
 
 
-def load_reward_model(path: str, device, tok: Tokenizer) -> GPT:
+def is_reward_model(ck: Checkpoint) -> bool:
+    return ck.info.get("meta", {}).get("kind") == "reward_model" or REWARD_HEAD in ck.model.heads
+
+
+def load_policy(path: str, device) -> Checkpoint:
+    """The starting policy (--policy): a language model, not a reward model."""
+    ck = load_checkpoint(path, device)
+    if is_reward_model(ck):
+        raise NextbitError(f"--policy {path} is a reward model (it has a '{REWARD_HEAD}' head); give the language model "
+                           "to train (from nextbit train, sft or dpo), and the reward model as --reward-model")
+    return ck
+
+
+def load_reward_model(path: str, device, tok: Tokenizer) -> RewardModel:
+    """The reward model (--reward-model) with the pooling its checkpoint records, frozen, checked against the policy's
+    tokenizer `tok`."""
     ck = load_checkpoint(path, device)
     if REWARD_HEAD not in ck.model.heads:
-        raise NextbitError(f"{path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
-    ck.tokenizer.check_hash(tok.hash, f"reward model {path} (the policy's tokenizer differs)")
-    ck.model.reward_pool = ck.info.get("meta", {}).get("pool", "last")
+        raise NextbitError(f"--reward-model {path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
+    tok.check_hash(ck.tokenizer.hash, f"--reward-model {path}", "the policy's tokenizer")
     if not ck.info.get("meta", {}).get("normalized", False):
         print(f"note: reward model {path} is not normalised; its raw scores are used", flush=True)
-    return ck.model.eval().requires_grad_(False)
+    ck.model.eval().requires_grad_(False)
+    return RewardModel.from_checkpoint(ck)
 
 
 def _resume_point(cfg: PPOConfig, device, tok: Tokenizer, ref_sha: str):
@@ -324,11 +360,11 @@ def _resume_point(cfg: PPOConfig, device, tok: Tokenizer, ref_sha: str):
     state = ck.train_state["train"]
     if ck.info.get("meta", {}).get("kind") != "ppo_policy" or "step" not in state:
         raise NextbitError(f"--resume: {ckpt_dir} is not a PPO checkpoint")
-    ck.tokenizer.check_hash(tok.hash, f"--resume: the checkpoint in {ckpt_dir} (the policy's tokenizer differs)")
+    tok.check_hash(ck.tokenizer.hash, f"--resume: the checkpoint in {ckpt_dir}", "the policy's tokenizer")
     if state.get("reference_sha256") != ref_sha:
         raise NextbitError(f"--resume: the run in {cfg.out} started from other weights than --policy {cfg.policy}")
     if state["step"] >= cfg.steps:
-        raise NextbitError(f"the run in {cfg.out} already finished its {cfg.steps} steps")
+        raise NextbitError(f"the run in {cfg.out} already finished its {cfg.steps} steps; give a larger --steps to go on")
     return ck
 
 
@@ -337,7 +373,7 @@ def ppo(cfg: PPOConfig) -> dict:
     t_start = time.time()
     device = single_process("ppo", cfg.device).device
     torch.manual_seed(cfg.seed)
-    base = load_checkpoint(cfg.policy, device)
+    base = load_policy(cfg.policy, device)
     tok = base.tokenizer
     ref_sha = base.info["weights_sha256"]
     resumed = _resume_point(cfg, device, tok, ref_sha) if cfg.resume else None
@@ -348,15 +384,13 @@ def ppo(cfg: PPOConfig) -> dict:
     rm = load_reward_model(cfg.reward_model, device, tok)
     oracles = [make_scorer(s) for s in cfg.oracles]
     prompts = load_prompts(cfg.prompts)
-    if cfg.eval_size >= len(prompts):
-        raise NextbitError(f"--eval-size {cfg.eval_size} leaves no training prompts out of {len(prompts)}")
-    train_prompts = prompts[: len(prompts) - cfg.eval_size]
-    eval_prompts = prompts[len(prompts) - cfg.eval_size :]
-    lr = cfg.lr or 0.05 * 2e-3 * math.sqrt(256 / policy.cfg.width)
+    n_eval = cfg.eval_prompts(len(prompts))
+    train_prompts, eval_prompts = prompts[: len(prompts) - n_eval], prompts[len(prompts) - n_eval :]
+    lr = stage_lr("ppo", cfg.lr, policy.cfg.width)
     opt = build_optimizer(policy, "adamw", lr, 0.0, (0.9, 0.95))
     out = prepare_out(cfg.out, cfg.resume, cfg.force)
-    run_config = write_config(out, "ppo", cfg, resolved_lr=lr, train_prompts=len(train_prompts), eval_prompts=len(eval_prompts),
-                              base_checkpoint=str(base.path))
+    run_config = write_config(out, "ppo", replace(cfg, lr=lr, eval_size=n_eval), train_prompts=len(train_prompts),
+                              eval_prompts=len(eval_prompts), base_checkpoint=str(base.path))
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
     start = 0
     totals = {"gen": 0.0, "all": 0.0, "samples": 0}
@@ -391,13 +425,11 @@ def ppo(cfg: PPOConfig) -> dict:
                         meta={"run_config": run_config, "step": step, "kind": "ppo_policy", "kl_coef": kl_ctl.value,
                               "finished": finished})
 
-    ctrl_c = CtrlC(say=not cfg.quiet).__enter__()
-    if resumed is None:
-        run_eval(0)
     last: dict = {}
-    step = start
     bar = tqdm(total=cfg.steps, initial=start, desc=f"ppo {out.name}", unit="step", disable=cfg.quiet, dynamic_ncols=True)
-    try:
+    with CtrlC(say=not cfg.quiet) as ctrl_c, bar:
+        if resumed is None:
+            run_eval(0)
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
             rng = np.random.default_rng([cfg.seed, step])
@@ -434,9 +466,6 @@ def ppo(cfg: PPOConfig) -> dict:
                 save(step)
             if halt and step < cfg.steps:
                 return {"stopped_early": True, "interrupted": ctrl_c.requested, "step": step}
-    finally:
-        bar.close()
-        ctrl_c.__exit__()
     final = run_eval(cfg.steps)
     save(cfg.steps)
     plot_ppo(log.records(), out / "ppo.png")

@@ -3,24 +3,21 @@
 Only completion tokens (assistant turns) are trained; the prompt is context. The loss is the mean over the global
 batch's completion tokens, whatever the micro-batching and the number of processes (torchrun: DDP). The shared
 TrainLoop does the rest (AdamW, schedule, clipping, accumulation, checkpoints, --resume, Ctrl-C, metrics.jsonl,
-loss.png).
+loss.png). How long it trains: --steps, or --epochs passes over the data (2 by default); with --time-budget the
+budget decides and --steps / --epochs only cap it, as in every stage (align/common.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
-import torch
-
-from nextbit.align.batching import collate, hidden_states, unwrap
-from nextbit.align.common import (Shuffler, accum_for, derived_lr, freeze_unused, prepare_out, resolve_steps, shard_rows, share,
-                                  split_holdout, write_config)
+from nextbit.align.batching import collate, device_of, hidden_states, unwrap
+from nextbit.align.common import Shuffler, open_base, prepare_stage, run_loop, shard_rows, share
 from nextbit.align.formats import Encoded, encode_sft, load_sft
-from nextbit.core.checkpoint import load_checkpoint
-from nextbit.train.distributed import setup
 from nextbit.core.errors import NextbitError
-from nextbit.train.loop import LoopConfig, TrainLoop
 from nextbit.core.model import lm_loss
+from nextbit.train.loop import LoopConfig
 
 
 @dataclass
@@ -31,7 +28,7 @@ class SFTConfig:
     batch_size: int = 16  # sequences per optimizer step
     micro_batch: int = 0  # sequences per forward pass; 0 = the whole batch
     max_len: int = 0  # tokens per example (prompt + completion); 0 = the model's context
-    epochs: float = 2.0  # passes over the data when --steps is 0
+    epochs: Optional[float] = None  # passes over the data when --steps is 0 (default 2); with --time-budget only a cap
     val_frac: float = 0.05  # share of examples held out for the validation loss
     append_eot: bool = True  # end plain-text completions with <|endoftext|> so the model learns to stop
     force: bool = False  # start over in an existing run folder
@@ -51,14 +48,13 @@ class SFTObjective:
 
     def loss(self, model, batch):
         b, weight = batch
-        m = unwrap(model)
-        b = b.to(next(m.parameters()).device)
-        loss = lm_loss(m, hidden_states(model, b.ids), b.targets)  # mean over this micro-batch's tokens ...
+        b = b.to(device_of(model))
+        loss = lm_loss(unwrap(model), hidden_states(model, b.ids), b.targets)  # mean over this micro-batch's tokens ...
         return loss * weight, {}, b.n_target_tokens  # ... weighted to its share of the global batch's tokens
 
 
 def val_loss(model, data: list[Encoded], pad_id: int, rows: int = 32) -> dict:
-    device = next(model.parameters()).device
+    device = device_of(model)
     total, n = 0.0, 0
     for i in range(0, len(data), rows):
         b = collate(data[i : i + rows], pad_id).to(device)
@@ -68,31 +64,14 @@ def val_loss(model, data: list[Encoded], pad_id: int, rows: int = 32) -> dict:
 
 
 def sft(cfg: SFTConfig) -> dict:
-    d = setup(cfg.loop.device)
-    ck = load_checkpoint(cfg.init_from)
-    model, tok = ck.model, ck.tokenizer
-    freeze_unused(model, keep_lm_head=True)
-    max_len = cfg.max_len or model.cfg.seq_len
-    if not 2 <= max_len <= model.cfg.seq_len:
-        raise NextbitError(f"--max-len must be in [2, {model.cfg.seq_len}] (the model's context)")
-    examples = load_sft(cfg.data)
-    encoded = [encode_sft(tok, ex, max_len, cfg.append_eot) for ex in examples]
+    base = open_base(cfg)
+    tok = base.tok
+    encoded = [encode_sft(tok, ex, base.max_len, cfg.append_eot) for ex in load_sft(cfg.data)]
     encoded = [e for e in encoded if any(e.mask[1:])]
     if not encoded:
         raise NextbitError(f"{cfg.data}: no example has a completion token left to train on")
-    train_set, val_set = split_holdout(encoded, cfg.val_frac, cfg.loop.seed)
-    micro, accum = accum_for(cfg.batch_size, cfg.micro_batch, d.world)
-    resolve_steps(cfg.loop, cfg.epochs, len(train_set), cfg.batch_size)
-    derived_lr(cfg.loop, model.cfg.width, 0.25)
-    out = prepare_out(cfg.out, cfg.loop.resume, cfg.force, d.main)
     truncated = sum(e.truncated for e in encoded)
-    run_config = write_config(out, "sft", cfg, d.main, examples=len(encoded), train=len(train_set), val=len(val_set),
-                              truncated=truncated, base_checkpoint=str(ck.path), world_size=d.world)
-    if not cfg.loop.quiet and d.main:
-        print(f"sft: {len(train_set)} train / {len(val_set)} held-out examples ({truncated} truncated to {max_len} tokens), "
-              f"{cfg.loop.steps} steps of {cfg.batch_size}, lr {cfg.loop.lr:.2e}", flush=True)
-    torch.manual_seed(cfg.loop.seed)
-    evaluate = (lambda m: val_loss(m, val_set, tok.pad_id)) if val_set else None
-    loop = TrainLoop(model, tok, cfg.loop, out, d, SFTObjective(train_set, cfg.batch_size, accum, tok.pad_id, cfg.loop.seed),
-                     accum=accum, evaluate=evaluate, run_config=run_config, title=f"sft {out.name}")
-    return loop.run()
+    stage = prepare_stage("sft", cfg, base, encoded, unit="examples", truncated=truncated,
+                          note=f" ({truncated} truncated to {base.max_len} tokens)")
+    objective = SFTObjective(stage.train, cfg.batch_size, stage.accum, tok.pad_id, cfg.loop.seed)
+    return run_loop(stage, objective, lambda m: val_loss(m, stage.val, tok.pad_id))
