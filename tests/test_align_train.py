@@ -372,13 +372,15 @@ def test_ppo_default_eval_size_scales_with_the_prompt_file(work, sft_run, rm_run
     ("dpo", ["--beta", "0"], "--beta must be > 0, got 0.0"),
     ("ppo", ["--minibatch", "0"], "--minibatch must be in [1, --batch-size 64], got 0"),
     ("ppo", ["--eval-size", "-2"], "--eval-size must be >= 0 (or -1: auto), got -2"),
+    ("compare", ["--labeler", "web"], "--labeler web: unknown labeler 'web'"),
+    ("compare", ["--random-frac", "2"], "--random-frac must be in [0, 1], got 2.0"),
 ])
 def test_option_errors_name_the_flag(work, tmp_path, capsys, command, flags, says):
     """Bad options fail in one line that names the option as it is typed."""
     from nextbit.cli import main
 
     src = ["--init-from", work["dir"] / "base", "--data", work["sft"] if command == "sft" else work["prefs"]]
-    if command == "ppo":
+    if command in ("ppo", "compare"):
         src = ["--policy", work["dir"] / "base", "--prompts", work["prompts"]]
     argv = [command, *map(str, src), "--out", str(tmp_path / "run"), "--device", "cpu", *flags]
     with pytest.raises(SystemExit) as e:

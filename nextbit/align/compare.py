@@ -63,7 +63,7 @@ def _read_pairs(path: str) -> list[Query]:
 
 def sample_pairs(cfg: CompareConfig) -> list[Query]:
     if cfg.pairs_per_prompt < 1 or cfg.max_pairs < 1:
-        raise NextbitError("--pairs-per-prompt and --max-pairs must be >= 1")
+        raise NextbitError(f"--pairs-per-prompt and --max-pairs must be >= 1, got {cfg.pairs_per_prompt} and {cfg.max_pairs}")
     prompts = load_prompts(cfg.prompts)
     prompts = prompts[: math.ceil(cfg.max_pairs / cfg.pairs_per_prompt)]
     ck = load_checkpoint(cfg.policy, single_process("compare", cfg.device).device)

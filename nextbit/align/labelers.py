@@ -64,9 +64,9 @@ class OracleLabeler:
 
     def __init__(self, scorer: Scorer, *, bt_scale: float = 1.0, random_frac: float = 0.1, seed: int = 0):
         if bt_scale < 0:
-            raise NextbitError("--bt-scale must be >= 0 (0 = always the better one)")
+            raise NextbitError(f"--bt-scale must be >= 0 (0 = always the better one), got {bt_scale}")
         if not 0 <= random_frac <= 1:
-            raise NextbitError("--random-frac must be in [0, 1]")
+            raise NextbitError(f"--random-frac must be in [0, 1], got {random_frac}")
         self.scorer, self.bt_scale, self.random_frac = scorer, bt_scale, random_frac
         self.rng = np.random.default_rng(seed)
         self.name = f"oracle:{scorer.name}"
@@ -158,5 +158,5 @@ def make_labeler(spec: str, **options) -> Labeler:
     """'oracle' (scorer from options), 'oracle:vader', 'oracle:classifier:PATH', 'jsonl:PATH', 'none', or a registered name."""
     name, _, arg = spec.partition(":")
     if name not in _REGISTRY:
-        raise NextbitError(f"unknown labeler {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+        raise NextbitError(f"--labeler {spec}: unknown labeler {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](arg or None, **options)
