@@ -300,6 +300,15 @@ def test_time_budget_means_the_same_in_every_stage(work, tmp_path, command):
     assert capped["step"] == 2  # one pass over 8 rows, 4 a step, long before the budget
 
 
+def test_a_failed_resume_leaves_config_json_as_it_was(work, tmp_path):
+    """config.json is written only once the --resume checkpoint is checked: a refused resume changes nothing."""
+    stage_run("sft", work, tmp_path / "run", few_rows("sft"), steps=2, val_frac=0.0)
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(NextbitError, match="already finished"):
+        stage_run("sft", work, tmp_path / "run", few_rows("sft"), steps=2, lr=1e-3, resume=True, val_frac=0.0)
+    assert (tmp_path / "run" / "config.json").read_text() == before
+
+
 @pytest.mark.parametrize("command", ["reward", "dpo"])
 def test_pairs_with_chosen_equal_to_rejected(work, tmp_path, capsys, command):
     """Such pairs hold no preference: dropped with a count; a file with nothing else is refused in one line."""

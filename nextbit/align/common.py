@@ -80,12 +80,16 @@ def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -
     return out
 
 
-def write_config(out: Path, command: str, cfg, main: bool = True, **extra) -> dict:
-    """config.json: the command, every field of its (resolved) config, and `extra` facts about the run."""
-    rec = {"command": command, **(asdict(cfg) if is_dataclass(cfg) else dict(cfg)), **extra}
+def config_record(command: str, cfg, **extra) -> dict:
+    """What config.json holds: the command, every field of its (resolved) config, and `extra` facts about the run.
+    Stages write it once their inputs are checked (a --resume checkpoint included), so a failed command leaves the
+    run's config.json as it was."""
+    return {"command": command, **(asdict(cfg) if is_dataclass(cfg) else dict(cfg)), **extra}
+
+
+def write_config(out: Path, rec: dict, main: bool = True) -> None:
     if main:
         write_json(out / "config.json", rec)
-    return rec
 
 
 def split_holdout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], list[T]]:
@@ -204,6 +208,7 @@ class Stage:
     loop: LoopConfig  # the caller's loop config with the derived values filled in (steps, lr)
     out: Path
     run_config: dict  # what config.json holds
+    summary: str  # the line printed when training starts
 
     @property
     def model(self) -> GPT:
@@ -222,7 +227,8 @@ def prepare_stage(command: str, cfg, base: Base, items: Sequence, *, unit: str, 
                   note: str = "", **facts: Any) -> Stage:
     """Hold out `cfg.val_frac` of `items`, lay out the batch over processes and micro-batches, resolve the steps and
     the learning rate into a copy of `cfg.loop` (validated before anything is written), prepare the run folder and
-    write config.json with the resolved values and `facts`. `unit` names the items in messages and config.json."""
+    the config record (the resolved values and `facts`; `run_loop` writes it). `unit` names the items in messages
+    and config.json."""
     train, val = split_holdout(items, cfg.val_frac, cfg.loop.seed)
     if not train:
         raise NextbitError(f"{cfg.data}: no {unit} left to train on")
@@ -233,23 +239,26 @@ def prepare_stage(command: str, cfg, base: Base, items: Sequence, *, unit: str, 
     loop.validate()
     out = prepare_out(cfg.out, loop.resume, cfg.force, d.main)
     resolved = dataclasses.replace(cfg, loop=loop, epochs=epochs)
-    run_config = write_config(out, command, resolved, d.main, **{unit: len(items)}, train=len(train), val=len(val), **facts,
-                              base_checkpoint=str(base.path), world_size=d.world)
-    if not loop.quiet and d.main:
-        length = f"{steps} steps"
-        if loop.time_budget:
-            length = f"steps for {loop.time_budget:g} s" + ("" if steps == UNCAPPED else f" (at most {steps})")
-        print(f"{command}: {len(train)} train / {len(val)} held-out {unit}{note}, {cfg.batch_size} {unit} a step, {length}, "
-              f"lr {loop.lr:.2e}", flush=True)
-    return Stage(command, base, train, val, micro, accum, loop, out, run_config)
+    run_config = config_record(command, resolved, **{unit: len(items)}, train=len(train), val=len(val), **facts,
+                               base_checkpoint=str(base.path), world_size=d.world)
+    length = f"{steps} steps"
+    if loop.time_budget:
+        length = f"steps for {loop.time_budget:g} s" + ("" if steps == UNCAPPED else f" (at most {steps})")
+    summary = (f"{command}: {len(train)} train / {len(val)} held-out {unit}{note}, {cfg.batch_size} {unit} a step, {length}, "
+               f"lr {loop.lr:.2e}")
+    return Stage(command, base, train, val, micro, accum, loop, out, run_config, summary)
 
 
 def run_loop(stage: Stage, objective: Objective, evaluate: Optional[Callable[[GPT], dict]]) -> dict:
-    """Train `stage.model` in place with the shared TrainLoop under the stage's resolved loop config."""
+    """Train `stage.model` in place with the shared TrainLoop under the stage's resolved loop config. config.json is
+    written once the loop has loaded and checked a --resume checkpoint."""
     torch.manual_seed(stage.loop.seed)
     loop = TrainLoop(stage.model, stage.tok, stage.loop, stage.out, stage.d, objective, accum=stage.accum,
                      evaluate=evaluate if stage.val else None, run_config=stage.run_config,
                      title=f"{stage.command} {stage.out.name}")
+    write_config(stage.out, stage.run_config, stage.d.main)
+    if not stage.loop.quiet and stage.d.main:
+        print(stage.summary, flush=True)
     return loop.run()
 
 

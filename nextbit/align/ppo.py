@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextbit.align.batching import device_of
-from nextbit.align.common import prepare_out, single_process, stage_lr, write_config
+from nextbit.align.common import config_record, prepare_out, single_process, stage_lr, write_config
 from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
@@ -389,8 +389,8 @@ def ppo(cfg: PPOConfig) -> dict:
     lr = stage_lr("ppo", cfg.lr, policy.cfg.width)
     opt = build_optimizer(policy, "adamw", lr, 0.0, (0.9, 0.95))
     out = prepare_out(cfg.out, cfg.resume, cfg.force)
-    run_config = write_config(out, "ppo", replace(cfg, lr=lr, eval_size=n_eval), train_prompts=len(train_prompts),
-                              eval_prompts=len(eval_prompts), base_checkpoint=str(base.path))
+    run_config = config_record("ppo", replace(cfg, lr=lr, eval_size=n_eval), train_prompts=len(train_prompts),
+                               eval_prompts=len(eval_prompts), base_checkpoint=str(base.path))
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
     start = 0
     totals = {"gen": 0.0, "all": 0.0, "samples": 0}
@@ -399,6 +399,7 @@ def ppo(cfg: PPOConfig) -> dict:
         start, kl_ctl.value, totals = int(state["step"]), float(state["kl_coef"]), dict(state["totals"])
         opt.load_state_dict(resumed.optimizer_state())
         resumed.restore_rng()
+    write_config(out, run_config)  # the inputs (a resumed checkpoint included) are checked: only now
     (out / "summary.json").unlink(missing_ok=True)  # written again when this run finishes
     log = MetricsLog(out / "metrics.jsonl", True, start if resumed else None)
     evlog = MetricsLog(out / "eval.jsonl", True, start if resumed else None)
