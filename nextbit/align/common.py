@@ -4,9 +4,8 @@ Every stage runs the same way (TRL's layout: one shared trainer base, one thin f
 
     base = open_base(cfg)                                       # processes, checkpoint, frozen parameters, --max-len
     items = ... the stage reads and encodes its data with base.tok and base.max_len ...
-    stage = prepare_stage("sft", cfg, base, items, unit="examples")   # split, batch layout, steps, LR, run folder,
-                                                                      # config.json (the resolved values)
-    result = run_loop(stage, objective, evaluate)               # the shared TrainLoop
+    stage = prepare_stage("sft", cfg, base, items, unit="examples")   # split, batch layout, steps, LR, run folder
+    result = run_loop(stage, objective, evaluate)               # the shared TrainLoop; config.json (resolved values)
 
 Derived values (the number of steps, the learning rate) go into a resolved copy of the stage's loop config
 (`Stage.loop`); the caller's config is never changed. The learning rate of every alignment stage, PPO included, is
@@ -103,7 +102,8 @@ def split_holdout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], 
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def resolve_steps(loop: LoopConfig, epochs: Optional[float], default_epochs: float, n_examples: int, batch_size: int) -> tuple[int, Optional[float]]:
+def resolve_steps(loop: LoopConfig, epochs: Optional[float], default_epochs: float, n_examples: int,
+                  batch_size: int) -> tuple[int, Optional[float]]:
     """(optimizer steps, passes over the data) of a run; see the module docstring. `epochs` None = not given: the
     stage's `default_epochs`, or no cap at all under --time-budget."""
     if loop.steps < 0:

@@ -135,7 +135,8 @@ def dpo(cfg: DPOConfig) -> dict:
     del ref, ref_ck
     stage = prepare_stage("dpo", cfg, base, data, unit="pairs", default_epochs=1.0, note=f", beta {cfg.beta}",
                           dropped_identical=same)
-    result = run_loop(stage, DPOObjective(stage.train, cfg, stage.accum, tok.pad_id), lambda m: dpo_eval(m, stage.val, cfg, tok.pad_id))
+    objective = DPOObjective(stage.train, cfg, stage.accum, tok.pad_id)
+    result = run_loop(stage, objective, lambda m: dpo_eval(m, stage.val, cfg, tok.pad_id))
     if not result.get("stopped_early") and d.main:
         write_json(stage.out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
     return result
