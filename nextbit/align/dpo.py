@@ -38,7 +38,7 @@ class DPOConfig:
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 0  # pairs per forward pass; 0 = the whole batch
     max_len: int = 0  # tokens per prompt + response; 0 = the model's context
-    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 1); with --time-budget only a cap
+    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 1); with --time-budget a cap, none by default
     val_frac: float = 0.05  # share of pairs held out
     append_eot: bool = True  # end plain-text responses with <|endoftext|>
     force: bool = False  # start over in an existing run folder

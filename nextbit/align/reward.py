@@ -46,7 +46,7 @@ class RewardConfig:
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 0  # pairs per forward pass; 0 = the whole batch
     max_len: int = 0  # tokens per prompt + response; 0 = the model's context
-    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 2); with --time-budget only a cap
+    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 2); with --time-budget a cap, none by default
     val_frac: float = 0.1  # share of pairs held out for pairwise accuracy
     append_eot: bool = True  # end plain-text responses with <|endoftext|> (must match how they are scored later)
     pool: str = "last"  # where the reward is read: last (the last token) | mean (averaged over the response tokens)

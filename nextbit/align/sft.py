@@ -28,7 +28,7 @@ class SFTConfig:
     batch_size: int = 16  # sequences per optimizer step
     micro_batch: int = 0  # sequences per forward pass; 0 = the whole batch
     max_len: int = 0  # tokens per example (prompt + completion); 0 = the model's context
-    epochs: Optional[float] = None  # passes over the data when --steps is 0 (default 2); with --time-budget only a cap
+    epochs: Optional[float] = None  # passes over the data when --steps is 0 (default 2); with --time-budget a cap, none by default
     val_frac: float = 0.05  # share of examples held out for the validation loss
     append_eot: bool = True  # end plain-text completions with <|endoftext|> so the model learns to stop
     force: bool = False  # start over in an existing run folder
