@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextbit.align.ppo import PPOConfig, gae, ppo_update, rollout, whiten  # noqa: E402
-from nextbit.align.reward import HEAD  # noqa: E402
+from nextbit.align.reward import HEAD, RewardModel  # noqa: E402
 from nextbit.core.config import PRESETS, ModelConfig  # noqa: E402
 from nextbit.core.device import pick_device  # noqa: E402
 from nextbit.core.model import GPT  # noqa: E402
@@ -58,9 +58,9 @@ def main() -> None:
     policy.to(dev)
     ref = GPT(cfg).to(dev).eval().requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
-    rm = GPT(cfg).to(dev)
-    rm.add_scalar_head(HEAD)
-    rm.eval().requires_grad_(False)
+    rm = RewardModel(GPT(cfg).to(dev))
+    rm.model.add_scalar_head(HEAD)
+    rm.model.eval().requires_grad_(False)
     policy.add_scalar_head("value")
     pcfg = PPOConfig(batch_size=args.batch, minibatch=args.minibatch, ppo_epochs=args.ppo_epochs, max_new_tokens=args.new_tokens,
                      append_eot=False)
