@@ -87,19 +87,18 @@ class Tokenizer:
             raise NextbitError(f"tokenizer file {path} is unreadable or corrupted ({str(e).splitlines()[0][:120]})")
         return cls(hf)
 
-    def check_hash(self, expected: str, what: str) -> None:
+    def check_hash(self, expected: str, what: str, this: str = "this tokenizer") -> None:
+        """Refuse unless this tokenizer is the one `what` (a dataset, a checkpoint) was made with, hash `expected`."""
         if expected != self.hash:
-            raise NextbitError(
-                f"tokenizer mismatch: {what} was made with tokenizer {expected}, but this tokenizer is {self.hash}"
-            )
+            raise NextbitError(f"tokenizer mismatch: {what} was made with tokenizer {expected}, but {this} is {self.hash}")
 
 
 def train_tokenizer(texts: Iterator[str] | Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE on an iterator of documents. Every byte is in the base alphabet, so any text round-trips."""
     if vocab_size < MIN_VOCAB:
-        raise NextbitError(f"vocab size must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise NextbitError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
     if vocab_size > 2**32 - 1:
-        raise NextbitError("vocab size too large")
+        raise NextbitError(f"--vocab-size must be below 2**32, got {vocab_size}")
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
@@ -114,8 +113,4 @@ def train_tokenizer(texts: Iterator[str] | Iterable[str], vocab_size: int, min_f
     return Tokenizer(hf)
 
 
-def describe(tok: Tokenizer) -> dict:
-    return {"hash": tok.hash, "vocab_size": tok.vocab_size, "special_tokens": tok.special}
-
-
-__all__ = ["Tokenizer", "train_tokenizer", "SPECIAL_TOKENS", "EOT", "PAD", "END", "ROLE_TOKENS", "describe"]
+__all__ = ["Tokenizer", "train_tokenizer", "SPECIAL_TOKENS", "EOT", "PAD", "END", "ROLE_TOKENS"]
