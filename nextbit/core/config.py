@@ -42,23 +42,26 @@ class ModelConfig:
     def resolved(self) -> "ModelConfig":
         c = dataclasses.replace(self)
         if c.depth < 1:
-            raise NextbitError(f"depth must be >= 1, got {c.depth}")
+            raise NextbitError(f"--depth must be >= 1, got {c.depth}")
         if c.vocab_size < 16:
-            raise NextbitError(f"vocab_size must be >= 16, got {c.vocab_size}")
+            raise NextbitError(f"--vocab-size must be >= 16, got {c.vocab_size}")
+        if c.width is not None and c.n_head is None and c.width % HEAD_DIM:
+            raise NextbitError(f"--width {c.width} is not a multiple of {HEAD_DIM}, the head size; "
+                               f"give a multiple of {HEAD_DIM}, or --n-head so that --width / --n-head is the head size")
         c.width = c.width or ASPECT * c.depth
-        c.n_head = c.n_head or max(1, c.width // HEAD_DIM)
+        c.n_head = c.n_head or c.width // HEAD_DIM
         c.n_kv_head = c.n_kv_head or c.n_head
         c.mlp_hidden = c.mlp_hidden or _round_to(8 * c.width / 3, 64)
-        if c.seq_len is None:
-            c.seq_len = 2 ** min(11, max(8, round(math.log2(ASPECT * c.depth))))
+        c.seq_len = default_seq_len(c.depth) if c.seq_len is None else c.seq_len
+        for name in ("width", "n_head", "n_kv_head", "mlp_hidden", "seq_len"):
+            if getattr(c, name) < 1:
+                raise NextbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
         if c.width % c.n_head:
-            raise NextbitError(f"width {c.width} is not divisible by n_head {c.n_head}")
+            raise NextbitError(f"--width {c.width} is not divisible by --n-head {c.n_head}")
         if (c.width // c.n_head) % 2:
-            raise NextbitError("head size must be even for rotary embeddings")
+            raise NextbitError(f"the head size --width / --n-head ({c.width} / {c.n_head}) must be even for rotary embeddings")
         if c.n_head % c.n_kv_head:
-            raise NextbitError(f"n_head {c.n_head} is not a multiple of n_kv_head {c.n_kv_head}")
-        if c.seq_len < 1:
-            raise NextbitError("seq_len must be >= 1")
+            raise NextbitError(f"--n-head {c.n_head} is not a multiple of --n-kv-head {c.n_kv_head}")
         return c
 
     @property
@@ -85,7 +88,12 @@ def depth_for(preset_or_depth: str | int) -> int:
         return PRESETS[s]
     if s.isdigit():
         return int(s)
-    raise NextbitError(f"unknown preset {s!r}; choose one of {', '.join(PRESETS)} or give a depth")
+    raise NextbitError(f"--preset {s}: unknown preset; choose one of {', '.join(PRESETS)} or give a depth")
+
+
+def default_seq_len(depth: int) -> int:
+    """The context a depth derives: 2^round(log2(64 * depth)), clamped to 256...2048."""
+    return 2 ** min(11, max(8, round(math.log2(ASPECT * depth))))
 
 
 def default_lr(width: int) -> float:

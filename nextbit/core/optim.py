@@ -28,7 +28,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
             return 1.0
         p = (step - decay_start + 1) / max(1, total - decay_start)
         return 1.0 - (1 - min_ratio) * min(1.0, p)
-    raise NextbitError(f"unknown schedule {schedule!r}; choose cosine, wsd or constant")
+    raise NextbitError(f"--schedule must be cosine, wsd or constant, got {schedule!r}")
 
 
 def _zeropower_ns5(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -154,7 +154,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
         )
         muon = Muon([{"params": hidden}], lr=muon_lr, weight_decay=0.0)
         return Combined(muon=muon, adamw=adam)
-    raise NextbitError(f"unknown optimizer {name!r}; choose adamw or muon")
+    raise NextbitError(f"--optimizer must be adamw or muon, got {name!r}")
 
 
 def set_lr(optimizer, factor: float) -> None:
