@@ -53,7 +53,8 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `target` as a whole."""
+    """Yield a temporary directory; on success it replaces `target` as a whole. On failure (in the body or in the
+    swap) the temporary directory is removed and `target` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -65,8 +66,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)

@@ -116,36 +116,52 @@ def save_checkpoint(
     state: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write a checkpoint folder atomically (it appears whole or not at all). `state` overrides model.state_dict()
-    (used for sharded models, whose full state is gathered first)."""
+    (used for sharded models, whose full state is gathered first). A write that fails (a full disk) is one
+    NextbitError naming the folder, and leaves the folder as it was."""
     m = getattr(model, "module", model)
     cfg: ModelConfig = m.cfg
     state = state if state is not None else model_state(model)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-        info = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": cfg.to_dict(),
-            "heads": sorted(m.heads.keys()),
-            "tokenizer_hash": tokenizer.hash,
-            "weights_sha256": _sha256(tmp / "model.safetensors"),
-            "meta": meta or {},
-        }
-        if optimizer_state is not None or train_state is not None:
-            tensors, rng_meta = rng_state()
-            opt_meta = None
-            if optimizer_state is not None:
-                opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
-                tensors.update(opt_tensors)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            ts = {"train": train_state or {}, "rng": rng_meta, "optimizer": opt_meta}
-            (tmp / "train_state.json").write_text(json.dumps(ts))
-        (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        with atomic_dir(path) as tmp:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save(tmp)
+            info = {
+                "format": FORMAT,
+                "version": VERSION,
+                "model": cfg.to_dict(),
+                "heads": sorted(m.heads.keys()),
+                "tokenizer_hash": tokenizer.hash,
+                "weights_sha256": _sha256(tmp / "model.safetensors"),
+                "meta": meta or {},
+            }
+            if optimizer_state is not None or train_state is not None:
+                tensors, rng_meta = rng_state()
+                opt_meta = None
+                if optimizer_state is not None:
+                    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+                    tensors.update(opt_tensors)
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+                ts = {"train": train_state or {}, "rng": rng_meta, "optimizer": opt_meta}
+                (tmp / "train_state.json").write_text(json.dumps(ts))
+            (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    except (SafetensorError, OSError) as e:
+        raise NextbitError(f"could not write the checkpoint {path}: {_reason(e)} (nothing was written; an earlier "
+                           f"checkpoint there is kept as it was)") from e
     return path
+
+
+def _reason(e: Exception) -> str:
+    """The cause of a failed write in a few words: "No space left on device", not a Rust debug string."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    for known in ("No space left on device", "Permission denied", "Disk quota exceeded", "Read-only file system"):
+        if known in text:
+            return known
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass
