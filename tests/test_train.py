@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shutil
@@ -54,6 +55,19 @@ def test_training_lowers_loss_and_writes_outputs(dataset, tmp_path):
     assert ck.train_state["train"]["step"] == 30 and ck.optimizer_state() is not None
     with pytest.raises(NextbitError, match="already has a checkpoint"):
         train(small_train(dataset, run))
+
+
+def test_train_leaves_the_callers_config_as_it_was(dataset, tmp_path):
+    """Derived values (optimizer, LR, model shape, batch layout) go into the run's config.json, not into `cfg`."""
+    cfg = small_train(dataset, tmp_path / "run", steps=2, lr=0.0)
+    cfg.batch_tokens, cfg.micro_batch, cfg.eval_tokens, cfg.model = 200, 0, 256, ModelConfig(depth=2, seq_len=32)
+    before = copy.deepcopy(cfg)
+    train(cfg)
+    assert cfg == before
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert conf["loop"]["optimizer"] == "muon" and conf["loop"]["lr"] > 0
+    assert (conf["batch_tokens"], conf["micro_batch"], conf["accum"]) == (192, 6, 1)  # 200 tokens: 6 rows of 32
+    assert conf["model"]["width"] == 128 and conf["model"]["vocab_size"] == 384
 
 
 def test_resume_is_exact(dataset, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.core.optim import build_optimizer, lr_factor, set_lr
+from nextbit.core.optim import build_optimizer, set_lr
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.train import schedule
 from nextbit.train.distributed import Dist, any_flag
 from nextbit.train.interrupt import CtrlC
 from nextbit.train.metrics import OVERFIT_PATIENCE, MetricsLog, overfitting, plot_losses
@@ -57,26 +59,28 @@ class LoopConfig:
 
     def validate(self) -> None:
         if self.steps < 1:
-            raise NextbitError("--steps must be >= 1")
-        if self.lr < 0 or self.muon_lr <= 0:
-            raise NextbitError("learning rates must be positive")
+            raise NextbitError(f"--steps must be >= 1, got {self.steps}")
+        if self.lr < 0:
+            raise NextbitError(f"--lr must be >= 0 (0: derived from the model width), got {self.lr}")
+        if self.muon_lr <= 0:
+            raise NextbitError(f"--muon-lr must be > 0, got {self.muon_lr}")
+        if self.warmup < -1:
+            raise NextbitError(f"--warmup must be >= 0 (or -1: 2% of the run), got {self.warmup}")
+        if self.warmup > self.steps:
+            raise NextbitError(f"--warmup {self.warmup} is longer than the run (--steps {self.steps})")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise NextbitError("--min-lr-ratio must be in [0, 1]")
+            raise NextbitError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_frac <= 1:
-            raise NextbitError("--decay-frac must be in (0, 1]")
+            raise NextbitError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
         if self.schedule not in ("cosine", "wsd", "constant"):
-            raise NextbitError(f"unknown schedule {self.schedule!r}; choose cosine, wsd or constant")
+            raise NextbitError(f"--schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise NextbitError("--precision must be auto, fp32 or bf16")
+            raise NextbitError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon", "auto"):
-            raise NextbitError("--optimizer must be adamw, muon or auto")
-        for name in ("eval_every", "save_every", "stop_after", "grad_clip", "weight_decay", "time_budget"):
+            raise NextbitError(f"--optimizer must be adamw, muon or auto, got {self.optimizer!r}")
+        for name in ("eval_every", "save_every", "stop_after", "grad_clip", "weight_decay", "time_budget", "log_every"):
             if getattr(self, name) < 0:
-                raise NextbitError(f"--{name.replace('_', '-')} must be >= 0")
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup >= 0 else max(1, int(0.02 * self.steps))
+                raise NextbitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 class Objective(Protocol):
@@ -118,14 +122,23 @@ class TrainLoop:
             if not (self.ckpt_dir / "train_state.json").is_file():
                 raise NextbitError(f"--resume: no training checkpoint in {self.ckpt_dir}")
             ck = load_checkpoint(self.ckpt_dir, dist_info.device, with_train_state=True)
-            ck.tokenizer.check_hash(tokenizer.hash, f"--resume: the checkpoint in {self.ckpt_dir} (the data's tokenizer differs)")
+            tokenizer.check_hash(ck.tokenizer.hash, f"--resume: the checkpoint in {self.ckpt_dir}", "this run's tokenizer")
             if ck.model.cfg != model.cfg or sorted(ck.model.heads.keys()) != sorted(model.heads.keys()):
-                raise NextbitError(f"--resume: the checkpoint in {self.ckpt_dir} is for a different model configuration")
+                there, here = ck.model.cfg.to_dict(), model.cfg.to_dict()
+                diff = "".join(f", --{k.replace('_', '-')} {there[k]} there, {here[k]} here" for k in here if there[k] != here[k])
+                raise NextbitError(f"--resume: the checkpoint in {self.ckpt_dir} is for a different model configuration{diff}")
+            state = ck.train_state["train"]
+            self.start_step = int(state["step"])
+            if self.start_step >= cfg.steps:
+                raise NextbitError(f"the run in {self.run_dir} already finished its {cfg.steps} steps "
+                                   f"(its checkpoint is at step {self.start_step}); give a larger --steps to go on")
+            self.tokens_seen = int(state.get("tokens", 0))
+            self.seconds_before = float(state.get("seconds", 0.0))
+            note = schedule.resume_note(state.get("schedule"), cfg, self.start_step)
+            if note and dist_info.main:
+                print(note, file=sys.stderr, flush=True)
             self.model.load_state_dict(ck.model.state_dict())
             resume_train_state = ck
-            self.start_step = int(ck.train_state["train"]["step"])
-            self.tokens_seen = int(ck.train_state["train"].get("tokens", 0))
-            self.seconds_before = float(ck.train_state["train"].get("seconds", 0.0))
         lr = cfg.lr
         self._shard(self.model)  # sharded subclasses (FSDP) shard here, before the optimizer sees the parameters
         opt_name = "adamw" if cfg.optimizer == "auto" else cfg.optimizer  # stages that want Muon say so
@@ -142,6 +155,8 @@ class TrainLoop:
         self.data_tokens = data_tokens  # one pass over the training data, in tokens: metrics then carry `passes`
         self._val_history: list[tuple[int, float]] = []
         self._warned_overfit = False
+        self._warned_warmup = False
+        self.total = cfg.steps  # the run's length: --steps, or what --time-budget will reach (re-estimated each step)
 
     def _shard(self, model: GPT) -> None:
         pass  # replicated: nothing to shard
@@ -159,22 +174,29 @@ class TrainLoop:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, step: int, finished: bool = False) -> None:
-        """Checkpoint after `step`; `finished` marks the run's last step (a stage that is done, not one to resume)."""
+        """Checkpoint after `step`; `finished` marks the run's last step (a stage that is done, not one to resume).
+        A write that fails on rank 0 (a full disk) fails on every rank, so none is left waiting for it."""
         seconds = round(self.seconds_before + time.time() - getattr(self, "_t_run", time.time()), 2)
         state = self._full_state()
         opt_state = self._full_optimizer_state()
+        failed: Optional[NextbitError] = None
         if self.d.main:
-            save_checkpoint(
-                self.ckpt_dir,
-                self.model,
-                self.tokenizer,
-                optimizer_state=opt_state,
-                train_state={"step": step, "tokens": self.tokens_seen, "seconds": seconds, "finished": finished},
-                meta={"run_config": self.run_config, "step": step, "tokens": self.tokens_seen, "finished": finished},
-                state=state,
-            )
-        if self.d.enabled:
-            torch.distributed.barrier()
+            train_state = {"step": step, "tokens": self.tokens_seen, "seconds": seconds, "finished": finished,
+                           "schedule": schedule.record(self.cfg, self.total)}
+            try:
+                save_checkpoint(
+                    self.ckpt_dir,
+                    self.model,
+                    self.tokenizer,
+                    optimizer_state=opt_state,
+                    train_state=train_state,
+                    meta={"run_config": self.run_config, "step": step, "tokens": self.tokens_seen, "finished": finished},
+                    state=state,
+                )
+            except NextbitError as e:
+                failed = e
+        if any_flag(failed is not None, self.d):
+            raise failed or NextbitError(f"rank 0 could not write the checkpoint {self.ckpt_dir}")
 
     def _full_state(self):
         return None  # replicated (DDP / single process): the model's own state dict
@@ -185,8 +207,6 @@ class TrainLoop:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, d = self.cfg, self.d
-        if self.start_step >= cfg.steps:
-            raise NextbitError(f"the run in {self.run_dir} already finished its {cfg.steps} steps")
         ctrl_c = CtrlC(say=d.main and not cfg.quiet).__enter__()
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not d.main or cfg.quiet, desc=self.title, dynamic_ncols=True)
         last: dict = {}
@@ -194,30 +214,23 @@ class TrainLoop:
         interrupted = False
         steps_this_run = 0
         t_run = self._t_run = time.time()
-        total = cfg.steps
         log_every = cfg.log_every or (10 if d.device.type == "cuda" else 1)
-        step_time = None  # moving average of seconds per step, for --time-budget
+        clock = schedule.BudgetClock(cfg.time_budget, cfg.steps) if cfg.time_budget else None
         try:
             self.train_model.train()
-            while step < total:
+            while step < self.total:
                 t0 = time.time()
-                factor = lr_factor(step, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
+                factor = schedule.factor(cfg, step, self.total)
                 set_lr(self.optimizer, factor)
                 metrics, tokens = self._step(step)
                 step += 1
                 steps_this_run += 1
                 self.tokens_seen += tokens * d.world
                 dt = time.time() - t0
-                if cfg.time_budget:
-                    step_time = dt if step_time is None or steps_this_run <= 2 else 0.9 * step_time + 0.1 * dt
-                    left = cfg.time_budget - (time.time() - t_run)
-                    total = max(step, min(cfg.steps, step + int(left / step_time)))
-                    if d.enabled:  # every process must agree on when to stop
-                        t = torch.tensor([total], device=d.device)
-                        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-                        total = int(t.item())
-                    bar.total = total
-                if step % log_every == 0 or step >= total:  # the only place the host waits for the device
+                if clock:
+                    self._fit_to_budget(clock.total(step, dt, time.time() - t_run))
+                    bar.total = self.total
+                if step % log_every == 0 or step >= self.total:  # the only place the host waits for the device
                     metrics = self._host_metrics(metrics, step)
                     rec = {"step": step, **metrics, "lr_factor": round(factor, 5), "tokens": self.tokens_seen,
                            "tok_s": round(tokens * d.world / max(dt, 1e-9), 1), "elapsed": round(time.time() - t_run, 2)}
@@ -227,14 +240,14 @@ class TrainLoop:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rec['tok_s']:,.0f}")
                     last = rec
                 bar.update(1)
-                if self.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                if self.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == self.total):
                     ev = self._evaluate(step)
                     last.update(ev)
                 stop = any_flag(ctrl_c.requested, d)
-                if cfg.stop_after and steps_this_run >= cfg.stop_after and step < total:
+                if cfg.stop_after and steps_this_run >= cfg.stop_after and step < self.total:
                     stop = True
-                if stop or step == total or (cfg.save_every and step % cfg.save_every == 0):
-                    self.save(step, finished=step >= total)
+                if stop or step == self.total or (cfg.save_every and step % cfg.save_every == 0):
+                    self.save(step, finished=step >= self.total)
                 if stop:
                     interrupted = ctrl_c.requested
                     break
@@ -247,9 +260,22 @@ class TrainLoop:
             best_step, best = min(self._val_history, key=lambda h: h[1])
             last["best_val_loss"], last["best_val_step"] = best, best_step
         last["interrupted"] = interrupted
-        last["stopped_early"] = step < total
+        last["stopped_early"] = step < self.total
         last["step"] = step
         return last
+
+    def _fit_to_budget(self, total: int) -> None:
+        """--time-budget: the run (and so its schedule) is as long as the budget's estimate, the same on every process."""
+        if self.d.enabled:
+            t = torch.tensor([total], device=self.d.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            total = int(t.item())
+        self.total = total
+        if self.cfg.warmup > total and not self._warned_warmup and total < self.cfg.steps:
+            self._warned_warmup = True
+            if self.d.main:
+                tqdm.write(f"warning: --time-budget {self.cfg.time_budget:g} reaches about {total} steps, fewer than "
+                           f"--warmup {self.cfg.warmup}: the run will end before the learning rate peaks")
 
     def _step(self, step: int) -> tuple[dict, int]:
         """One optimizer step. Metrics stay on the device (no host sync) until `_host_metrics` reads them."""
@@ -285,7 +311,7 @@ class TrainLoop:
             metrics = {**metrics, **dict(zip(keys, (t / d.world).tolist()))}
         out = {k: round(float(v), 5) for k, v in metrics.items()}
         if not math.isfinite(out["loss"]):
-            raise NextbitError(f"loss became {out['loss']} at step {step}; lower the learning rate")
+            raise NextbitError(f"loss became {out['loss']} at step {step}; lower --lr (or --muon-lr)")
         return out
 
     def _evaluate(self, step: int) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +13,7 @@ import torch
 from nextbit.core.atomic import write_json
 from nextbit.train.bpb import evaluate_split
 from nextbit.core.checkpoint import load_checkpoint
-from nextbit.core.config import ModelConfig, default_batch_tokens, default_lr, depth_for
+from nextbit.core.config import ModelConfig, default_batch_tokens, default_lr, default_seq_len, depth_for
 from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
 from nextbit.train.loop import LoopConfig, TrainLoop
@@ -44,10 +44,33 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return multiple * math.ceil(n / multiple)
 
 
+MAX_CONTEXT_FACTOR = 8  # --seq-len at most this many times the context a depth derives
+
+
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     m = cfg.model
     depth = depth_for(cfg.preset) if cfg.preset else m.depth
-    return ModelConfig(**{**asdict(m), "depth": depth, "vocab_size": pad_vocab(vocab_size)}).resolved()
+    mcfg = ModelConfig(**{**asdict(m), "depth": depth, "vocab_size": pad_vocab(vocab_size)}).resolved()
+    limit = MAX_CONTEXT_FACTOR * default_seq_len(depth)
+    if mcfg.seq_len > limit:
+        raise NextbitError(f"--seq-len {mcfg.seq_len} is more than {MAX_CONTEXT_FACTOR}x the context a depth-{depth} model "
+                           f"derives ({default_seq_len(depth)}): give at most {limit}, or a larger --depth")
+    return mcfg
+
+
+def resolve(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> tuple[TrainConfig, int]:
+    """The run's full settings, every derived value filled in, as a new TrainConfig (`cfg` is left as it was), and
+    the accumulation steps."""
+    if cfg.batch_tokens and cfg.batch_tokens < mcfg.seq_len:
+        raise NextbitError(f"--batch-tokens {cfg.batch_tokens} is less than one sequence of {mcfg.seq_len} tokens "
+                           f"(the context, --seq-len); give at least {mcfg.seq_len}, or 0 for the default")
+    batch_tokens = cfg.batch_tokens or default_batch_tokens(mcfg.depth)
+    rows, micro, accum = batch_layout(batch_tokens, mcfg.seq_len, cfg.micro_batch, world)
+    optimizer = cfg.loop.optimizer if cfg.loop.optimizer != "auto" else ("adamw" if cfg.fsdp else "muon")
+    # with Muon, --lr is only the embeddings' and head's, which like it higher
+    lr = cfg.loop.lr or default_lr(mcfg.width) * (2 if optimizer == "muon" else 1)
+    loop = replace(cfg.loop, optimizer=optimizer, lr=lr)
+    return replace(cfg, model=mcfg, batch_tokens=rows * mcfg.seq_len, micro_batch=micro, loop=loop), accum
 
 
 def batch_layout(batch_tokens: int, seq_len: int, micro_batch: int, world: int) -> tuple[int, int, int]:
@@ -88,7 +111,11 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, main: bool) -> None:
 
 
 def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
+    """Pretrain as `cfg` says. `cfg` is not changed: the run's resolved settings go to <out>/config.json."""
     cfg.loop.validate()
+    for name in ("batch_tokens", "micro_batch", "eval_tokens", "loss_chunk"):
+        if getattr(cfg, name) < 0:
+            raise NextbitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     d = d or setup(cfg.loop.device)
     ds = Dataset(cfg.data)
     train_split, val_split = ds.split("train"), ds.splits.get("val")
@@ -102,39 +129,33 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
         torch.manual_seed(cfg.loop.seed)
         model = GPT(mcfg)
         model.reset_parameters(seed=cfg.loop.seed)
-    if cfg.batch_tokens < 0 or cfg.micro_batch < 0 or cfg.eval_tokens < 0 or cfg.loss_chunk < 0:
-        raise NextbitError("--batch-tokens, --micro-batch, --eval-tokens and --loss-chunk must be >= 0")
-    model.activation_checkpointing = cfg.activation_checkpointing
-    batch_tokens = cfg.batch_tokens or default_batch_tokens(mcfg.depth)
-    rows, micro, accum = batch_layout(batch_tokens, mcfg.seq_len, cfg.micro_batch, d.world)
-    if cfg.loop.optimizer == "auto":
-        cfg.loop.optimizer = "adamw" if cfg.fsdp else "muon"
-    if cfg.loop.lr == 0:  # with Muon this LR is only the embeddings' and head's, which like it higher
-        cfg.loop.lr = default_lr(mcfg.width) * (2 if cfg.loop.optimizer == "muon" else 1)
-    cfg.model, cfg.batch_tokens, cfg.micro_batch = mcfg, rows * mcfg.seq_len, micro
-    out = Path(cfg.out)
-    prepare_run_dir(out, cfg.loop.resume, cfg.force, d.main)
-    run_config = {"command": "train", **asdict(cfg), "world_size": d.world, "accum": accum, "params": model.num_params()}
+    run, accum = resolve(cfg, mcfg, d.world)
+    model.activation_checkpointing = run.activation_checkpointing
+    out = Path(run.out)
+    prepare_run_dir(out, run.loop.resume, run.force, d.main)
+    run_config = {"command": "train", **asdict(run), "world_size": d.world, "accum": accum, "params": model.num_params()}
+    sampler = BatchSampler(train_split, mcfg.seq_len, run.loop.seed)
+    evaluate = None
+    if val_split is not None and val_split.tokens > 1:
+        evaluate = lambda m: evaluate_split(m, val_split, mcfg.seq_len, run.eval_tokens or None)
+    loop_cls = TrainLoop
+    if run.fsdp:
+        from nextbit.train.fsdp import FSDPTrainLoop as loop_cls
+    # the loop loads and checks a --resume checkpoint: only then is the run's config written
+    loop = loop_cls(
+        model, ds.tokenizer, run.loop, out, d, PretrainObjective(sampler, run.micro_batch, accum, run.loss_chunk),
+        accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
+    )
     if d.main:
         write_json(out / "config.json", run_config)
-        if not cfg.loop.quiet:
+        if not run.loop.quiet:
+            rows = run.batch_tokens // mcfg.seq_len
             print(
                 f"model: depth {mcfg.depth}, width {mcfg.width}, {mcfg.n_head} heads, context {mcfg.seq_len}, "
                 f"{model.num_params() / 1e6:.2f}M params | batch {rows} x {mcfg.seq_len} tokens "
-                f"({micro} per forward x {accum} accum x {d.world} procs) | lr {cfg.loop.lr:.2e} | device {d.device}",
+                f"({run.micro_batch} per forward x {accum} accum x {d.world} procs) | lr {run.loop.lr:.2e} | device {d.device}",
                 flush=True,
             )
-    sampler = BatchSampler(train_split, mcfg.seq_len, cfg.loop.seed)
-    evaluate = None
-    if val_split is not None and val_split.tokens > 1:
-        evaluate = lambda m: evaluate_split(m, val_split, mcfg.seq_len, cfg.eval_tokens or None)
-    loop_cls = TrainLoop
-    if cfg.fsdp:
-        from nextbit.train.fsdp import FSDPTrainLoop as loop_cls
-    loop = loop_cls(
-        model, ds.tokenizer, cfg.loop, out, d, PretrainObjective(sampler, micro, accum, cfg.loss_chunk),
-        accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
-    )
     result = loop.run()
     result["params"] = model.num_params()
     return result
