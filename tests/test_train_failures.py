@@ -44,7 +44,7 @@ def test_resume_on_data_with_another_tokenizer_names_both_hashes_the_right_way_r
     assert snapshot(run) == before
 
 
-def test_failed_resume_writes_nothing(dataset, tmp_path, capsys):
+def test_a_failed_resume_or_restart_writes_nothing(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     cli_args = ["train", "--data", dataset, "--out", run, *TINY]
     main([str(a) for a in [*cli_args, "--steps", "4", "--stop-after", "2"]])
@@ -55,6 +55,9 @@ def test_failed_resume_writes_nothing(dataset, tmp_path, capsys):
     err = cli_error(capsys, *cli_args, "--steps", "8", "--lr", "1e-3", "--resume")
     assert "corrupted training state" in err and str(run / "checkpoint") in err
     assert snapshot(run) == before  # config.json (and everything else) byte for byte
+    err = cli_error(capsys, *cli_args, "--steps", "8", "--force", "--fsdp", "--optimizer", "muon")
+    assert "--fsdp supports --optimizer adamw only" in err
+    assert snapshot(run) == before  # --force starts over only once the new run's options are known to be good
 
 
 @pytest.mark.parametrize("fault", [

@@ -101,13 +101,9 @@ class PretrainObjective:
         return model(x, y, loss_chunk=self.loss_chunk), {}, x.numel()
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool, main: bool) -> None:
-    if main and out.exists() and (out / "checkpoint").exists() and not resume:
-        if not force:
-            raise NextbitError(f"run folder {out} already has a checkpoint; pass --resume to continue it or --force to start over")
-        shutil.rmtree(out / "checkpoint")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+def check_run_dir(out: Path, resume: bool, force: bool) -> None:
+    if (out / "checkpoint").exists() and not resume and not force:
+        raise NextbitError(f"run folder {out} already has a checkpoint; pass --resume to continue it or --force to start over")
 
 
 def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
@@ -132,7 +128,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     run, accum = resolve(cfg, mcfg, d.world)
     model.activation_checkpointing = run.activation_checkpointing
     out = Path(run.out)
-    prepare_run_dir(out, run.loop.resume, run.force, d.main)
+    check_run_dir(out, run.loop.resume, run.force)
     run_config = {"command": "train", **asdict(run), "world_size": d.world, "accum": accum, "params": model.num_params()}
     sampler = BatchSampler(train_split, mcfg.seq_len, run.loop.seed)
     evaluate = None
@@ -141,12 +137,14 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     loop_cls = TrainLoop
     if run.fsdp:
         from nextbit.train.fsdp import FSDPTrainLoop as loop_cls
-    # the loop loads and checks a --resume checkpoint: only then is the run's config written
+    # the loop checks the rest (and loads a --resume checkpoint): only then does the run folder change
     loop = loop_cls(
         model, ds.tokenizer, run.loop, out, d, PretrainObjective(sampler, run.micro_batch, accum, run.loss_chunk),
         accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
     )
     if d.main:
+        if run.force and not run.loop.resume:
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
         write_json(out / "config.json", run_config)
         if not run.loop.quiet:
             rows = run.batch_tokens // mcfg.seq_len
