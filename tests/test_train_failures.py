@@ -99,3 +99,17 @@ def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypat
     with pytest.raises(OSError), atomic_dir(target) as tmp:
         (tmp / "a").write_text("new")
     assert (target / "a").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_full_disk_while_logging_metrics_names_the_file(dataset, tmp_path, capsys, monkeypatch):
+    import nextbit.train.metrics as metrics
+
+    def full(path, mode="r", *a, **k):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, mode, *a, **k)
+
+    monkeypatch.setattr(metrics, "open", full, raising=False)
+    run = tmp_path / "run"
+    err = cli_error(capsys, "train", "--data", dataset, "--out", run, *TINY, "--steps", "2")
+    assert err == f"nextbit: error: could not write {run / 'metrics.jsonl'}: No space left on device"

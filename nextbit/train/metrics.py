@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from nextbit.core.atomic import write_text
+from nextbit.core.errors import NextbitError
 
 
 class MetricsLog:
@@ -22,8 +23,11 @@ class MetricsLog:
 
     def write(self, rec: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                raise NextbitError(f"could not write {self.path}: {e.strerror or e}") from e
 
     def records(self) -> list[dict]:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
