@@ -47,9 +47,16 @@ def test_extending_a_finished_cosine_run_says_what_changes(dataset, tmp_path, ca
     result = train(small_train(dataset, run, steps=12, resume=True))
     err = capsys.readouterr().err
     assert result["step"] == 12
-    assert "--steps 6 -> 12" in err and "refitted from step 6 on" in err and "not what a straight 12-step run" in err
-    assert "goes from 0.100 to" in err  # the finished run had decayed to --min-lr-ratio
+    assert "--steps 6 -> 12" in err and "from step 6 on the run follows the new schedule" in err
+    assert "not what a straight 12-step run would give" in err
+    assert "factor 0.100 -> " in err  # the finished run had decayed to --min-lr-ratio
     capsys.readouterr()
     train(small_train(dataset, tmp_path / "plain", steps=6, stop_after=3))
     train(small_train(dataset, tmp_path / "plain", steps=6, resume=True))
     assert "note:" not in capsys.readouterr().err  # the same schedule: nothing to say
+
+
+def test_time_budget_warns_when_it_will_not_reach_the_end_of_warmup(dataset, tmp_path, capsys):
+    train(small_train(dataset, tmp_path / "run", steps=10**6, warmup=10**5, time_budget=0.5))
+    out = capsys.readouterr().out
+    assert out.count("fewer than --warmup 100000: the run will end before the learning rate peaks") == 1

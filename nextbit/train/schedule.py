@@ -54,11 +54,11 @@ def resume_note(saved: Optional[dict], cfg, step: int) -> Optional[str]:
     if all(_factor(saved, s) == _factor(new, s) for s in range(step)):
         return (f"note: --resume with {flags}: every step so far had the learning rate the new schedule gives it, "
                 f"so this continues exactly as a straight {cfg.steps}-step run would")
-    return (f"note: --resume with {flags}: the learning-rate schedule is refitted from step {step} on (its factor there "
-            f"goes from {_factor(saved, step):.3f} to {_factor(new, step):.3f}), so the result is not what a straight "
-            f"{cfg.steps}-step run would give; a run continues exactly only if the new schedule gives every step so far "
-            f"the same learning rate: --schedule wsd with a fixed --warmup, resumed from a checkpoint saved before its decay "
-            f"began (--stop-after, --save-every or Ctrl-C)")
+    return (f"note: --resume with {flags}: from step {step} on the run follows the new schedule (learning-rate factor "
+            f"{_factor(saved, step):.3f} -> {_factor(new, step):.3f} there), but the steps already taken had other learning "
+            f"rates, so the result is not what a straight {cfg.steps}-step run would give. A resume is exact only where the "
+            f"new schedule gives every step so far the same learning rate: --schedule wsd with a fixed --warmup, resumed "
+            f"from a checkpoint saved before its decay began (--stop-after, --save-every or Ctrl-C)")
 
 
 class BudgetClock:
