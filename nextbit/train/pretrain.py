@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     train_split, val_split = ds.split("train"), ds.splits.get("val")
     if cfg.init_from:
         ck = load_checkpoint(cfg.init_from)
-        ck.tokenizer.check_hash(ds.manifest["tokenizer_hash"], f"dataset {cfg.data} (the checkpoint's tokenizer differs)")
+        ck.tokenizer.check_hash(ds.manifest["tokenizer_hash"], f"dataset {cfg.data}", "the --init-from checkpoint's tokenizer")
         model = ck.model
         mcfg = model.cfg
     else:
