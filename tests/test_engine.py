@@ -108,6 +108,26 @@ def test_a_cancelled_request_frees_its_slot_for_the_queue(model, tokenizer, prom
     assert second.tokens == reference_generate(model, tokenizer, [prompts[1]], SamplingParams(30, 0, stop_token_ids=[], seed=0))[0].tokens
 
 
+def test_token_logprobs_equal_scoring_the_finished_sequence(model, tokenizer, prompts):
+    """The log-probabilities reported while generating (decode steps, batched) equal a plain forward pass over the
+    prompt and its completion (Engine.score, which the API's echo uses)."""
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=3, max_len=96)
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop_token_ids=[])
+    reqs = [Request(list(q), p, i, logprobs=3) for i, q in enumerate(prompts[:3])]
+    for r in reqs:
+        eng.submit(r)
+    while eng.busy:
+        eng.step()
+    for r in reqs:
+        scored = eng.score(r.prompt + r.tokens, top=3)[len(r.prompt):]
+        assert len(r.token_logprobs) == len(r.tokens) == len(scored) == 12
+        for got, ref in zip(r.token_logprobs, scored):
+            assert got.logprob == pytest.approx(ref.logprob, abs=1e-4)
+            assert [i for i, _ in got.top] == [i for i, _ in ref.top] and len(got.top) == 3
+    assert eng.score([5])[0] is None and len(eng.score([5, 6, 7], top=2)[2].top) == 2
+
+
 def test_more_prompts_than_slots_refill_the_slots(model, tokenizer, prompts):
     p = SamplingParams(max_new_tokens=9, temperature=1.0, seed=3, stop_token_ids=[])
     many = prompts * 3

@@ -35,6 +35,16 @@ from nextbit.core.model import GPT
 from nextbit.infer.sampling import SamplingParams, cut_at_stop, filter_width, row_seed, sample_tokens
 
 STOP_WIDTH = 4  # stop-token ids per slot (padded with -1): a fixed width keeps one compiled step
+TOP_LOGPROBS = 5  # alternatives reported per token, at most (the OpenAI API's limit for completions)
+
+
+@dataclass
+class TokenLogprobs:
+    """A token's log-probability under the model (the raw distribution: temperature 1, no top-k / top-p), and the
+    most likely alternatives at that position, most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -70,7 +80,9 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated so far
     finish: Optional[str] = None  # "token" | "string" | "length" once done ("cancelled" if dropped)
     slot: int = -1
-    on_token: Optional[Callable[["Request", int], None]] = None  # called for every generated token (streaming)
+    logprobs: int = -1  # >= 0: also report each token's log-probability and this many top alternatives (<= TOP_LOGPROBS)
+    on_token: Optional[Callable[["Request", int, Optional["TokenLogprobs"]], None]] = None  # every generated token (streaming)
+    token_logprobs: list["TokenLogprobs"] = field(default_factory=list)  # with logprobs >= 0
 
     @property
     def done(self) -> bool:
@@ -196,14 +208,15 @@ class Engine:
 
     # ---- one step -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> list[Request]:
-        """Admit waiting requests into free slots, run `sync_every` decode steps, read the new tokens back, and
-        return the requests that finished (their slots are free again)."""
+    def step(self, admit: bool = True) -> list[Request]:
+        """Admit waiting requests into free slots (unless `admit` is False: draining before a model swap), run
+        `sync_every` decode steps, read the new tokens back, and return the requests that finished (their slots are
+        free again)."""
         finished: list[Request] = []
         with autocast_for(self.device, self.precision):
             free = [s for s in range(self.slots) if s not in self.running]
-            admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-            emitted: list[tuple[torch.Tensor, torch.Tensor]] = []
+            admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))] if admit else []
+            emitted: list[tuple] = []
             if admit:
                 emitted.append(self._prefill(admit, free[: len(admit)]))
             for _ in range(self.sync_every):
@@ -211,9 +224,7 @@ class Engine:
                     break
                 emitted.append(self._decode())
             if emitted:  # the one host sync
-                toks = torch.stack([t for t, _ in emitted]).tolist()
-                live = torch.stack([a for _, a in emitted]).tolist()
-                finished = self._collect(toks, live)
+                finished = self._collect([tuple(x.tolist() if x is not None else None for x in e) for e in emitted])
         return finished
 
     def _prefill(self, reqs: list[Request], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +244,8 @@ class Engine:
         width = filter_width([r.params for r in reqs], self.vocab)
         nxt = sample_tokens(logits, self.temperature[s], self.top_k[s], self.top_p[s], self.seeds[s], self.counters[s],
                             width, any(r.params.temperature > 0 for r in reqs))
-        return self._advance(nxt, s, lens)
+        lp = self._logprobs(logits, nxt) if any(r.logprobs >= 0 for r in reqs) else None
+        return self._advance(nxt, s, lens, lp)
 
     def _set_rows(self, reqs: list[Request], s: torch.Tensor, lens: torch.Tensor) -> None:
         dev = self.device
@@ -249,7 +261,13 @@ class Engine:
         self.lengths[s] = lens
         self.active[s] = True
 
-    def _advance(self, nxt: torch.Tensor, s: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, nxt: torch.Tensor):
+        logp = torch.log_softmax(logits.float(), -1)
+        top = torch.topk(logp, min(TOP_LOGPROBS, logp.size(-1)), dim=-1)
+        return logp.gather(-1, nxt[:, None]).squeeze(-1), top.indices, top.values
+
+    def _advance(self, nxt: torch.Tensor, s: torch.Tensor, lens: torch.Tensor, lp) -> tuple:
         """After the prefill's first token: the slots' state moves on as a decode step's would."""
         self.counters[s] = 1
         done = (nxt[:, None] == self.stop_ids[s]).any(-1) | (self.max_new[s] <= 1)
@@ -258,28 +276,35 @@ class Engine:
         toks = torch.full((self.slots,), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
         live = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
         toks[s], live[s] = nxt, True
-        return toks, live
+        if lp is None:
+            return toks, live, None, None, None
+        chosen = torch.zeros(self.slots, device=self.device)
+        ids = torch.zeros((self.slots, lp[1].size(1)), dtype=torch.long, device=self.device)
+        vals = torch.zeros((self.slots, lp[1].size(1)), device=self.device)
+        chosen[s], ids[s], vals[s] = lp
+        return toks, live, chosen, ids, vals
 
     def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         reqs = list(self.running.values())
         width = filter_width([r.params for r in reqs], self.vocab)
         sampling = any(r.params.temperature > 0 for r in reqs)
-        key = (self._shape, width, sampling)
+        want_lp = any(r.logprobs >= 0 for r in reqs)
+        key = (self._shape, width, sampling, want_lp)
         if key not in self._steps:
-            self._steps[key] = self._make_step(width, sampling)
+            self._steps[key] = self._make_step(width, sampling, want_lp)
         if self.compile and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         live = self.active.clone()
-        nxt, lengths, counters, active = self._steps[key](
+        nxt, lengths, counters, active, lp = self._steps[key](
             self.last, self.lengths, self.counters, self.active, self.max_new, self.temperature, self.top_k, self.top_p,
             self.seeds, self.stop_ids, self.k, self.v)
         self.last.copy_(nxt)
         self.lengths.copy_(lengths)
         self.counters.copy_(counters)
         self.active.copy_(active)
-        return nxt.clone(), live
+        return (nxt.clone(), live) + (tuple(x.clone() for x in lp) if lp is not None else (None, None, None))
 
-    def _make_step(self, width: int, sampling: bool):
+    def _make_step(self, width: int, sampling: bool, want_lp: bool):
         model, vocab, pad = self.model, self.vocab, self.tokenizer.pad_id
 
         def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, k, v):
@@ -287,27 +312,33 @@ class Engine:
             logits = model.logits(h)[:, :vocab]
             nxt = sample_tokens(logits, temperature, top_k, top_p, seeds, counters, width, sampling)
             nxt = torch.where(active, nxt, torch.full_like(nxt, pad))  # idle rows feed padding
+            lp = Engine._logprobs(logits, nxt) if want_lp else None
             step_ = active.long()
             counters = counters + step_
             done = (nxt[:, None] == stop_ids).any(-1) | (counters >= max_new)
-            return nxt, lengths + step_, counters, active & ~done
+            return nxt, lengths + step_, counters, active & ~done, lp
 
         if not self.compile:
             return step
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
 
-    def _collect(self, toks: list[list[int]], live: list[list[bool]]) -> list[Request]:
+    def _collect(self, steps: list[tuple]) -> list[Request]:
         """Host side: hand each step's tokens to their requests, in order, and end the ones that are done."""
         finished = []
-        for t_row, l_row in zip(toks, live):
+        for t_row, l_row, lp_row, top_ids, top_vals in steps:
             for slot, req in list(self.running.items()):
                 if not l_row[slot] or req.done:
                     continue
                 t = t_row[slot]
                 req.tokens.append(t)
+                lp = None
+                if req.logprobs >= 0 and lp_row is not None:
+                    k = req.logprobs
+                    lp = TokenLogprobs(lp_row[slot], list(zip(top_ids[slot][:k], top_vals[slot][:k])))
+                    req.token_logprobs.append(lp)
                 if req.on_token is not None:
-                    req.on_token(req, t)
+                    req.on_token(req, t, lp)
                 self._check_end(req, t)
                 if req.done:
                     finished.append(req)
@@ -323,6 +354,19 @@ class Engine:
             req.finish = "string"
         elif len(req.tokens) >= min(p.max_new_tokens, self.max_len - len(req.prompt)):
             req.finish = "length"
+
+    @torch.no_grad()
+    def score(self, prompt: Sequence[int], top: int = 0) -> list[Optional[TokenLogprobs]]:
+        """Each prompt token's log-probability given the ones before it (None for the first), with `top`
+        alternatives: what loglikelihood evaluations read (the API's echo). One forward pass, no cache."""
+        if not 0 < len(prompt) <= self.model.cfg.seq_len:
+            raise NextbitError(f"a prompt to score needs 1 to {self.model.cfg.seq_len} tokens, got {len(prompt)}")
+        with autocast_for(self.device, self.precision):
+            ids = torch.tensor([list(prompt)], device=self.device)
+            logits = self.model(ids)[0, :-1, : self.vocab]
+            chosen, top_ids, top_vals = self._logprobs(logits, ids[0, 1:])
+        rows = zip(chosen.tolist(), top_ids[:, :top].tolist(), top_vals[:, :top].tolist())
+        return [None] + [TokenLogprobs(c, list(zip(i, v))) for c, i, v in rows]
 
     # ---- offline: a list of prompts -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: Union[SamplingParams, Sequence[SamplingParams]], *,
