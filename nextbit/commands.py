@@ -20,6 +20,7 @@ from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.infer.sample import SampleConfig, print_samples, sample
 from nextbit.recipes.demo import DemoConfig, demo
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
+from nextbit.serve.server import ServeConfig, serve
 from nextbit.train.pretrain import TrainConfig, train
 
 
@@ -55,6 +56,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(TrainConfig, training(train), "pretrain a model on prepared shards (torchrun for several processes)"),
     "sample": Command(SampleConfig, _sample, "generate text from a checkpoint", "checkpoint",
                       "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo, what `nextbit demo` writes)"),
+    "serve": Command(ServeConfig, serve, "serve a checkpoint over an OpenAI-compatible API, with a chat page (needs the [serve] extra)",
+                     "checkpoint", "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo)"),
     "demo": Command(DemoConfig, demo, "the whole recipe in ~5 CPU minutes: prepare stdlib, train, compare with xz, sample"),
     "sft": Command(SFTConfig, training(sft), "supervised fine-tuning on prompt/completion or chat JSONL (completion tokens only)"),
     "reward": Command(RewardConfig, training(train_reward),

@@ -1,0 +1,80 @@
+"""One API choice (one engine Request) as the client sees it: the text so far, the part already streamed, and the
+log-probabilities in the legacy completions shape or the chat shape.
+
+Streamed text never runs ahead of what is final: the last (longest stop string - 1) characters are held back until
+no stop string can start there, and so is a trailing incomplete UTF-8 character.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from nextbit.infer.engine import Request, TokenLogprobs
+from nextbit.infer.sampling import cut_at_stop
+
+
+class Choice:
+    def __init__(self, index: int, req: Request, tokenizer, stops: list[str]):
+        self.index, self.req, self.tok, self.stops = index, req, tokenizer, stops
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.sent = 0
+        self.finish: Optional[str] = None  # "token" | "string" | "length" | "error"
+        self.error: Optional[str] = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return None if self.finish is None else ("length" if self.finish == "length" else "stop")
+
+    def text(self) -> str:
+        toks = self.req.tokens
+        body = toks[:-1] if self.finish == "token" else toks
+        return cut_at_stop(self.tok.decode(body), self.stops)[0]
+
+    def delta(self) -> str:
+        """The text that is final now and not yet sent."""
+        t = self.text()
+        end = len(t)
+        if not self.done:
+            end = max(self.sent, end - self.holdback)
+            while end > self.sent and t[end - 1] == "\ufffd":  # a character whose bytes have not all arrived
+                end -= 1
+        out, self.sent = t[self.sent : end], max(self.sent, end)
+        return out
+
+    # ---- log-probabilities ----------------------------------------------------------------------------------------
+    def completion_logprobs(self, prompt: Optional[list[int]] = None, scored: Optional[list[Optional[TokenLogprobs]]] = None,
+                            implicit_bos: bool = False) -> dict:
+        """The legacy shape, echoed prompt tokens first."""
+        pairs = list(zip(prompt or [], scored or [])) + list(zip(self.req.tokens, self.req.token_logprobs))
+        return legacy_logprobs(self.tok, pairs, implicit_bos and bool(prompt))
+
+    def chat_logprobs(self, start: int = 0, end: Optional[int] = None) -> dict:
+        """The chat shape, for generated tokens start..end."""
+        def entry(t: int, v: float) -> dict:
+            s = self.tok.decode([t])
+            return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+        out = []
+        for t, lp in list(zip(self.req.tokens, self.req.token_logprobs))[start:end]:
+            out.append({**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]})
+        return {"content": out}
+
+
+def legacy_logprobs(tok, pairs: list[tuple[int, Optional[TokenLogprobs]]], implicit_bos: bool = False) -> dict:
+    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset (None where a token has
+    no log-probability: the first prompt token). `implicit_bos`: the first token is the <|endoftext|> put before a
+    text prompt, which is no part of the echoed text (its piece is "")."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    pos = 0
+    for k, (t, lp) in enumerate(pairs):
+        piece = "" if implicit_bos and k == 0 else tok.decode([t])
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(None if lp is None else lp.logprob)
+        out["top_logprobs"].append(None if lp is None else {tok.decode([i]): v for i, v in lp.top})
+        out["text_offset"].append(pos)
+        pos += len(piece)
+    return out

@@ -1,0 +1,94 @@
+"""The request bodies of the OpenAI-compatible API (and vLLM's tokenizer routes), as pydantic models, and the OpenAI
+error shape. Unknown fields are ignored, as vLLM and OpenAI do; wrong types and out-of-range values are a 400 that
+names the field."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TokenIds = list[int]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: Optional[str] = None
+    temperature: float = Field(1.0, ge=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 or -1 = off
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    max_tokens: Optional[int] = Field(16, ge=0)
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+    def prompts(self) -> list[Union[str, TokenIds]]:
+        """The prompt as a list of prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(_Body):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[Message]] = None
+    add_special_tokens: bool = True  # prepend <|endoftext|>, the token every document starts after
+    add_generation_prompt: bool = True  # with messages: end with <|assistant|>
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = None
+    tokens: TokenIds
+
+
+class ReloadRequest(_Body):
+    checkpoint: str
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[Union[int, str]] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,191 @@
+"""The engine loop: one thread owns the model and the engine's slots; HTTP handlers talk to it through a queue.
+
+    runner = EngineRunner(model, tokenizer, checkpoint, slots=32, max_len=1024, max_waiting=256)
+    runner.submit(request, emit)     # emit(("token", id, logprobs) | ("done", finish) | ("error", message)), from the loop thread
+    runner.cancel(request)           # the client went away: its slot is freed at the next step
+    await runner.call(fn)            # run fn(engine) between two steps (scoring a prompt for echo, for example)
+    await runner.reload(model, path) # swap the model between steps, once the running rows have finished
+
+Requests that arrive while others decode join the batch at the next step (continuous batching). The number of
+requests in the server (running and waiting) is bounded: submit raises QueueFull past it. A fault inside a step fails
+the requests in that batch only; the loop starts the engine afresh and keeps serving the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+from nextbit.core.model import GPT
+from nextbit.infer.engine import Engine, Request
+
+Emit = Callable[[tuple], None]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineRunner:
+    def __init__(self, model: GPT, tokenizer, checkpoint: str, *, slots: int, max_len: int, max_waiting: int,
+                 on_step: Optional[Callable[[int, int], None]] = None):
+        self.tokenizer, self.slots, self.max_len, self.max_waiting = tokenizer, slots, max_len, max_waiting
+        self.checkpoint = checkpoint
+        self.on_step = on_step  # (running, waiting) after every step, for the metrics
+        self.engine = self._new_engine(model)
+        self._inbox: "queue.Queue[tuple]" = queue.Queue()
+        self._emit: dict[int, Emit] = {}
+        self._reload: Optional[tuple[GPT, str, Future]] = None
+        self._in_server = 0  # running + waiting + not yet taken from the inbox
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nextbit-engine", daemon=True)
+        self.steps = 0
+
+    def _new_engine(self, model: GPT) -> Engine:
+        eng = Engine(model.eval(), self.tokenizer, sync_every=1)  # one step per sync: tokens stream as they come
+        eng.start(self.slots, self.max_len)
+        return eng
+
+    # ---- called from the HTTP side --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        self._thread.join(timeout)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) right now."""
+        running = len(self.engine.running)
+        return running, max(0, self._in_server - running)
+
+    def submit(self, req: Request, emit: Emit) -> None:
+        with self._lock:
+            if self._in_server >= self.slots + self.max_waiting:
+                raise QueueFull
+            self._in_server += 1
+        self._inbox.put(("submit", req, emit))
+
+    def submit_many(self, reqs: list[Request], emits: list[Emit]) -> None:
+        """All or none: a request with n choices is admitted whole."""
+        with self._lock:
+            if self._in_server + len(reqs) > self.slots + self.max_waiting:
+                raise QueueFull
+            self._in_server += len(reqs)
+        for r, e in zip(reqs, emits):
+            self._inbox.put(("submit", r, e))
+
+    def cancel(self, req: Request) -> None:
+        self._inbox.put(("cancel", req))
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """fn(engine) on the loop thread between two steps."""
+        fut: Future = Future()
+        self._inbox.put(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    async def reload(self, model: GPT, checkpoint: str) -> None:
+        fut: Future = Future()
+        self._inbox.put(("reload", model, checkpoint, fut))
+        await asyncio.wrap_future(fut)
+
+    # ---- the loop thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.busy
+            try:
+                msg = self._inbox.get_nowait() if busy else self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                msg = None
+            while msg is not None:
+                self._handle(msg)
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    msg = None
+            if self._reload is not None and not self.engine.running:
+                self._swap()
+            if self.engine.busy:
+                self._step()
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "submit":
+            _, req, emit = msg
+            self._emit[id(req)] = emit
+            try:
+                self.engine.submit(req)
+            except Exception as e:  # noqa: BLE001 - checked by the HTTP side already; never let it kill the loop
+                self._finish(req, ("error", str(e)))
+        elif kind == "cancel":
+            req = msg[1]
+            if id(req) in self._emit:
+                self.engine.cancel(req)
+                self._finish(req, None)
+        elif kind == "call":
+            _, fn, fut = msg
+            try:
+                fut.set_result(fn(self.engine))
+            except Exception as e:  # noqa: BLE001
+                fut.set_exception(e)
+        elif kind == "reload":
+            _, model, checkpoint, fut = msg
+            self._reload = (model, checkpoint, fut)
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step(admit=self._reload is None)
+        except Exception as e:  # noqa: BLE001 - a fault fails the batch it hit, not the server
+            traceback.print_exc()
+            hit = list(self.engine.running.values())
+            waiting = list(self.engine.waiting)
+            self.engine.start(self.slots, self.max_len)
+            for r in hit:
+                self._finish(r, ("error", f"the engine failed on this request's batch: {type(e).__name__}: {e}"))
+            for r in waiting:
+                self.engine.submit(r)
+            return
+        self.steps += 1
+        for r in finished:
+            self._finish(r, ("done", r.finish))
+        if self.on_step is not None:
+            self.on_step(*self.load)
+
+    def _swap(self) -> None:
+        model, checkpoint, fut = self._reload
+        waiting = list(self.engine.waiting)
+        try:
+            self.engine = self._new_engine(model)
+            self.checkpoint = checkpoint
+            fut.set_result(None)
+        except Exception as e:  # noqa: BLE001
+            fut.set_exception(e)
+        for r in waiting:
+            self.engine.submit(r)
+        self._reload = None
+
+    def _finish(self, req: Request, event: Optional[tuple]) -> None:
+        emit = self._emit.pop(id(req), None)
+        if emit is None:
+            return
+        with self._lock:
+            self._in_server -= 1
+        if event is not None:
+            emit(event)
+
+
+def threadsafe_emitter(loop: asyncio.AbstractEventLoop, q: "asyncio.Queue[tuple]") -> Emit:
+    """An Emit that hands events from the loop thread to an asyncio queue (stamped with their arrival time)."""
+
+    def emit(event: tuple) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, (time.perf_counter(), event))
+
+    return emit

@@ -1,0 +1,99 @@
+"""`nextbit serve CHECKPOINT`: an OpenAI-compatible API (and a chat page) for a nextbit checkpoint.
+
+    nextbit serve runs/demo --port 8000
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "def fib(n):", "max_tokens": 32}'
+
+One engine loop owns the model and `--max-batch` slots (continuous batching: requests join the running batch as
+they arrive); uvicorn serves HTTP. Ctrl-C stops accepting connections, lets the requests in flight finish (up to
+--shutdown-timeout seconds), then stops the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.device import pick_device
+from nextbit.core.errors import NextbitError
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = "runs/demo"  # a checkpoint folder, or a run folder holding checkpoint/
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # require `Authorization: Bearer KEY` on /v1 and the tokenizer routes
+    api_key_file: Optional[str] = None  # read the key from this file instead (kept out of the process list)
+    admin_key: Optional[str] = None  # the key for /admin/reload; default: the API key (no key: open, like the API)
+    max_batch: int = 32  # engine slots: requests decoded together
+    max_waiting: int = 256  # requests queued for a slot at most; past it the server answers 429 with Retry-After
+    max_model_len: int = 0  # tokens per sequence (prompt + completion); 0 = the model's context
+    max_n: int = 16  # choices per request at most (`n`)
+    max_body_bytes: int = 1 << 20  # largest request body accepted
+    served_model_name: Optional[str] = None  # the name clients pass as `model`; default: the checkpoint folder's name
+    shutdown_timeout: float = 10.0  # seconds Ctrl-C waits for requests in flight
+    device: str = "auto"  # auto | cpu | cuda
+    log_level: str = "warning"  # uvicorn's access and error log level
+
+
+def read_key(cfg: ServeConfig) -> Optional[str]:
+    if cfg.api_key and cfg.api_key_file:
+        raise NextbitError("give --api-key or --api-key-file, not both")
+    if cfg.api_key_file:
+        p = Path(cfg.api_key_file)
+        if not p.is_file():
+            raise NextbitError(f"--api-key-file not found: {p}")
+        key = p.read_text(encoding="utf-8").strip()
+        if not key:
+            raise NextbitError(f"--api-key-file {p} is empty")
+        return key
+    return cfg.api_key or None
+
+
+def build_app(cfg: ServeConfig):
+    """The app and its engine loop (not yet started), from the config: what `serve` runs and tests start."""
+    from nextbit.serve.app import ServerState, create_app
+    from nextbit.serve.runner import EngineRunner
+
+    for name in ("max_batch", "max_n", "max_body_bytes"):
+        if getattr(cfg, name) < 1:
+            raise NextbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_waiting < 0 or cfg.max_model_len < 0:
+        raise NextbitError("--max-waiting and --max-model-len must be >= 0")
+    key = read_key(cfg)
+    device = pick_device(cfg.device)
+    ck = load_checkpoint(cfg.checkpoint, device)
+    if "reward" in ck.model.heads or ck.info.get("meta", {}).get("kind") == "reward_model":
+        raise NextbitError(f"{cfg.checkpoint} is a reward model; serve a policy (a pretrained, SFT or PPO checkpoint)")
+    ctx = ck.model.cfg.seq_len
+    max_len = cfg.max_model_len or ctx
+    if max_len > ctx:
+        raise NextbitError(f"--max-model-len {max_len} is past the model's context of {ctx}")
+    name = cfg.served_model_name or (ck.path.parent.name if ck.path.name == "checkpoint" else ck.path.name)
+    runner = EngineRunner(ck.model, ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting)
+    state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
+    return create_app(state), runner, ck
+
+
+def serve(cfg: ServeConfig) -> None:
+    try:
+        import uvicorn
+    except ImportError:
+        raise NextbitError('nextbit serve needs the [serve] extra: pip install -e ".[serve]"')
+    app, runner, ck = build_app(cfg)
+    runner.start()
+    state = app.state.nextbit
+    base = f"http://{cfg.host}:{cfg.port}"
+    print(f"nextbit serve: {ck.path} as {state.model_name!r} ({ck.model.num_params() / 1e6:.2f}M params, context {state.max_len}, "
+          f"{cfg.max_batch} slots, {state.device})\n  API        {base}/v1  (OpenAI-compatible{', key required' if state.api_key else ''})\n"
+          f"  chat page  {base}/\n  metrics    {base}/metrics\nCtrl-C stops it.", flush=True)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            timeout_graceful_shutdown=cfg.shutdown_timeout)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        runner.stop()
+        print("nextbit serve: stopped", file=sys.stderr, flush=True)
