@@ -5,6 +5,7 @@
     train/     the training machinery (and `nextbit train`)           -> core
     data/      sources and `nextbit prepare`                          -> core
     align/     sft, reward, compare, ppo, dpo                         -> core, infer, train's machinery
+    serve/     the OpenAI-compatible server                           -> core, infer
     recipes/   whole pipelines                                        -> any stage
     commands.py, cli.py: the top; nothing imports them (but __main__)
 """
@@ -20,7 +21,8 @@ ALLOWED = {
     "train": {"core", "train"},
     "data": {"core", "data"},
     "align": {"core", "infer", "train", "align"},
-    "recipes": {"core", "infer", "train", "data", "align", "recipes"},
+    "serve": {"core", "infer", "serve"},
+    "recipes": {"core", "infer", "train", "data", "align", "serve", "recipes"},
 }
 STAGE_COMMANDS = {"nextbit.train.pretrain", "nextbit.infer.sample", "nextbit.data.prepare"}  # stages, not libraries
 
