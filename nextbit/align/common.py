@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
 from nextbit.train.distributed import Dist, setup
+from nextbit.train.rundir import check_run_dir, start_run_dir
 from nextbit.train.loop import LoopConfig, Objective, TrainLoop
 
 T = TypeVar("T")
@@ -68,15 +68,7 @@ def single_process(command: str, device: str) -> Dist:
 
 def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -> Path:
     """Check the run folder (every process, so all fail alike) and, on the main process, clear or create it."""
-    out = Path(out)
-    if (out / "checkpoint").exists() and not resume:
-        if not force:
-            raise NextbitError(f"run folder {out} already has a checkpoint; pass --resume to continue it or --force to start over")
-        if main:
-            shutil.rmtree(out / "checkpoint")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+    return start_run_dir(check_run_dir(out, resume, force), resume, force, main)
 
 
 def config_record(command: str, cfg, **extra) -> dict:

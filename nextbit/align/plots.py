@@ -5,31 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    tmp.replace(path)
+from nextbit.train.metrics import pyplot, save_figure
 
 
 def plot_ppo(records: Sequence[dict], path: Path) -> None:
     """Per-step training curves: proxy reward and oracle scores, KL and beta, entropy / length / clip fraction."""
     if not records:
         return
-    plt = _plt()
+    plt = pyplot()
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
@@ -53,14 +36,14 @@ def plot_ppo(records: Sequence[dict], path: Path) -> None:
     for a in axes:
         a.set_xlabel("PPO step")
         a.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_overoptimization(evals: Sequence[dict], path: Path, title: str = "over-optimisation") -> None:
     """Proxy reward and each oracle's score on held-out prompts against the KL to the reference (Gao et al. 2022)."""
     if not evals:
         return
-    plt = _plt()
+    plt = pyplot()
     evals = sorted(evals, key=lambda r: r.get("step", 0))
     kl = [max(0.0, r["kl"]) for r in evals]
     oracles = sorted(k for k in evals[0] if k.startswith("oracle_"))
@@ -81,4 +64,4 @@ def plot_overoptimization(evals: Sequence[dict], path: Path, title: str = "over-
     else:
         ax.legend(fontsize=8)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)

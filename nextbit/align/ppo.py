@@ -56,7 +56,7 @@ from nextbit.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT, padded_attention
-from nextbit.core.optim import build_optimizer
+from nextbit.core.optim import build_optimizer, clip_and_step
 from nextbit.core.tokenizer import Tokenizer
 from nextbit.infer.sampling import SamplingParams
 from nextbit.train.interrupt import CtrlC
@@ -282,11 +282,8 @@ def ppo_update(policy: GPT, opt, ro: Rollout, adv: torch.Tensor, returns: torch.
             vf_loss = masked_mean(vf, m)
             ent = masked_mean(out["entropy"], m)
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
+            clip_and_step(opt, policy.parameters(), cfg.grad_clip)
             with torch.no_grad():
                 stats["pg_loss"].append(float(pg_loss))
                 stats["value_loss"].append(float(vf_loss))

@@ -162,3 +162,12 @@ def set_lr(optimizer, factor: float) -> None:
         if "base_lr" not in g:
             g["base_lr"] = g["lr"]
         g["lr"] = g["base_lr"] * factor
+
+
+def clip_and_step(optimizer, params, grad_clip: float):
+    """One optimizer step after clipping the gradients' global norm to `grad_clip` (0 = no clipping), then clear the
+    gradients. Returns the norm before clipping (a device tensor: no host sync), or None without clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

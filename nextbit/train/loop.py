@@ -23,7 +23,7 @@ from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.core.optim import build_optimizer, set_lr
+from nextbit.core.optim import build_optimizer, clip_and_step, set_lr
 from nextbit.core.tokenizer import Tokenizer
 from nextbit.train import schedule
 from nextbit.train.distributed import Dist, any_flag
@@ -296,10 +296,9 @@ class TrainLoop:
                 extras[k] = extras.get(k, 0.0) + float(v) / self.accum
             tokens += n
         out: dict = {"loss": total_loss, **extras}
-        if cfg.grad_clip > 0:
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = clip_and_step(self.optimizer, self.model.parameters(), cfg.grad_clip)
+        if norm is not None:
+            out["grad_norm"] = norm
         return out, tokens
 
     def _host_metrics(self, metrics: dict, step: int) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -17,6 +16,7 @@ from nextbit.core.config import ModelConfig, default_batch_tokens, default_lr, d
 from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
 from nextbit.train.loop import LoopConfig, TrainLoop
+from nextbit.train.rundir import check_run_dir, start_run_dir
 from nextbit.core.model import GPT
 from nextbit.core.shards import BatchSampler, Dataset
 
@@ -101,11 +101,6 @@ class PretrainObjective:
         return model(x, y, loss_chunk=self.loss_chunk), {}, x.numel()
 
 
-def check_run_dir(out: Path, resume: bool, force: bool) -> None:
-    if (out / "checkpoint").exists() and not resume and not force:
-        raise NextbitError(f"run folder {out} already has a checkpoint; pass --resume to continue it or --force to start over")
-
-
 def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     """Pretrain as `cfg` says. `cfg` is not changed: the run's resolved settings go to <out>/config.json."""
     cfg.loop.validate()
@@ -142,9 +137,8 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
         model, ds.tokenizer, run.loop, out, d, PretrainObjective(sampler, run.micro_batch, accum, run.loss_chunk),
         accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
     )
+    start_run_dir(out, run.loop.resume, run.force, d.main)
     if d.main:
-        if run.force and not run.loop.resume:
-            shutil.rmtree(out / "checkpoint", ignore_errors=True)
         write_json(out / "config.json", run_config)
         if not run.loop.quiet:
             rows = run.batch_tokens // mcfg.seq_len
