@@ -86,3 +86,18 @@ def test_gpu_benches_run_on_cpu_at_a_tiny_shape():
     ppo = _bench_lines("ppo_throughput.py", "--preset", "2", "--batch", "4", "--minibatch", "2", "--new-tokens", "4", "--steps", "1",
                        "--ppo-epochs", "1")
     assert ppo[0]["samples_per_s"] > 0 and 0 < ppo[0]["generation_share"] < 1
+
+
+def test_serve_load_runs_on_cpu_at_a_tiny_shape():
+    """bench/serve_load.py end to end at a tiny shape (a random model, the live server as a subprocess, the offline
+    engine; transformers is not a dependency, so not its side): every request completes with its tokens counted."""
+    lines = _bench_lines("serve_load.py", "--random-model", "--depth", "1", "--width", "64", "--vocab-size", "300", "--ctx", "64",
+                         "--clients", "1,3", "--requests-per-client", "2", "--prompt-len", "8", "--max-tokens", "4",
+                         "--sides", "offline,server")
+    rows = {(r["side"], r["clients"]): r for r in lines if r["bench"] == "serve_load"}
+    assert set(rows) == {(s, c) for s in ("offline", "server") for c in (1, 3)}
+    for (side, c), r in rows.items():
+        assert r["requests"] == 2 * c and 0 < r["tokens"] <= 4 * r["requests"] and r["tokens_per_s"] > 0, r
+    assert all(rows[("server", c)]["errors"] == 0 and rows[("server", c)]["ttft_ms_p50"] > 0 for c in (1, 3))
+    summary = lines[-1]
+    assert summary["bench"] == "serve_load_summary" and summary["clients"] == 3 and summary["vs_offline"] > 0
