@@ -108,8 +108,10 @@ def create_app(state: ServerState) -> FastAPI:
             chunks.append(chunk)
         try:
             data = json.loads(b"".join(chunks) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's 4300 digits
             raise APIError(400, f"the body is not valid JSON: {e}")
+        except RecursionError:
+            raise APIError(400, "the body is not valid JSON: nested too deeply")
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
@@ -152,11 +154,16 @@ def create_app(state: ServerState) -> FastAPI:
     def choices_for(prompts: list[list[int]], req, max_new: list[int], logprobs: int, stop_ids=None) -> list[Choice]:
         if req.n > state.max_n:
             raise APIError(400, f"n must be at most {state.max_n}", "n")
+        room_ = state.runner.slots + state.runner.max_waiting
+        if len(prompts) * req.n > room_:  # it could never be admitted: not a 429 to retry forever
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} choices is more than this server holds at once "
+                                f"({room_})", "n")
         base = req.seed if req.seed is not None else random.getrandbits(62)
+        top_k = req.top_k if 0 < req.top_k < tok.vocab_size else 0  # -1, 0 or past the vocabulary: every candidate
         out = []
         for i, (ids, m) in enumerate(zip(prompts, max_new)):
             for j in range(req.n):
-                params = SamplingParams(max_new_tokens=max(1, m), temperature=req.temperature, top_k=max(0, req.top_k),
+                params = SamplingParams(max_new_tokens=max(1, m), temperature=req.temperature, top_k=top_k,
                                         top_p=req.top_p, stop=req.stops(), stop_token_ids=stop_ids)
                 out.append(Choice(len(out), EngineRequest(ids, params, row_seed(base + i if req.seed is None else base, j),
                                                           logprobs=logprobs), tok, req.stops()))
@@ -394,10 +401,18 @@ def create_app(state: ServerState) -> FastAPI:
     async def reload(request: Request):
         check_key(request, state.admin_key)
         req = await body(request, ReloadRequest)
+        if not req.checkpoint.strip():
+            raise APIError(400, "checkpoint must be a checkpoint folder's path", "checkpoint")
         try:
             ck = await asyncio.to_thread(load_checkpoint, req.checkpoint, state.device)
         except NextbitError as e:
             raise APIError(400, str(e), "checkpoint")
+        except (OSError, ValueError) as e:  # a path the OS refuses (too long, a NUL byte, no permission)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise APIError(400, f"cannot read the checkpoint {req.checkpoint[:200]!r}: {why}", "checkpoint")
+        if "reward" in ck.model.heads or ck.info.get("meta", {}).get("kind") == "reward_model":
+            raise APIError(400, f"{req.checkpoint} is a reward model; serve a policy (a pretrained, SFT or PPO checkpoint)",
+                           "checkpoint")
         if ck.tokenizer.hash != tok.hash:
             raise APIError(400, f"{req.checkpoint} has another tokenizer ({ck.tokenizer.hash}, serving {tok.hash})", "checkpoint")
         if ck.model.cfg.seq_len < state.max_len:
