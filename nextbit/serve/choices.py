@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from nextbit.infer.engine import Request, TokenLogprobs
+from nextbit.infer.engine import Request, TokenLogprobs, stop_ids_for
 from nextbit.infer.sampling import cut_at_stop
 
 
@@ -17,6 +17,7 @@ class Choice:
     def __init__(self, index: int, req: Request, tokenizer, stops: list[str]):
         self.index, self.req, self.tok, self.stops = index, req, tokenizer, stops
         self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.stop_ids = set(stop_ids_for(tokenizer, req.params))
         self.sent = 0
         self.finish: Optional[str] = None  # "token" | "string" | "length" | "error"
         self.error: Optional[str] = None
@@ -30,8 +31,10 @@ class Choice:
         return None if self.finish is None else ("length" if self.finish == "length" else "stop")
 
     def text(self) -> str:
-        toks = self.req.tokens
-        body = toks[:-1] if self.finish == "token" else toks
+        toks = list(self.req.tokens)  # the engine thread appends to it
+        # A stop token ends the row as soon as it is generated, so a last token that is one is that stop token, even
+        # before the "done" event has arrived (the token event comes first): it is never part of the text.
+        body = toks[:-1] if toks and (self.finish == "token" or toks[-1] in self.stop_ids) else toks
         return cut_at_stop(self.tok.decode(body), self.stops)[0]
 
     def delta(self) -> str:
