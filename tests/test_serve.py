@@ -566,6 +566,23 @@ def test_disconnect_frees_the_slot_and_the_queue_drains(small):
              5, "running and waiting back to 0")
 
 
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_slot(small):
+    """Not streaming: a client that times out and closes the connection while tokens still flow."""
+    url, runner = small.url, small.runner
+
+    def give_up():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"prompt": "def", "max_tokens": 120, "temperature": 0}, timeout=0.5)
+
+    with slowed(runner, 0.03), ThreadPoolExecutor(1) as ex:
+        f = ex.submit(give_up)
+        wait_for(lambda: runner.load[0] == 1, 5, "a running request")
+        gone = next(iter(runner.engine.running.values()))
+        f.result(timeout=10)
+        wait_for(lambda: runner.load == (0, 0), 2.5, "the slot to be freed")
+    assert gone.finish == "cancelled" and len(gone.tokens) < 120
+
+
 def test_an_engine_fault_fails_only_its_batch(small):
     """A step that raises fails the request in the batch with a 500 (a server fault, in the OpenAI shape); the request
     that was waiting for the slot, and the next one, are served."""
@@ -778,3 +795,4 @@ def test_streamed_deltas_add_up_to_the_final_text(tokenizer, data):
     assert streamed == final
     assert "<|endoftext|>" not in streamed and "<|end|>" not in streamed
     assert not any(s in streamed for s in stops)
+

@@ -37,6 +37,7 @@ from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRe
 from nextbit.serve.runner import EngineRunner, QueueFull, threadsafe_emitter
 
 PAGE = Path(__file__).with_name("chat.html")
+DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
 
 
 class APIError(Exception):
@@ -83,11 +84,34 @@ def create_app(state: ServerState) -> FastAPI:
     async def _internal(request: Request, e: Exception):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error", None, 500), 500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path if request.url.path in ROUTES else "other", str(response.status_code)).inc()
-        return response
+    def count(app_):
+        """Requests by route and status, counted when the response starts. A plain ASGI wrapper: Starlette's
+        BaseHTTPMiddleware would hide a client's disconnect from request.is_disconnected()."""
+
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app_(scope, receive, send)
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+
+            started = False
+
+            async def send_(message):
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                    metrics.requests.labels(route, str(message["status"])).inc()
+                await send(message)
+
+            try:
+                await app_(scope, receive, send_)
+            except Exception:
+                if not started:  # the outermost handler answers 500
+                    metrics.requests.labels(route, "500").inc()
+                raise
+
+        return counted
+
+    app.add_middleware(count)
 
     def check_key(request: Request, key: Optional[str]) -> None:
         if key is None:
@@ -188,13 +212,18 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(429, "the server is at capacity; retry shortly", type_="rate_limit_error", headers={"Retry-After": "1"})
         metrics.prompt_tokens.inc(sum(len(c.req.prompt) for c in choices))
         pending = len(choices)
+        check = time.perf_counter() + DISCONNECT_CHECK
         try:
             while pending:
                 try:
-                    stamp, event = await asyncio.wait_for(q.get(), timeout=1.0)
+                    stamp, event = await asyncio.wait_for(q.get(), timeout=DISCONNECT_CHECK)
                 except asyncio.TimeoutError:
+                    stamp, event = None, None
+                if event is None or time.perf_counter() >= check:  # while tokens flow too (a whole response)
+                    check = time.perf_counter() + DISCONNECT_CHECK
                     if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 rid, kind, *rest = event
                 c = by_req[rid]
