@@ -179,11 +179,14 @@ def metric(m: dict, name: str, **labels) -> float:
 
 
 # ---- the openai client: completions, chat, streaming, logprobs, n, seeds --------------------------------------------
-def test_models_and_tokenizer_routes(http, ckpt, loaded):
+def test_models_and_tokenizer_routes(client, http, ckpt, loaded):
     tok = loaded.tokenizer
     m = http.get("/v1/models").json()
     assert m["object"] == "list" and [x["id"] for x in m["data"]] == [MODEL]
     assert m["data"][0]["root"] == str(ckpt) and m["data"][0]["max_model_len"] == CTX
+    one = client.models.retrieve(MODEL)
+    assert one.id == MODEL and one.model_extra["root"] == str(ckpt)
+    assert_error(http.get("/v1/models/gpt-5"), 404, "model")
     r = http.post("/tokenize", json={"prompt": "def f(x):"}).json()
     assert r["tokens"] == ids_of(tok, "def f(x):") and r["count"] == len(r["tokens"]) and r["max_model_len"] == CTX
     assert http.post("/tokenize", json={"prompt": "x<|end|>", "add_special_tokens": False}).json()["tokens"][-1] == tok.end_id
@@ -221,6 +224,13 @@ def test_chat(client, loaded):
     assert 1 <= r.usage.completion_tokens <= 5 and r.choices[0].finish_reason in ("length", "stop")
     r2 = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=5, temperature=0)
     assert r2.choices[0].message.content == r.choices[0].message.content
+    # OpenAI's content parts (text) and its "developer" role are the same conversation
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]}] + msgs[1:]
+    r3 = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=5, temperature=0)
+    assert r3.choices[0].message.content == r.choices[0].message.content and r3.usage == r.usage
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
 
 
 def test_streaming_completion_is_the_whole_response_in_pieces(client, http):
@@ -750,6 +760,7 @@ def test_ctrl_c_stops_the_server_cleanly(ckpt):
         t.start()
         assert started.wait(30)
         p.send_signal(signal.SIGINT)
+        at_sigint = len(lines)
         t.join(30)
         out, err = p.communicate(timeout=30)
     finally:
@@ -760,7 +771,7 @@ def test_ctrl_c_stops_the_server_cleanly(ckpt):
     assert "Traceback" not in err and "nextbit serve: stopped" in err, err
     assert f"{url}/v1" in out and "chat page" in out
     # the request in flight at Ctrl-C was finished whole
-    assert not failure and lines, (failure, lines)
+    assert not failure and len(lines) > at_sigint, (failure, at_sigint, lines)
     sse_lines("\n".join(lines))
 
 

@@ -382,11 +382,20 @@ def create_app(state: ServerState) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     # ---- models, tokenizer, health, metrics, admin, page ---------------------------------------------------------
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "nextbit",
+                "root": state.runner.checkpoint, "max_model_len": state.max_len}
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, state.api_key)
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nextbit", "root": state.runner.checkpoint, "max_model_len": state.max_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(request: Request, name: str):
+        check_key(request, state.api_key)
+        check_model(name)
+        return model_card()
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

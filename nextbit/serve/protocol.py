@@ -60,9 +60,24 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
 class Message(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer name for system
+    content: Union[str, list[TextPart]]  # a string, or OpenAI's content parts (text only), joined
+
+    @field_validator("role")
+    @classmethod
+    def _system(cls, v):
+        return "system" if v == "developer" else v
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v):
+        return v if isinstance(v, str) else "".join(p.text for p in v)
 
 
 class ChatRequest(_Sampling):
