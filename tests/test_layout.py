@@ -22,6 +22,8 @@ ALLOWED = {
     "data": {"core", "data"},
     "align": {"core", "infer", "train", "align"},
     "serve": {"core", "infer", "serve"},
+    "export": {"core", "export"},
+    "evals": {"core", "infer", "evals"},
     "recipes": {"core", "infer", "train", "data", "align", "serve", "recipes"},
 }
 STAGE_COMMANDS = {"nextbit.train.pretrain", "nextbit.infer.sample", "nextbit.data.prepare"}  # stages, not libraries
