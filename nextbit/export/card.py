@@ -112,8 +112,10 @@ def data_facts(run_config: dict) -> list[str]:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.6g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
@@ -131,13 +133,14 @@ def model_card(*, name: str, ckpt: Path, info: dict, cfg: ModelConfig, tok: Toke
     tied = "tied" if cfg.tie_embeddings else "untied"
     gqa = f", grouped-query attention ({cfg.n_head} query / {cfg.n_kv_head} key-value heads)" if cfg.n_kv_head != cfg.n_head else ""
 
-    origin = "brought into nextbit by `nextbit import`" if meta.get("imported_from") else "trained from scratch with nextbit"
+    imported = bool(meta.get("imported_from"))
+    origin = "brought into nextbit by `nextbit import`" if imported else "trained from scratch with nextbit"
     L = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-         f"tags: [nextbit, {'qwen3' if cfg.qk_norm else 'llama'}, from-scratch]", "---", "",
+         f"tags: [nextbit, {'qwen3' if cfg.qk_norm else 'llama'}{'' if imported else ', from-scratch'}]", "---", "",
          f"# {name}", "",
-         f"A {n_params / 1e6:.2f}M-parameter decoder-only language model {origin} and exported as a Hugging Face `{arch}` ({qk}, {tied} embeddings{gqa}). "
-         f"Weights are {dtype}. It is a small research model: it continues text and code in the style of its "
-         f"training data, and knows nothing beyond it.", ""]
+         f"A {n_params / 1e6:.2f}M-parameter decoder-only language model {origin} and exported as a Hugging Face "
+         f"`{arch}` ({qk}, {tied} embeddings{gqa}). Weights are {dtype}. It continues text and code in the style of "
+         f"its training data, and knows nothing beyond it.", ""]
 
     L += ["## Training", ""]
     if meta.get("imported_from"):
@@ -201,7 +204,9 @@ def model_card(*, name: str, ckpt: Path, info: dict, cfg: ModelConfig, tok: Toke
           "follow it in training); `add_special_tokens=False` gives the bare ids. nextbit treats the reserved strings "
           f"({', '.join(f'`{t}`' for t in [*tok.special])}) inside text as plain text; a Hugging Face tokenizer by "
           "default reads them as control tokens. For nextbit's behaviour pass `split_special_tokens=True` when "
-          "encoding text, and `sanitize_control_tokens=True` to `apply_chat_template` where transformers has it.", "",
+          "encoding text, and `sanitize_control_tokens=True` to `apply_chat_template` where transformers has it (the reserved "
+          "strings in messages then stay text, though the token boundaries right around them can differ from "
+          "nextbit's).", "",
           "**Chat template** (tokenizer_config.json): `<|endoftext|>`, then `<|system|>`, `<|user|>` or "
           "`<|assistant|>` + content + `<|end|>` per message, then `<|assistant|>` for the reply. It means something "
           "only for a model fine-tuned on it (`nextbit sft` with chat data).", ""]

@@ -95,7 +95,8 @@ def from_hf_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, where: str
                            else f"{where} lacks the tensor {missing[0]}")
     extra = [k for k in tensors if k not in back and not _IGNORED.match(k) and not (cfg.tie_embeddings and k == "lm_head.weight")]
     if extra:
-        what = "q_norm/k_norm weights: a Qwen3-style model" if any(k.endswith(("q_norm.weight", "k_norm.weight")) for k in extra) else extra[0]
+        qk = any(k.endswith(("q_norm.weight", "k_norm.weight")) for k in extra)
+        what = "q_norm/k_norm weights: a Qwen3-style model" if qk else extra[0]
         raise NextbitError(f"{where} has tensors a {'Qwen3' if cfg.qk_norm else 'Llama'} model of this config does not "
                            f"({what}); unsupported layout")
     out = {}
