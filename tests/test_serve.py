@@ -685,6 +685,19 @@ def test_hot_reload(ckpt, ckpt2, loaded, tmp_path):
         assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == want_new
 
 
+def test_a_reload_superseded_by_a_later_one_is_a_409(small, ckpt):
+    """Two reloads while a row still runs: the first never takes effect and says so (it used to wait forever)."""
+    url, runner = small.url, small.runner
+    with slowed(runner, 0.03), ThreadPoolExecutor(3) as ex, httpx.Client(base_url=url, timeout=30) as c:
+        running = ex.submit(c.post, "/v1/completions", json={"prompt": "def", "max_tokens": 100, "temperature": 0})
+        wait_for(lambda: runner.load[0] == 1, 5, "a running request")
+        first = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt)})
+        wait_for(lambda: runner._reload is not None, 5, "the first reload to wait")
+        second = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt)})
+        assert assert_error(first.result(timeout=20), 409, "checkpoint")["type"] == "conflict_error"
+        assert second.result(timeout=20).json()["status"] == "ok"
+        assert running.result(timeout=20).status_code == 200
+
 def test_a_stop_token_never_shows_in_the_stream(loaded, tmp_path):
     """A model whose head is all zeros: every logit ties, so greedy picks id 0, <|endoftext|>, at once. Streamed or
     not, the reply is empty and ends with "stop"; the stop token is counted and has a logprob, but is no text."""

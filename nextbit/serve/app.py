@@ -34,7 +34,7 @@ from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
-from nextbit.serve.runner import EngineRunner, QueueFull, threadsafe_emitter
+from nextbit.serve.runner import EngineRunner, QueueFull, ReloadSuperseded, threadsafe_emitter
 
 PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
@@ -456,7 +456,10 @@ def create_app(state: ServerState) -> FastAPI:
         if ck.model.cfg.seq_len < state.max_len:
             raise APIError(400, f"{req.checkpoint} has a context of {ck.model.cfg.seq_len}, less than --max-model-len {state.max_len}",
                            "checkpoint")
-        await state.runner.reload(ck.model, str(ck.path))
+        try:
+            await state.runner.reload(ck.model, str(ck.path))
+        except ReloadSuperseded as e:
+            raise APIError(409, f"{req.checkpoint} was not loaded: {e}", "checkpoint", type_="conflict_error")
         return {"status": "ok", "checkpoint": str(ck.path), "weights_sha256": ck.info.get("weights_sha256")}
 
     @app.get("/", response_class=HTMLResponse)

@@ -31,6 +31,10 @@ class QueueFull(Exception):
     pass
 
 
+class ReloadSuperseded(Exception):
+    """A reload still waiting for the running rows to finish was replaced by a later one."""
+
+
 class EngineRunner:
     def __init__(self, model: GPT, tokenizer, checkpoint: str, *, slots: int, max_len: int, max_waiting: int,
                  on_step: Optional[Callable[[int, int], None]] = None):
@@ -138,6 +142,8 @@ class EngineRunner:
                 fut.set_exception(e)
         elif kind == "reload":
             _, model, checkpoint, fut = msg
+            if self._reload is not None:  # the earlier one never took effect: say so (its caller would wait forever)
+                self._reload[2].set_exception(ReloadSuperseded(f"superseded by a later reload of {checkpoint}"))
             self._reload = (model, checkpoint, fut)
 
     def _step(self) -> None:
