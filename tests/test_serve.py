@@ -632,6 +632,29 @@ def test_an_engine_fault_fails_only_its_batch(small):
     wait_for(lambda: runner.load == (0, 0), 5, "an idle engine")
 
 
+def test_a_fault_after_a_row_finished_fails_it_rather_than_leaving_it_hanging(small):
+    """The step raises after it took finished rows out of the batch: those requests get a 500 too (they used to
+    wait forever, and their place in the queue was never given back)."""
+    url, runner = small.url, small.runner
+    eng = runner.engine
+    real = eng._collect
+
+    def collect(steps):
+        finished = real(steps)
+        if finished:
+            del eng._collect
+            raise RuntimeError("injected fault")
+        return finished
+
+    eng._collect = collect
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=10)
+    finally:
+        eng.__dict__.pop("_collect", None)
+    assert "injected fault" in assert_error(r, 500)["message"]
+    wait_for(lambda: runner.load == (0, 0), 5, "an idle engine")
+    assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30).status_code == 200
+
 def test_an_engine_fault_mid_stream_is_an_error_event(small):
     url, runner = small.url, small.runner
     eng = runner.engine

@@ -43,7 +43,7 @@ class EngineRunner:
         self.on_step = on_step  # (running, waiting) after every step, for the metrics
         self.engine = self._new_engine(model)
         self._inbox: "queue.Queue[tuple]" = queue.Queue()
-        self._emit: dict[int, Emit] = {}
+        self._emit: dict[int, tuple[Request, Emit]] = {}  # every request the loop holds, by id
         self._reload: Optional[tuple[GPT, str, Future]] = None
         self._in_server = 0  # running + waiting + not yet taken from the inbox
         self._lock = threading.Lock()
@@ -124,7 +124,7 @@ class EngineRunner:
         kind = msg[0]
         if kind == "submit":
             _, req, emit = msg
-            self._emit[id(req)] = emit
+            self._emit[id(req)] = (req, emit)
             try:
                 self.engine.submit(req)
             except Exception as e:  # noqa: BLE001 - checked by the HTTP side already; never let it kill the loop
@@ -151,8 +151,10 @@ class EngineRunner:
             finished = self.engine.step(admit=self._reload is None)
         except Exception as e:  # noqa: BLE001 - a fault fails the batch it hit, not the server
             traceback.print_exc()
-            hit = list(self.engine.running.values())
             waiting = list(self.engine.waiting)
+            # every request held that is not waiting: the batch, and any the step had already taken out of it
+            queued = {id(r) for r in waiting}
+            hit = [r for r, _ in list(self._emit.values()) if id(r) not in queued]
             self.engine.start(self.slots, self.max_len)
             for r in hit:
                 self._finish(r, ("error", f"the engine failed on this request's batch: {type(e).__name__}: {e}"))
@@ -179,9 +181,10 @@ class EngineRunner:
         self._reload = None
 
     def _finish(self, req: Request, event: Optional[tuple]) -> None:
-        emit = self._emit.pop(id(req), None)
-        if emit is None:
+        held = self._emit.pop(id(req), None)
+        if held is None:
             return
+        emit = held[1]
         with self._lock:
             self._in_server -= 1
         if event is not None:
