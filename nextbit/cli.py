@@ -11,12 +11,24 @@ from nextbit.args import add_dataclass_args, build_dataclass
 from nextbit.core.errors import NextbitError
 
 
+GROUPS = {"eval": "evaluate a model: HumanEval pass@k, lm-evaluation-harness tasks"}
+
+
 def build_parser(cmds) -> argparse.ArgumentParser:
+    """One subcommand per registry entry; a name with a space ("eval lm") is a subcommand of a group ("eval")."""
     parser = argparse.ArgumentParser(prog="nextbit", description="Make GPT-style language models from scratch.")
     parser.add_argument("--version", action="version", version=f"nextbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = {}
     for name, c in cmds.items():
-        p = sub.add_parser(name, help=c.help, description=c.help)
+        where, leaf = sub, name
+        if " " in name:
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                g = sub.add_parser(group, help=GROUPS.get(group, ""), description=GROUPS.get(group, ""))
+                groups[group] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            where = groups[group]
+        p = where.add_parser(leaf, help=c.help, description=c.help)
         if c.positional:
             p.add_argument(c.positional, metavar=c.positional.upper(), nargs="?", default=argparse.SUPPRESS, help=c.positional_help)
         add_dataclass_args(p, c.config, skip={c.positional} if c.positional else set())
@@ -35,6 +47,8 @@ def main(argv=None) -> None:
         if not name:
             parser.print_help()
             raise SystemExit(2)
+        if "subcommand" in args:
+            name = f"{name} {args.pop('subcommand')}"
         cmd = cmds[name]
         cmd.run(build_dataclass(cmd.config, args))
     except NextbitError as e:

@@ -17,6 +17,9 @@ from nextbit.align.ppo import PPOConfig, ppo
 from nextbit.align.reward import RewardConfig, train_reward
 from nextbit.align.sft import SFTConfig, sft
 from nextbit.data.prepare import PrepareConfig, prepare
+from nextbit.evals.humaneval import HumanEvalConfig, humaneval
+from nextbit.evals.lm import EvalLMConfig, eval_lm
+from nextbit.export.convert import ExportConfig, ImportConfig, export_hf, import_hf
 from nextbit.infer.sample import SampleConfig, print_samples, sample
 from nextbit.recipes.demo import DemoConfig, demo
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
@@ -65,6 +68,14 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(CompareConfig, compare, "sample pairs of responses from a policy, have a labeler compare them, write preference JSONL"),
     "ppo": Command(PPOConfig, training(ppo), "PPO against a reward model with a KL penalty to the starting policy (adaptive beta, GAE, value head)"),
     "dpo": Command(DPOConfig, training(dpo), "Direct Preference Optimisation on a preference JSONL (offline alternative to PPO)"),
+    "eval humaneval": Command(HumanEvalConfig, humaneval, "HumanEval pass@k: sample code for the 164 problems, run each sample in a sandbox",
+                              "checkpoint", "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo; ignored with --server)"),
+    "eval lm": Command(EvalLMConfig, eval_lm, "lm-evaluation-harness tasks through the OpenAI-compatible API (needs the [serve,eval] extras)",
+                       "checkpoint", "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo; ignored with --server)"),
+    "export": Command(ExportConfig, export_hf, "write a Hugging Face folder (Llama, or Qwen3 with QK-norm) with a model card", "checkpoint",
+                      "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo)"),
+    "import": Command(ImportConfig, import_hf, "turn a local Hugging Face Llama / Qwen3 folder into a nextbit checkpoint", "hf_dir",
+                      "a local Hugging Face model folder"),
     "sentiment": Command(SentimentConfig, sentiment,
                          "the end-to-end RLHF task: IMDB pretraining -> comparisons -> reward model -> PPO and DPO"),
 }

@@ -6,6 +6,8 @@
     data/      sources and `nextbit prepare`                          -> core
     align/     sft, reward, compare, ppo, dpo                         -> core, infer, train's machinery
     serve/     the OpenAI-compatible server                           -> core, infer
+    evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve
+    export/    Hugging Face folders, both ways                        -> core
     recipes/   whole pipelines                                        -> any stage
     commands.py, cli.py: the top; nothing imports them (but __main__)
 """
@@ -23,7 +25,7 @@ ALLOWED = {
     "align": {"core", "infer", "train", "align"},
     "serve": {"core", "infer", "serve"},
     "export": {"core", "export"},
-    "evals": {"core", "infer", "evals"},
+    "evals": {"core", "infer", "data", "serve", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
     "recipes": {"core", "infer", "train", "data", "align", "serve", "recipes"},
 }
 STAGE_COMMANDS = {"nextbit.train.pretrain", "nextbit.infer.sample", "nextbit.data.prepare"}  # stages, not libraries

@@ -1,0 +1,152 @@
+"""`nextbit eval lm`: lm-evaluation-harness through nextbit's OpenAI-compatible API.
+
+    nextbit eval lm runs/demo --tasks imdb_sentiment,stdlib_next_line      # starts `nextbit serve` in this process
+    nextbit eval lm --server http://127.0.0.1:8000 --tasks hellaswag       # any lm-eval task, against a running server
+
+lm-eval runs its `local-completions` model unchanged: log-likelihoods come from the server's `echo` + `logprobs`,
+generations from greedy completions, and tokenization from the server's /tokenize (its remote tokenizer), so no
+local copy of the tokenizer is needed. The two nextbit tasks (evals/lm_tasks.py) are written offline into the
+results folder; any other task name passes through to lm-eval's own registry (which may need the internet).
+Results: lm-eval's results JSON (results.json) and its table (results.md) in --out.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from nextbit.core.atomic import write_json, write_text
+from nextbit.core.errors import NextbitError
+from nextbit.evals.lm_tasks import TASKS, write_tasks
+
+
+@dataclass
+class EvalLMConfig:
+    checkpoint: str = "runs/demo"  # the checkpoint to serve and evaluate (ignored with --server)
+    server: Optional[str] = None  # evaluate a running `nextbit serve` at this URL (http://host:port) instead
+    api_key: Optional[str] = None  # with --server: its API key
+    tasks: list[str] = field(default_factory=lambda: ["imdb_sentiment", "stdlib_next_line"])  # nextbit's tasks or any lm-eval task name
+    limit: int = 0  # documents per task at most (0 = all)
+    num_fewshot: Optional[int] = None  # few-shot examples (default: the task's own)
+    out: str = ""  # results folder (default: <run folder>/lm_eval, or ./lm_eval with --server)
+    model_name: str = "nextbit"  # the name the in-process server serves (with --server: read from /v1/models)
+    max_batch: int = 8  # the in-process server's slots
+    concurrency: int = 4  # requests lm-eval keeps in flight
+    seed: int = 1234
+    device: str = "auto"  # the in-process server's device: auto | cpu | cuda
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class InProcessServer:
+    """`nextbit serve` in this process (engine loop thread + uvicorn thread) on a free local port."""
+
+    def __init__(self, cfg: EvalLMConfig):
+        import uvicorn
+
+        from nextbit.serve.server import ServeConfig, build_app
+
+        self.port = _free_port()
+        app, self.runner, self.ckpt = build_app(ServeConfig(checkpoint=cfg.checkpoint, port=self.port, max_batch=cfg.max_batch,
+                                                            served_model_name=cfg.model_name, device=cfg.device))
+        self.name, self.max_len = cfg.model_name, app.state.nextbit.max_len
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.runner.start()
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        if not self.server.started:
+            raise NextbitError("the in-process server did not start")
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.runner.stop()
+
+
+def _remote_model(url: str, api_key: Optional[str]) -> tuple[str, int]:
+    """(model name, context) of a running server, or one line saying why not."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=5.0)
+    except httpx.HTTPError as e:
+        raise NextbitError(f"--server {url} is not answering ({type(e).__name__}: {e})")
+    if r.status_code != 200:
+        raise NextbitError(f"--server {url}/v1/models answered {r.status_code}: {r.text[:200]}")
+    m = r.json()["data"][0]
+    return m["id"], int(m.get("max_model_len") or 2048)
+
+
+def run_lm_eval(url: str, name: str, max_len: int, cfg: EvalLMConfig, task_dir: Path) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir))
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise NextbitError(f"lm-eval has no task {unknown[0]!r} (nextbit's own: {', '.join(TASKS)})")
+    args = {"model": name, "base_url": f"{url}/v1/completions", "num_concurrent": cfg.concurrency, "max_retries": 2,
+            "tokenized_requests": True, "max_length": max_len, "timeout": 300}
+    if cfg.api_key:
+        args["auth_token"] = cfg.api_key
+    return simple_evaluate(model="local-completions", model_args=args, tasks=list(cfg.tasks), task_manager=manager,
+                           limit=cfg.limit or None, num_fewshot=cfg.num_fewshot, bootstrap_iters=0, random_seed=cfg.seed,
+                           numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed)
+
+
+def eval_lm(cfg: EvalLMConfig) -> dict:
+    try:
+        import lm_eval  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise NextbitError('nextbit eval lm needs lm-eval and the server: pip install -e ".[serve,eval]"')
+    if not cfg.tasks:
+        raise NextbitError("--tasks: give at least one task")
+    if cfg.limit < 0:
+        raise NextbitError(f"--limit must be >= 0, got {cfg.limit}")
+    if cfg.server:
+        url = cfg.server.rstrip("/").removesuffix("/v1")
+        name, max_len = _remote_model(url, cfg.api_key)
+        out = Path(cfg.out or "lm_eval")
+    else:
+        from nextbit.core.checkpoint import resolve
+
+        ck = resolve(cfg.checkpoint)
+        out = Path(cfg.out) if cfg.out else (ck.parent if ck.name == "checkpoint" else ck) / "lm_eval"
+    task_dir = out / "tasks"
+    write_tasks(list(cfg.tasks), task_dir)
+    if cfg.server:
+        results = run_lm_eval(url, name, max_len, cfg, task_dir)
+    else:
+        srv = InProcessServer(cfg)
+        with srv as srv_url:
+            results = run_lm_eval(srv_url, srv.name, srv.max_len, cfg, task_dir)
+    return _report(results, cfg, out)
+
+
+def _report(results: dict, cfg: EvalLMConfig, out: Path) -> dict:
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    keep = {k: results[k] for k in ("results", "versions", "n-shot", "config") if k in results}
+    keep["nextbit"] = {"settings": asdict(cfg)}
+    write_json(out / "results.json", keep)
+    write_text(out / "results.md", table)
+    print(table, flush=True)
+    print(f"results in {out}/results.json", flush=True)
+    return keep
