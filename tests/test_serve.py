@@ -773,16 +773,16 @@ def test_metrics(server, http):
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------------------------
 def test_ctrl_c_stops_the_server_cleanly(ckpt):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`nextbit serve --port 0` announces the port it got; Ctrl-C finishes the stream in flight, then stops."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "nextbit", "serve", str(ckpt), "--port", str(port), "--device", "cpu",
+    p = subprocess.Popen([sys.executable, "-m", "nextbit", "serve", str(ckpt), "--port", "0", "--device", "cpu",
                           "--max-batch", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    banner: list[str] = []
+    reader = threading.Thread(target=lambda: banner.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
     lines, failure, started = [], [], threading.Event()
 
-    def stream():
+    def stream(url):
         try:
             with httpx.stream("POST", url + "/v1/completions", timeout=30,
                               json={"prompt": "def", "max_tokens": 120, "temperature": 0, "stream": True}) as r:
@@ -796,34 +796,50 @@ def test_ctrl_c_stops_the_server_cleanly(ckpt):
             started.set()
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert p.poll() is None, p.communicate()
+        wait_for(lambda: any("Ctrl-C" in x for x in banner) or p.poll() is not None, 60, "the banner")
+        assert p.poll() is None, p.communicate()
+        api = next(x for x in banner if "/v1" in x).split()[1]
+        assert api.startswith("http://127.0.0.1:") and not api.startswith("http://127.0.0.1:0/"), banner
+        url = api[: -len("/v1")]
+
+        def up():
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "nextbit serve did not come up"
-            time.sleep(0.1)
-        t = threading.Thread(target=stream)
+                return httpx.get(url + "/health", timeout=5).status_code == 200
+            except httpx.TransportError:  # bound, not yet listening
+                return False
+
+        wait_for(up, 20, "/health")
+        t = threading.Thread(target=stream, args=(url,))
         t.start()
         assert started.wait(30)
         p.send_signal(signal.SIGINT)
         at_sigint = len(lines)
         t.join(30)
-        out, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
     assert p.returncode in (0, 130), err
     assert "Traceback" not in err and "nextbit serve: stopped" in err, err
-    assert f"{url}/v1" in out and "chat page" in out
+    assert any("chat page" in x and url in x for x in banner), banner
     # the request in flight at Ctrl-C was finished whole
     assert not failure and len(lines) > at_sigint, (failure, at_sigint, lines)
     sse_lines("\n".join(lines))
 
+
+def test_a_port_in_use_is_one_line(ckpt):
+    from nextbit.core.errors import NextbitError
+    from nextbit.serve.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(NextbitError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve(ServeConfig(checkpoint=str(ckpt), port=port, device="cpu"))
+    with pytest.raises(NextbitError, match="--port must be in"):
+        serve(ServeConfig(checkpoint=str(ckpt), port=70000, device="cpu"))
 
 # ---- choices: streamed text adds up to the final text ----------------------------------------------------------------
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,6 +10,7 @@ they arrive); uvicorn serves HTTP. Ctrl-C stops accepting connections, lets the 
 
 from __future__ import annotations
 
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,22 +79,44 @@ def build_app(cfg: ServeConfig):
     return create_app(state), runner, ck
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything is announced: a port in use or a host that is not there is one
+    line naming it, not uvicorn's log and exit code 3 after the banner."""
+    if not 0 <= port <= 65535:
+        raise NextbitError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:  # socket.gaierror too
+        raise NextbitError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    return sock
+
+
 def serve(cfg: ServeConfig) -> None:
     try:
         import uvicorn
     except ImportError:
         raise NextbitError('nextbit serve needs the [serve] extra: pip install -e ".[serve]"')
     app, runner, ck = build_app(cfg)
+    sock = listen(cfg.host, cfg.port)
     runner.start()
     state = app.state.nextbit
-    base = f"http://{cfg.host}:{cfg.port}"
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    base = f"http://{host}:{sock.getsockname()[1]}"  # the port the OS gave for --port 0
     print(f"nextbit serve: {ck.path} as {state.model_name!r} ({ck.model.num_params() / 1e6:.2f}M params, context {state.max_len}, "
           f"{cfg.max_batch} slots, {state.device})\n  API        {base}/v1  (OpenAI-compatible{', key required' if state.api_key else ''})\n"
           f"  chat page  {base}/\n  metrics    {base}/metrics\nCtrl-C stops it.", flush=True)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=cfg.shutdown_timeout)
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         runner.stop()
+        sock.close()
         print("nextbit serve: stopped", file=sys.stderr, flush=True)
