@@ -92,14 +92,21 @@ def _remote_model(url: str, api_key: Optional[str]) -> tuple[str, int]:
     return m["id"], int(m.get("max_model_len") or 2048)
 
 
-def run_lm_eval(url: str, name: str, max_len: int, cfg: EvalLMConfig, task_dir: Path) -> dict:
-    from lm_eval import simple_evaluate
+def task_manager(tasks: list[str], task_dir: Path):
+    """lm-eval's task registry with nextbit's tasks added (its own ~thousands only when a task needs them: indexing
+    them takes a while); a name in neither is one line."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(task_dir))
-    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    manager = TaskManager(include_path=str(task_dir), include_defaults=not all(t in TASKS for t in tasks))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise NextbitError(f"lm-eval has no task {unknown[0]!r} (nextbit's own: {', '.join(TASKS)})")
+    return manager
+
+
+def run_lm_eval(url: str, name: str, max_len: int, cfg: EvalLMConfig, manager) -> dict:
+    from lm_eval import simple_evaluate
+
     args = {"model": name, "base_url": f"{url}/v1/completions", "num_concurrent": cfg.concurrency, "max_retries": 2,
             "tokenized_requests": True, "max_length": max_len, "timeout": 300}
     if cfg.api_key:
@@ -130,12 +137,13 @@ def eval_lm(cfg: EvalLMConfig) -> dict:
         out = Path(cfg.out) if cfg.out else (ck.parent if ck.name == "checkpoint" else ck) / "lm_eval"
     task_dir = out / "tasks"
     write_tasks(list(cfg.tasks), task_dir)
+    manager = task_manager(list(cfg.tasks), task_dir)
     if cfg.server:
-        results = run_lm_eval(url, name, max_len, cfg, task_dir)
+        results = run_lm_eval(url, name, max_len, cfg, manager)
     else:
         srv = InProcessServer(cfg)
         with srv as srv_url:
-            results = run_lm_eval(srv_url, srv.name, srv.max_len, cfg, task_dir)
+            results = run_lm_eval(srv_url, srv.name, srv.max_len, cfg, manager)
     return _report(results, cfg, out)
 
 
