@@ -726,7 +726,7 @@ def test_a_reload_superseded_by_a_later_one_is_a_409(small, ckpt):
     """Two reloads while a row still runs: the first never takes effect and says so (it used to wait forever)."""
     url, runner = small.url, small.runner
     with slowed(runner, 0.03), ThreadPoolExecutor(3) as ex, httpx.Client(base_url=url, timeout=30) as c:
-        running = ex.submit(c.post, "/v1/completions", json={"prompt": "def", "max_tokens": 100, "temperature": 0})
+        running = ex.submit(c.post, "/v1/completions", json={"prompt": "def", "max_tokens": 40, "temperature": 0})
         wait_for(lambda: runner.load[0] == 1, 5, "a running request")
         first = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt)})
         wait_for(lambda: runner._reload is not None, 5, "the first reload to wait")
