@@ -302,6 +302,13 @@ def test_echo_scores_the_prompt(client, loaded):
     c2 = r2.choices[0]
     assert c2.text.startswith(p) and len(c2.logprobs.tokens) == r2.usage.prompt_tokens + r2.usage.completion_tokens
     assert c2.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
+    # streamed, the echo and its logprobs come first, then the completion's, adding up to the whole response
+    chunks = list(client.completions.create(model=MODEL, prompt=p, max_tokens=3, echo=True, logprobs=0, temperature=0,
+                                            stream=True))
+    assert "".join(x.choices[0].text for x in chunks) == c2.text
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert [v for x in chunks if x.choices[0].logprobs for v in getattr(x.choices[0].logprobs, key)] == \
+            getattr(c2.logprobs, key), key
     r3 = client.completions.create(model=MODEL, prompt=[p, "x"], max_tokens=0, echo=True)  # echo without logprobs
     assert [x.text for x in r3.choices] == [p, "x"] and r3.choices[0].logprobs is None
 

@@ -305,8 +305,12 @@ def create_app(state: ServerState) -> FastAPI:
         async def stream():
             sent_lp = {c.index: 0 for c in choices}
             for c in choices:
-                if req.echo:
-                    yield sse(chunk(c, echo_text[c.index], None))
+                if req.echo:  # the prompt first, with its own logprobs when asked (as the whole response has them)
+                    lp = None
+                    if req.logprobs is not None:
+                        n = sent_lp[c.index] = len(prompts[c.index // req.n])
+                        lp = {key: v[:n] for key, v in logprobs_of(c).items()}
+                    yield sse(chunk(c, echo_text[c.index], None, lp))
             async for c in _chain(first, gen):
                 if c.finish == "error":
                     yield sse(error_body(c.error or "the engine failed", "server_error", None, 500))
@@ -314,11 +318,11 @@ def create_app(state: ServerState) -> FastAPI:
                 text = c.delta()
                 lp = None
                 if req.logprobs is not None:
-                    full = c.completion_logprobs()
+                    full = logprobs_of(c)
                     k = sent_lp[c.index]
                     lp = {key: v[k:] for key, v in full.items()}
                     sent_lp[c.index] = len(full["tokens"])
-                if text or c.done or lp:
+                if text or c.done or (lp and lp["tokens"]):
                     yield sse(chunk(c, text, c.finish_reason, lp))
             if req.stream_options and req.stream_options.include_usage:
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
