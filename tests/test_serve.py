@@ -436,6 +436,7 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 5000, "echo": True, "max_tokens": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),

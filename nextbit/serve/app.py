@@ -175,13 +175,16 @@ def create_app(state: ServerState) -> FastAPI:
                                 f"({n} in the prompt, {max_tokens} in {field})", field)
         return max_tokens
 
-    def choices_for(prompts: list[list[int]], req, max_new: list[int], logprobs: int, stop_ids=None) -> list[Choice]:
+    def check_n(req, n_prompts: int) -> None:
         if req.n > state.max_n:
             raise APIError(400, f"n must be at most {state.max_n}", "n")
         room_ = state.runner.slots + state.runner.max_waiting
-        if len(prompts) * req.n > room_:  # it could never be admitted: not a 429 to retry forever
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} choices is more than this server holds at once "
+        if n_prompts * req.n > room_:  # it could never be admitted: not a 429 to retry forever
+            raise APIError(400, f"{n_prompts} prompt(s) x n={req.n} choices is more than this server holds at once "
                                 f"({room_})", "n")
+
+    def choices_for(prompts: list[list[int]], req, max_new: list[int], logprobs: int, stop_ids=None) -> list[Choice]:
+        check_n(req, len(prompts))
         base = req.seed if req.seed is not None else random.getrandbits(62)
         top_k = req.top_k if 0 < req.top_k < tok.vocab_size else 0  # -1, 0 or past the vocabulary: every candidate
         out = []
@@ -264,6 +267,7 @@ def create_app(state: ServerState) -> FastAPI:
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo)", "max_tokens")
         max_new = [room(ids, req.max_tokens, "max_tokens") for ids in prompts]
+        check_n(req, len(prompts))  # before any work (echo with max_tokens 0 generates nothing, but answers n times)
         logprobs = -1 if req.logprobs is None else req.logprobs
         scored: list = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
