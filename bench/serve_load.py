@@ -10,12 +10,13 @@ on the same weights, in the same run.
     python bench/serve_load.py --random-model --depth 1 --width 64 --vocab-size 300 --ctx 64 --clients 1,2 \
         --requests-per-client 1 --prompt-len 8 --max-tokens 4 --sides server,offline
 
-Sides, one after another (never two at once):
+Sides, one after another (never two at once; offline then server for each client count, then hf):
   offline  Engine.generate(prompts, per-request SamplingParams, max_slots=C) in this process: the same C x R prompts
            and max tokens as C clients send, refilling C slots as rows finish (cache rounded to the prompt + max
            tokens, as generate does).
-  server   `nextbit serve CKPT --max-batch B` as a subprocess on 127.0.0.1 (a free port), B = the largest client
-           count (--server-per-level: restart it with B = C per level); C asyncio clients (httpx) each send R
+  server   `nextbit serve CKPT --max-batch B` as a subprocess on 127.0.0.1 (a free port, a fresh server per level),
+           B = the largest client count (--server-per-level: B = C), warmed up with one burst that fills every slot
+           (a GPU compiles the decode step there); C asyncio clients (httpx) each send R
            streaming /v1/completions requests back to back (token-id prompts, fixed max_tokens, temperature 1,
            a seed per request, stream_options.include_usage). Aggregate tokens/s = completion tokens (from usage)
            / (last response done - first request sent). Time to first token = request sent -> first chunk with
@@ -371,7 +372,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-model-len", type=int, default=0, help="passed to nextbit serve (0: the model's context)")
-    ap.add_argument("--server-per-level", action="store_true", help="restart the server with --max-batch = clients per level")
+    ap.add_argument("--server-per-level", action="store_true", help="serve each level with --max-batch = its client count")
     ap.add_argument("--hf-requests", type=int, default=8, help="requests transformers serves one at a time (timed)")
     ap.add_argument("--warmup", type=int, default=1, help="offline: untimed runs first; hf: untimed requests first")
     ap.add_argument("--repeats", type=int, default=1, help="offline: timed runs (median)")
@@ -404,30 +405,26 @@ def main():
                   "params_m": round(ck.model.num_params() / 1e6, 2), "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
                   "temperature": args.temperature, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
         res: dict[str, dict[int, dict]] = {s: {} for s in sides}
-        if "offline" in sides:
-            for level in levels:
-                res["offline"][level] = run_offline(ck, prompts_all[: level * args.requests_per_client], args, level, dev, common)
-        ck.model.cpu()
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        if "server" in sides:
-            server = None
-            try:
-                for level in levels:
-                    slots = level if args.server_per_level else max(levels)
-                    if server is None or args.server_per_level:
-                        if server is not None:
-                            server.stop()
-                        server = Server(ckpt, slots, args)
-                        warm_server(server, prompts_all, args, slots)
+        for level in levels:  # offline, then the server, level by level: the two see the machine in the same state
+            prompts = prompts_all[: level * args.requests_per_client]
+            if "offline" in sides:
+                common["load_avg_1m"] = round(os.getloadavg()[0], 2)
+                res["offline"][level] = run_offline(ck, prompts, args, level, dev, common)
+                ck.model.cpu()
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if "server" in sides:  # a fresh server per level, never up while the offline engine runs
+                slots = level if args.server_per_level else max(levels)
+                server = Server(ckpt, slots, args)
+                try:
+                    warm_server(server, prompts_all, args, slots)
                     common["load_avg_1m"] = round(os.getloadavg()[0], 2)
-                    res["server"][level] = run_server_level(server, prompts_all[: level * args.requests_per_client], args,
-                                                            level, common, slots)
-            finally:
-                if server is not None:
+                    res["server"][level] = run_server_level(server, prompts, args, level, common, slots)
+                finally:
                     server.stop()
         if "hf" in sides:
+            common["load_avg_1m"] = round(os.getloadavg()[0], 2)
             res["hf"][1] = run_hf(ckpt, prompts_all, args, dev, dtype, common)
         top = max(levels)
         summary = {"bench": "serve_load_summary", "device": common["device"], "clients": top,
