@@ -683,6 +683,27 @@ def test_an_engine_fault_mid_stream_is_an_error_event(small):
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30).status_code == 200
 
 
+def test_the_engine_loop_survives_callers_that_went_away(loaded):
+    """A reload or a scoring call whose caller cancelled it (a server shutting down does) is dropped; the loop lives."""
+    from concurrent.futures import Future
+
+    from nextbit.serve.runner import EngineRunner
+
+    runner = EngineRunner(loaded.model, loaded.tokenizer, "x", slots=2, max_len=64, max_waiting=2)
+    runner.start()
+    try:
+        gone = [Future(), Future()]
+        for f in gone:
+            f.cancel()
+        runner._inbox.put(("reload", loaded.model, "y", gone[0]))
+        runner._inbox.put(("call", lambda eng: 1, gone[1]))
+        ok = Future()
+        runner._inbox.put(("call", lambda eng: eng.slots, ok))
+        assert ok.result(timeout=10) == 2 and runner._thread.is_alive()
+        wait_for(lambda: runner.checkpoint == "y", 5, "the reload")
+    finally:
+        runner.stop()
+
 # ---- hot reload -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt2(loaded, tmp_path_factory) -> Path:

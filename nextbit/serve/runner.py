@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import traceback
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Optional
 
 from nextbit.core.model import GPT
@@ -136,14 +136,16 @@ class EngineRunner:
                 self._finish(req, None)
         elif kind == "call":
             _, fn, fut = msg
+            if not fut.set_running_or_notify_cancel():  # its caller is gone (the server is shutting down)
+                return
             try:
                 fut.set_result(fn(self.engine))
             except Exception as e:  # noqa: BLE001
                 fut.set_exception(e)
         elif kind == "reload":
             _, model, checkpoint, fut = msg
-            if self._reload is not None:  # the earlier one never took effect: say so (its caller would wait forever)
-                self._reload[2].set_exception(ReloadSuperseded(f"superseded by a later reload of {checkpoint}"))
+            if self._reload is not None:  # the earlier one never took effect: say so (it would wait forever)
+                _settle(self._reload[2], error=ReloadSuperseded(f"superseded by a later reload of {checkpoint}"))
             self._reload = (model, checkpoint, fut)
 
     def _step(self) -> None:
@@ -171,11 +173,12 @@ class EngineRunner:
         model, checkpoint, fut = self._reload
         waiting = list(self.engine.waiting)
         try:
-            self.engine = self._new_engine(model)
-            self.checkpoint = checkpoint
-            fut.set_result(None)
+            engine = self._new_engine(model)
         except Exception as e:  # noqa: BLE001
-            fut.set_exception(e)
+            _settle(fut, error=e)
+        else:
+            self.engine, self.checkpoint = engine, checkpoint
+            _settle(fut)
         for r in waiting:
             self.engine.submit(r)
         self._reload = None
@@ -189,6 +192,15 @@ class EngineRunner:
             self._in_server -= 1
         if event is not None:
             emit(event)
+
+
+def _settle(fut: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Resolve a future whose caller may have gone meanwhile (cancelled it, as a server shutting down does): that
+    must never raise on the loop thread."""
+    try:
+        fut.set_exception(error) if error is not None else fut.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def threadsafe_emitter(loop: asyncio.AbstractEventLoop, q: "asyncio.Queue[tuple]") -> Emit:
