@@ -69,7 +69,7 @@ COMMANDS: dict[str, Command] = {
     "ppo": Command(PPOConfig, training(ppo), "PPO against a reward model with a KL penalty to the starting policy (adaptive beta, GAE, value head)"),
     "dpo": Command(DPOConfig, training(dpo), "Direct Preference Optimisation on a preference JSONL (offline alternative to PPO)"),
     "eval humaneval": Command(HumanEvalConfig, humaneval, "HumanEval pass@k: sample code for the 164 problems, run each sample in a sandbox",
-                              "checkpoint", "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo; ignored with --server)"),
+                              "checkpoint", "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo; or give --server)"),
     "eval lm": Command(EvalLMConfig, eval_lm, "lm-evaluation-harness tasks through the OpenAI-compatible API (needs the [serve,eval] extras)",
                        "checkpoint", "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo; ignored with --server)"),
     "export": Command(ExportConfig, export_hf, "write a Hugging Face folder (Llama, or Qwen3 with QK-norm) with a model card", "checkpoint",
