@@ -699,10 +699,20 @@ def test_the_engine_loop_survives_callers_that_went_away(loaded):
         runner._inbox.put(("call", lambda eng: 1, gone[1]))
         ok = Future()
         runner._inbox.put(("call", lambda eng: eng.slots, ok))
-        assert ok.result(timeout=10) == 2 and runner._thread.is_alive()
+        assert ok.result(timeout=10) == 2 and runner.alive
         wait_for(lambda: runner.checkpoint == "y", 5, "the reload")
     finally:
         runner.stop()
+
+
+def test_a_stopped_engine_loop_is_a_503_not_a_hang(ckpt):
+    with live_server(ckpt) as s:
+        s.runner.stop()
+        assert_error(httpx.get(s.url + "/health", timeout=10), 503)
+        for body in ({"prompt": "x", "max_tokens": 2}, {"prompt": "x", "max_tokens": 2, "stream": True},
+                     {"prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 1}):
+            assert_error(httpx.post(s.url + "/v1/completions", json=body, timeout=10), 503)
+        assert_error(httpx.post(s.url + "/admin/reload", json={"checkpoint": str(ckpt)}, timeout=10), 503)
 
 # ---- hot reload -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -145,6 +145,11 @@ def create_app(state: ServerState) -> FastAPI:
             where = ".".join(str(x) for x in err["loc"])
             raise APIError(400, f"{where}: {err['msg']}", param=where)
 
+    def need_engine() -> None:
+        """Work for the engine loop is refused when the loop has stopped: it would never be answered."""
+        if not state.runner.alive:
+            raise APIError(503, "the engine loop is not running", type_="server_error")
+
     def check_model(name: Optional[str]) -> None:
         if name is not None and name != state.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}", "model",
@@ -209,6 +214,7 @@ def create_app(state: ServerState) -> FastAPI:
         for c in choices:
             c.req.on_token = lambda r, t, lp: emit((id(r), "token"))
             ends.append(lambda event, rid=id(c.req): emit((rid, *event)))
+        need_engine()
         try:
             state.runner.submit_many(reqs, ends)
         except QueueFull:
@@ -271,6 +277,7 @@ def create_app(state: ServerState) -> FastAPI:
         logprobs = -1 if req.logprobs is None else req.logprobs
         scored: list = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
+            need_engine()
             scored = [await state.runner.call(lambda eng, ids=ids: eng.score(ids, top=logprobs)) for ids in prompts]
         n_prompt = sum(len(p) for p in prompts)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -436,6 +443,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not state.runner.alive:  # so that a load balancer stops sending requests that would never be answered
+            return JSONResponse(error_body("the engine loop is not running", "server_error", None, 503), 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -465,6 +474,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"{req.checkpoint} has a context of {ck.model.cfg.seq_len}, less than --max-model-len {state.max_len}",
                            "checkpoint")
         try:
+            need_engine()
             await state.runner.reload(ck.model, str(ck.path))
         except ReloadSuperseded as e:
             raise APIError(409, f"{req.checkpoint} was not loaded: {e}", "checkpoint", type_="conflict_error")

@@ -66,6 +66,11 @@ class EngineRunner:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """Whether the loop thread runs (a request submitted to a stopped loop would wait forever)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) right now."""
         running = len(self.engine.running)
