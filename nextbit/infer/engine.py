@@ -72,7 +72,7 @@ def stop_ids_for(tokenizer, params: SamplingParams) -> list[int]:
     return list(params.stop_token_ids) if params.stop_token_ids is not None else [tokenizer.eot_id, tokenizer.end_id]
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two alike requests are still two (cancel() finds the right one)
 class Request:
     prompt: list[int]
     params: SamplingParams
@@ -251,7 +251,7 @@ class Engine:
         dev = self.device
         p = [r.params for r in reqs]
         self.temperature[s] = torch.tensor([x.temperature for x in p], device=dev, dtype=torch.float32)
-        self.top_k[s] = torch.tensor([x.top_k for x in p], device=dev)
+        self.top_k[s] = torch.tensor([min(x.top_k, self.vocab) for x in p], device=dev)  # past the vocabulary: every candidate
         self.top_p[s] = torch.tensor([x.top_p for x in p], device=dev, dtype=torch.float32)
         self.seeds[s] = torch.tensor([r.seed for r in reqs], device=dev)
         self.max_new[s] = torch.tensor([min(x.max_new_tokens, self.max_len - len(r.prompt)) for x, r in zip(p, reqs)], device=dev)
