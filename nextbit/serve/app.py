@@ -262,6 +262,37 @@ def create_app(state: ServerState) -> FastAPI:
     def sse(obj) -> bytes:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
+    async def complete(choices: list[Choice], request: Request, t0: float) -> None:
+        """Run the choices to the end (a whole, non-streamed response)."""
+        async for _ in run(choices, request, t0):
+            pass
+        fail_if_errored(choices)
+
+    async def event_stream(choices: list[Choice], request: Request, t0: float, head: list[dict],
+                           piece: Callable[[Choice], Optional[dict]], tail: Callable[[], Optional[dict]]) -> StreamingResponse:
+        """Server-sent events: `head` chunks, then `piece(choice)` each time a choice moves on (None: nothing to
+        send yet), then `tail()` (the usage chunk, if asked) and [DONE]. Errors raised before the first event (a full
+        queue) are still a proper HTTP error."""
+        gen = run(choices, request, t0)
+        first = await _first(gen)
+
+        async def events():
+            for h in head:
+                yield sse(h)
+            async for c in _chain(first, gen):
+                if c.finish == "error":
+                    yield sse(error_body(c.error or "the engine failed", "server_error", None, 500))
+                    continue
+                ev = piece(c)
+                if ev is not None:
+                    yield sse(ev)
+            end = tail()
+            if end is not None:
+                yield sse(end)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request, state.api_key)
@@ -302,45 +333,37 @@ def create_app(state: ServerState) -> FastAPI:
                     "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}]}
 
         if not req.stream:
-            async for _ in run(choices, request, t0):
-                pass
-            fail_if_errored(choices)
+            await complete(choices, request, t0)
             out = [{"index": c.index, "text": echo_text[c.index] + c.text(), "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
                    for c in choices]
             return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name, "choices": out,
                     "usage": usage(choices, n_prompt)}
 
-        gen = run(choices, request, t0)
-        first = await _first(gen)  # errors before the first byte (a full queue) are still a proper 4xx
-
-        async def stream():
-            sent_lp = {c.index: 0 for c in choices}
-            for c in choices:
-                if req.echo:  # the prompt first, with its own logprobs when asked (as the whole response has them)
-                    lp = None
-                    if req.logprobs is not None:
-                        n = sent_lp[c.index] = len(prompts[c.index // req.n])
-                        lp = {key: v[:n] for key, v in logprobs_of(c).items()}
-                    yield sse(chunk(c, echo_text[c.index], None, lp))
-            async for c in _chain(first, gen):
-                if c.finish == "error":
-                    yield sse(error_body(c.error or "the engine failed", "server_error", None, 500))
-                    continue
-                text = c.delta()
+        sent_lp = {c.index: 0 for c in choices}
+        head = []
+        for c in choices:
+            if req.echo:  # the prompt first, with its own logprobs when asked (as the whole response has them)
                 lp = None
                 if req.logprobs is not None:
-                    full = logprobs_of(c)
-                    k = sent_lp[c.index]
-                    lp = {key: v[k:] for key, v in full.items()}
-                    sent_lp[c.index] = len(full["tokens"])
-                if text or c.done or (lp and lp["tokens"]):
-                    yield sse(chunk(c, text, c.finish_reason, lp))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                           "choices": [], "usage": usage(choices, n_prompt)})
-            yield b"data: [DONE]\n\n"
+                    n = sent_lp[c.index] = len(prompts[c.index // req.n])
+                    lp = {key: v[:n] for key, v in logprobs_of(c).items()}
+                head.append(chunk(c, echo_text[c.index], None, lp))
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def piece(c: Choice) -> Optional[dict]:
+            text, lp = c.delta(), None
+            if req.logprobs is not None:
+                full = logprobs_of(c)
+                lp = {key: v[sent_lp[c.index]:] for key, v in full.items()}
+                sent_lp[c.index] = len(full["tokens"])
+            return chunk(c, text, c.finish_reason, lp) if text or c.done or (lp and lp["tokens"]) else None
+
+        def tail() -> Optional[dict]:
+            if req.stream_options and req.stream_options.include_usage:
+                return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                        "choices": [], "usage": usage(choices, n_prompt)}
+            return None
+
+        return await event_stream(choices, request, t0, head, piece, tail)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -362,39 +385,30 @@ def create_app(state: ServerState) -> FastAPI:
                     "choices": [{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         if not req.stream:
-            async for _ in run(choices, request, t0):
-                pass
-            fail_if_errored(choices)
+            await complete(choices, request, t0)
             out = [{"index": c.index, "message": {"role": "assistant", "content": c.text()},
                     "logprobs": c.chat_logprobs() if req.logprobs else None, "finish_reason": c.finish_reason} for c in choices]
             return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name, "choices": out,
                     "usage": usage(choices, len(ids))}
 
-        gen = run(choices, request, t0)
-        first = await _first(gen)
+        sent_lp = {c.index: 0 for c in choices}
 
-        async def stream():
-            sent_lp = {c.index: 0 for c in choices}
-            for c in choices:
-                yield sse(chunk(c, {"role": "assistant", "content": ""}, None))
-            async for c in _chain(first, gen):
-                if c.finish == "error":
-                    yield sse(error_body(c.error or "the engine failed", "server_error", None, 500))
-                    continue
-                text = c.delta()
-                lp = None
-                if req.logprobs:
-                    n = len(c.req.tokens)
-                    lp = c.chat_logprobs(sent_lp[c.index], n)
-                    sent_lp[c.index] = n
-                if text or c.done or (lp and lp["content"]):
-                    yield sse(chunk(c, {"content": text} if text else {}, c.finish_reason, lp))
+        def piece(c: Choice) -> Optional[dict]:
+            text, lp = c.delta(), None
+            if req.logprobs:
+                n = len(c.req.tokens)
+                lp = c.chat_logprobs(sent_lp[c.index], n)
+                sent_lp[c.index] = n
+            return chunk(c, {"content": text} if text else {}, c.finish_reason, lp) if text or c.done or (lp and lp["content"]) else None
+
+        def tail() -> Optional[dict]:
             if req.stream_options and req.stream_options.include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                           "choices": [], "usage": usage(choices, len(ids))})
-            yield b"data: [DONE]\n\n"
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                        "choices": [], "usage": usage(choices, len(ids))}
+            return None
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        head = [chunk(c, {"role": "assistant", "content": ""}, None) for c in choices]
+        return await event_stream(choices, request, t0, head, piece, tail)
 
     # ---- models, tokenizer, health, metrics, admin, page ---------------------------------------------------------
     def model_card() -> dict:
