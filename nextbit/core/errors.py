@@ -3,3 +3,9 @@
 
 class NextbitError(Exception):
     """A user-facing error: bad input, a missing path, a corrupted file, an out-of-range option."""
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise NextbitError(message) unless `ok`: one line per rule where options are validated."""
+    if not ok:
+        raise NextbitError(message)

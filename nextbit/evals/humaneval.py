@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from nextbit.core.atomic import write_json, write_text
-from nextbit.core.errors import NextbitError
+from nextbit.core.errors import NextbitError, check
 from nextbit.evals.passk import mean_pass_at_k, parse_ks
 from nextbit.evals.sandbox import Limits, Run, Sandbox, describe
 from nextbit.infer.sampling import cut_at_stop, row_seed
@@ -102,30 +102,19 @@ def unescape(s: str) -> str:
 
 
 def check_options(cfg: HumanEvalConfig) -> tuple[list[int], list[int]]:
-    if cfg.checkpoint and cfg.server:
-        raise NextbitError("give a checkpoint or --server, not both")
-    if cfg.n < 1:
-        raise NextbitError(f"--n must be >= 1, got {cfg.n}")
-    if cfg.limit < 0:
-        raise NextbitError(f"--limit must be >= 0 (0 = all problems), got {cfg.limit}")
-    if cfg.temperature < 0:
-        raise NextbitError(f"--temperature must be >= 0, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise NextbitError(f"--top-p must be in (0, 1], got {cfg.top_p}")
-    if cfg.max_new_tokens < 0:
-        raise NextbitError(f"--max-new-tokens must be >= 1 (or 0 for the default), got {cfg.max_new_tokens}")
-    if not cfg.timeout > 0:
-        raise NextbitError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
-    if cfg.workers < 1:
-        raise NextbitError(f"--workers must be >= 1, got {cfg.workers}")
-    if cfg.memory_mb < 64:
-        raise NextbitError(f"--memory-mb must be >= 64, got {cfg.memory_mb}")
-    if cfg.batch < 1:
-        raise NextbitError(f"--batch must be >= 1, got {cfg.batch}")
-    if cfg.requests < 1:
-        raise NextbitError(f"--requests must be >= 1, got {cfg.requests}")
-    if cfg.server and urlparse(cfg.server).scheme not in ("http", "https"):
-        raise NextbitError(f"--server must be an http:// or https:// URL, got {cfg.server!r}")
+    check(not (cfg.checkpoint and cfg.server), "give a checkpoint or --server, not both")
+    check(cfg.n >= 1, f"--n must be >= 1, got {cfg.n}")
+    check(cfg.limit >= 0, f"--limit must be >= 0 (0 = all problems), got {cfg.limit}")
+    check(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
+    check(0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}")
+    check(cfg.max_new_tokens >= 0, f"--max-new-tokens must be >= 1 (or 0 for the default), got {cfg.max_new_tokens}")
+    check(cfg.timeout > 0, f"--timeout must be > 0 seconds, got {cfg.timeout}")
+    check(cfg.workers >= 1, f"--workers must be >= 1, got {cfg.workers}")
+    check(cfg.memory_mb >= 64, f"--memory-mb must be >= 64, got {cfg.memory_mb}")
+    check(cfg.batch >= 1, f"--batch must be >= 1, got {cfg.batch}")
+    check(cfg.requests >= 1, f"--requests must be >= 1, got {cfg.requests}")
+    check(not cfg.server or urlparse(cfg.server).scheme in ("http", "https"),
+          f"--server must be an http:// or https:// URL, got {cfg.server!r}")
     return parse_ks(cfg.k, cfg.n)
 
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nextbit.core.errors import NextbitError
+from nextbit.core.errors import check
 
 M32 = 0xFFFFFFFF
 
@@ -31,14 +31,10 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise NextbitError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise NextbitError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise NextbitError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise NextbitError(f"--top-p must be in (0, 1], got {self.top_p}")
+        check(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
+        check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 def row_seed(seed: int, row: int) -> int:
