@@ -30,6 +30,8 @@ def test_eval_lm_runs_both_nextbit_tasks_offline_through_an_in_process_server(ch
     res = json.loads((out / "results.json").read_text())["results"]
     assert 0 <= res["imdb_sentiment"]["acc,none"] <= 1 and 0 <= res["stdlib_next_line"]["exact_match,none"] <= 1
     assert "imdb_sentiment" in (out / "results.md").read_text() and "imdb_sentiment" in r.stdout
+    labels = [json.loads(x)["label"] for x in (out / "tasks" / "imdb_sentiment.jsonl").read_text().splitlines()]
+    assert len(labels) == 200 and sum(labels) == 100 and labels[:4] == [0, 1, 0, 1]  # balanced, so chance is 0.5
     rows = (out / "tasks" / "stdlib_next_line.jsonl").read_text().splitlines()
     assert rows and all(set(json.loads(x)) == {"context", "target"} for x in rows)
 

@@ -25,7 +25,9 @@ REVIEW_WORDS = 60  # a review's first words: the tasks must fit small contexts
 
 
 def _imdb(d: Path) -> str:
-    reviews = load_reviews("imdb")[VAL_EVERY - 1 :: VAL_EVERY][:DOCS]
+    held = load_reviews("imdb")[VAL_EVERY - 1 :: VAL_EVERY]
+    by_label = [[r for r in held if r[1] == y][: DOCS // 2] for y in (0, 1)]  # balanced: the file is sorted by label
+    reviews = [r for pair in zip(*by_label) for r in pair]
     rows = [{"text": " ".join(t.split()[:REVIEW_WORDS]), "label": y} for t, y in reviews]
     _write(d / "imdb_sentiment.jsonl", rows)
     return ("output_type: multiple_choice\ndoc_to_text: \"Review: {{text}}\\nSentiment:\"\n"
