@@ -34,7 +34,7 @@ from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
-from nextbit.serve.runner import EngineRunner, QueueFull, ReloadSuperseded, threadsafe_emitter
+from nextbit.serve.runner import EngineRunner, QueueFull, in_fresh_thread, ReloadSuperseded, threadsafe_emitter
 
 PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
@@ -473,7 +473,7 @@ def create_app(state: ServerState) -> FastAPI:
         if not req.checkpoint.strip():
             raise APIError(400, "checkpoint must be a checkpoint folder's path", "checkpoint")
         try:
-            ck = await asyncio.to_thread(load_checkpoint, req.checkpoint, state.device)
+            ck = await asyncio.to_thread(in_fresh_thread, lambda: load_checkpoint(req.checkpoint, state.device))
         except NextbitError as e:
             raise APIError(400, str(e), "checkpoint")
         except (OSError, ValueError) as e:  # a path the OS refuses (too long, a NUL byte, no permission)

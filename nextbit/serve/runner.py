@@ -31,6 +31,27 @@ class QueueFull(Exception):
     pass
 
 
+def in_fresh_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a short-lived thread, its result returned (or its exception raised) here. Torch work done there
+    (loading a checkpoint, allocating the cache) leaves no OpenMP thread pool behind in a long-lived thread: with two
+    pools on a 2-core CPU, libgomp throttles its spin-waits and the engine thread's decode step ran 1.6x slower
+    (see BENCHMARKS.md, serving)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="nextbit-load")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 class ReloadSuperseded(Exception):
     """A reload still waiting for the running rows to finish was replaced by a later one."""
 

@@ -57,7 +57,7 @@ def read_key(cfg: ServeConfig) -> Optional[str]:
 def build_app(cfg: ServeConfig):
     """The app and its engine loop (not yet started), from the config: what `serve` runs and tests start."""
     from nextbit.serve.app import ServerState, create_app
-    from nextbit.serve.runner import EngineRunner
+    from nextbit.serve.runner import EngineRunner, in_fresh_thread
 
     for name in ("max_batch", "max_n", "max_body_bytes"):
         if getattr(cfg, name) < 1:
@@ -66,7 +66,7 @@ def build_app(cfg: ServeConfig):
         raise NextbitError("--max-waiting and --max-model-len must be >= 0")
     key = read_key(cfg)
     device = pick_device(cfg.device)
-    ck = load_checkpoint(cfg.checkpoint, device)
+    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device))  # no torch work in this (the HTTP) thread
     if "reward" in ck.model.heads or ck.info.get("meta", {}).get("kind") == "reward_model":
         raise NextbitError(f"{cfg.checkpoint} is a reward model; serve a policy (a pretrained, SFT or PPO checkpoint)")
     ctx = ck.model.cfg.seq_len
@@ -74,7 +74,8 @@ def build_app(cfg: ServeConfig):
     if max_len > ctx:
         raise NextbitError(f"--max-model-len {max_len} is past the model's context of {ctx}")
     name = cfg.served_model_name or (ck.path.parent.name if ck.path.name == "checkpoint" else ck.path.name)
-    runner = EngineRunner(ck.model, ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting)
+    runner = in_fresh_thread(lambda: EngineRunner(ck.model, ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len,
+                                                  max_waiting=cfg.max_waiting))
     state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
     return create_app(state), runner, ck
 
