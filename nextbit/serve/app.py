@@ -293,12 +293,16 @@ def create_app(state: ServerState) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def accept(request: Request, model: type[BaseModel]):
+        """A generation request's preamble: the key, the validated body, the model name, the arrival time."""
+        check_key(request, state.api_key)
+        req = await body(request, model)
+        check_model(req.model)
+        return req, time.perf_counter()
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request, state.api_key)
-        req = await body(request, CompletionRequest)
-        check_model(req.model)
-        t0 = time.perf_counter()
+        req, t0 = await accept(request, CompletionRequest)
         raw = req.prompts()
         prompts = [encode_prompt(p) for p in raw]
         if req.max_tokens == 0 and not req.echo:
@@ -367,10 +371,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        check_key(request, state.api_key)
-        req = await body(request, ChatRequest)
-        check_model(req.model)
-        t0 = time.perf_counter()
+        req, t0 = await accept(request, ChatRequest)
         ids = render_messages(tok, [m.model_dump() for m in req.messages], add_generation_prompt=True)[0]
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_new = room(ids, req.max_completion_tokens or req.max_tokens, field)
