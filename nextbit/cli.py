@@ -11,7 +11,8 @@ from nextbit.args import add_dataclass_args, build_dataclass
 from nextbit.core.errors import NextbitError
 
 
-GROUPS = {"eval": "evaluate a model: HumanEval pass@k, lm-evaluation-harness tasks"}
+GROUPS = {"eval": "evaluate a model: HumanEval pass@k, lm-evaluation-harness tasks",
+          "label": "people compare two outputs in the browser: the labeling app, its users, pairs and exports"}
 
 
 def build_parser(cmds) -> argparse.ArgumentParser:

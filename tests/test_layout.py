@@ -7,6 +7,7 @@
     align/     sft, reward, compare, ppo, dpo                         -> core, infer, train's machinery
     serve/     the OpenAI-compatible server                           -> core, infer
     evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve
+    label/     the labeling app: people compare pairs, into a database -> core, infer, align (reward models score pairs)
     export/    Hugging Face folders, both ways                        -> core
     recipes/   whole pipelines                                        -> any stage
     commands.py, cli.py: the top; nothing imports them (but __main__)
@@ -26,7 +27,8 @@ ALLOWED = {
     "serve": {"core", "infer", "serve"},
     "export": {"core", "export"},
     "evals": {"core", "infer", "data", "serve", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
-    "recipes": {"core", "infer", "train", "data", "align", "serve", "recipes"},
+    "label": {"core", "infer", "align", "label"},  # align: the pairs it samples, the reward models that score them
+    "recipes": {"core", "infer", "train", "data", "align", "serve", "label", "recipes"},
 }
 STAGE_COMMANDS = {"nextbit.train.pretrain", "nextbit.infer.sample", "nextbit.data.prepare"}  # stages, not libraries
 
