@@ -21,6 +21,8 @@ from nextbit.evals.humaneval import HumanEvalConfig, humaneval
 from nextbit.evals.lm import EvalLMConfig, eval_lm
 from nextbit.export.convert import ExportConfig, ImportConfig, export_hf, import_hf
 from nextbit.infer.sample import SampleConfig, print_samples, sample
+from nextbit.label.manage import (AddUserConfig, LabelExportConfig, LabelImportConfig, LabelSampleConfig, label_add_user,
+                                  label_export, label_import, label_sample)
 from nextbit.recipes.demo import DemoConfig, demo
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
 from nextbit.serve.server import ServeConfig, serve
@@ -76,6 +78,12 @@ COMMANDS: dict[str, Command] = {
                       "checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo)"),
     "import": Command(ImportConfig, import_hf, "turn a local Hugging Face Llama / Qwen3 folder into a nextbit checkpoint", "hf_dir",
                       "a local Hugging Face model folder"),
+    "label add-user": Command(AddUserConfig, label_add_user, "add a labeler (or, with --admin, an admin); prints their login token",
+                              "name", "the user's name"),
+    "label import": Command(LabelImportConfig, label_import, "import pairs to label from JSONL {prompt, a, b} (compare's .pairs.jsonl)",
+                            "file", "the pairs file"),
+    "label sample": Command(LabelSampleConfig, label_sample, "sample pairs of responses from a policy (the compare engine) into the labels database"),
+    "label export": Command(LabelExportConfig, label_export, "write the labels as preference JSONL for `nextbit reward` / `dpo` (one line per answer, or --aggregate majority)"),
     "sentiment": Command(SentimentConfig, sentiment,
                          "the end-to-end RLHF task: IMDB pretraining -> comparisons -> reward model -> PPO and DPO"),
 }

@@ -15,8 +15,9 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select, text, update
 
+from nextbit.align.reward import read_preferences
 from nextbit.core.errors import NextbitError
-from nextbit.label import store
+from nextbit.label import agreement, export, store
 from nextbit.label.db import SCHEMA_VERSION, labels, open_db, pairs as pairs_t, schema_of, schema_version, users
 from nextbit.label.store import LabelError
 
@@ -311,3 +312,93 @@ def test_sqlite_settings_and_files_that_are_not_labels_databases(tmp_path):
                      (f"sqlite:///{tmp_path}/no/such/dir/l.db", "does not exist"), ("sqlite://", "in-memory")]:
         with pytest.raises(NextbitError, match=msg):
             open_db(bad)
+
+
+# ---- agreement ----------------------------------------------------------------------------------------------------
+def test_agreement_measures_match_textbook_values():
+    # Cohen's kappa, the 2x2 example of Wikipedia's article: 20 yes/yes, 5 yes/no, 10 no/yes, 15 no/no -> 0.4
+    x = ["a"] * 25 + ["b"] * 25
+    y = ["a"] * 20 + ["b"] * 5 + ["a"] * 10 + ["b"] * 15
+    assert agreement.percent_agreement(x, y) == pytest.approx(0.7)
+    assert agreement.cohen_kappa(x, y) == pytest.approx(0.4)
+    # by hand, three categories: p_o = 5/6, p_e = (3*2 + 2*3 + 1*1)/36 = 13/36 -> (30/36 - 13/36)/(23/36) = 17/23
+    assert agreement.cohen_kappa(list("aaabbt"), list("aabbbt")) == pytest.approx(17 / 23)
+    assert agreement.cohen_kappa(list("aaaa"), list("aaaa")) != agreement.cohen_kappa(list("aaaa"), list("aaaa"))  # NaN
+    # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", the 4 observers x 12 units nominal example
+    obs = ["1 2 3 3 2 1 4 1 2 . . .", "1 2 3 3 2 2 4 1 2 5 . 3", ". 3 3 3 2 3 4 2 2 5 1 .", "1 2 3 3 2 4 4 1 2 5 1 ."]
+    rows = [o.split() for o in obs]
+    units = {i: [r[i] for r in rows if r[i] != "."] for i in range(12)}
+    assert agreement.krippendorff_alpha(units) == pytest.approx(0.743, abs=5e-4)
+    assert agreement.krippendorff_alpha({1: ["a", "a"], 2: ["b", "b"], 3: ["a"]}) == pytest.approx(1.0)
+
+
+def side_for(choice: str, left_is_a: bool) -> str:
+    if choice == "a":
+        return "left" if left_is_a else "right"
+    if choice == "b":
+        return "right" if left_is_a else "left"
+    return choice
+
+
+def cast(db, votes: dict[int, list[str]], names=("ann", "bob", "cy"), t0=T0, step=30.0):
+    """Every user answers every pair: pair index i gets votes[i][k] from user k. Returns (user ids, pair ids)."""
+    uids = users_of(db, *names)
+    pids = [p.id for p in store.pairs(db)]
+    t = t0
+    for k, uid in enumerate(uids):
+        while (s := store.next_pair(db, uid, overlap=len(names), timeout_s=600, now=t)) is not None:
+            choice = votes[pids.index(s.pair_id)][k]
+            store.answer(db, uid, s.pair_id, side_for(choice, s.left_is_a), idempotency_key=f"{uid}:{s.pair_id}", now=t)
+            t += step
+    return uids, pids
+
+
+VOTES = {0: ["a", "a", "b"], 1: ["a", "b", "tie"], 2: ["b", "b", "cant_tell"], 3: ["tie", "tie", "a"],
+         4: ["cant_tell"] * 3}
+
+
+def test_labeler_stats(db):
+    store.import_pairs(db, some_pairs(5), source="")
+    uids, pids = cast(db, VOTES)
+    st = agreement.labeler_stats(db, now=T0 + 15 * 30, reward_prob={pids[0]: 0.9, pids[1]: 0.2, pids[2]: 0.5})
+    ann, bob, cy = st["labelers"]
+    assert (ann["count"], ann["ties"], ann["cant_tell"], cy["cant_tell"]) == (5, 1, 1, 2)
+    assert ann["rate_per_hour"] == pytest.approx(120.0) and ann["median_s"] == 30.0  # one answer every 30 s
+    assert ann["today"] == 5 and ann["last_hour"] == 5
+    # the reward model prefers a on pair 0, b on pair 1 and has no opinion on pair 2 (ties are left out)
+    assert ann["reward"] == {"n": 2, "percent": 0.5} and bob["reward"] == {"n": 2, "percent": 1.0}
+    pw = {(p["a"], p["b"]): p for p in st["pairwise"]}
+    # ann and bob on pairs 0-3: a/a, a/b, b/b, tie/tie -> 3 of 4; kappa from their frequencies by hand
+    x, y = ["a", "a", "b", "tie"], ["a", "b", "b", "tie"]
+    assert pw[("ann", "bob")]["n"] == 4 and pw[("ann", "bob")]["percent"] == 0.75
+    assert pw[("ann", "bob")]["kappa"] == pytest.approx(agreement.cohen_kappa(x, y), abs=1e-4)
+    assert pw[("ann", "cy")]["n"] == 3  # cy's can't-tell on pair 2 is no answer
+    units = {i: [v for v in VOTES[i] if v != "cant_tell"] for i in range(4)}
+    assert st["alpha"] == pytest.approx(agreement.krippendorff_alpha(units), abs=1e-4) and st["alpha_units"] == 4
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+def test_export_is_read_by_reward_as_it_is_and_majority_follows_the_rule(db, tmp_path):
+    recs = some_pairs(4) + [{"prompt": [{"role": "user", "content": "hi"}], "a": "hello", "b": "go away"}, some_pairs(6)[5]]
+    store.import_pairs(db, recs, source="")
+    cast(db, {**VOTES, 4: ["b", "b", "cant_tell"], 5: ["cant_tell"] * 3})
+    out = tmp_path / "prefs.jsonl"
+    assert export.export_preferences(db, out)["lines"] == 13  # every answer but the five can't-tells
+    prefs, same = read_preferences(str(out))
+    assert len(prefs) == 13 and same == 0 and sum(p.tie for p in prefs) == 3
+    assert Counter(p.labeler for p in prefs) == {"ann": 5, "bob": 5, "cy": 3}
+    assert all(isinstance(p.extra["timestamp"], float) and "pair_id" in p.extra for p in prefs)
+    chat = [p for p in prefs if isinstance(p.prompt, list)]  # the chat pair: TRL's conversational form
+    assert len(chat) == 2 and {(p.chosen, p.rejected) for p in chat} == {("go away", "hello")}
+    by_pair = {r["pair_id"]: r for r in export.preference_records(db, aggregate="majority")}
+    pids = [p.id for p in store.pairs(db)]
+    got = {pids.index(pid): (r["chosen"], r["tie"], r["labeler"], r["votes"]) for pid, r in by_pair.items()}
+    assert got[0] == ("answer a0", False, "majority:3", {"a": 2, "b": 1, "tie": 0})
+    assert got[1] == ("answer a1", True, "majority:3", {"a": 1, "b": 1, "tie": 1})  # an even split is a tie
+    assert got[2] == ("answer b2", False, "majority:2", {"a": 0, "b": 2, "tie": 0})
+    assert got[3] == ("answer a3", True, "majority:3", {"a": 1, "b": 0, "tie": 2})  # ties outvote a
+    assert set(got) == {0, 1, 2, 3, 4} and got[4][0] == [{"role": "assistant", "content": "go away"}]
+    assert [export.majority(*v) for v in [(2, 2, 0), (2, 1, 2), (3, 1, 2), (0, 1, 0), (0, 0, 1)]] == ["tie", "tie", "a", "b", "tie"]
+    agg = tmp_path / "agg.jsonl"
+    export.export_preferences(db, agg, aggregate="majority")
+    assert len(read_preferences(str(agg))[0]) == 5

@@ -1,0 +1,126 @@
+"""The labeling stage's housekeeping commands: users, pairs in, preferences out (`nextbit label serve` is server.py).
+
+    nextbit label add-user NAME [--admin] --db URL       prints the new login token alone on stdout (shown once)
+    nextbit label import FILE --db URL                   {"prompt", "a", "b"} JSONL (compare's .pairs.jsonl); other
+                                                         fields are kept as the pair's meta; duplicates are skipped
+    nextbit label sample --policy CKPT --prompts F --db URL   two responses per pair from a policy, through the same
+                                                         sampling as `nextbit compare` (align/compare.sample_pairs ->
+                                                         align/sampling -> the one engine), then imported
+    nextbit label export --db URL --out prefs.jsonl [--aggregate none|majority]   TRL preference JSONL (export.py)
+Every command opens the database with db.open_db, so a bad URL, a newer or foreign database is one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nextbit.align.compare import CompareConfig, sample_pairs
+from nextbit.align.formats import parse_prompt, read_jsonl
+from nextbit.core.errors import NextbitError
+from nextbit.label.db import DEFAULT_URL, open_db
+from nextbit.label.export import AGGREGATES, export_preferences
+from nextbit.label.store import add_user, import_pairs
+
+
+@dataclass
+class AddUserConfig:
+    name: str = ""  # the user's name, as the admin page shows it
+    admin: bool = False  # the user may open the admin page (agreement statistics)
+    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+
+
+def label_add_user(cfg: AddUserConfig) -> str:
+    with open_db(cfg.db) as db:
+        token = add_user(db, cfg.name, admin=cfg.admin)
+    print(token, flush=True)
+    print(f"label add-user: {cfg.name.strip()!r}{' (admin)' if cfg.admin else ''} added to {db.url}; the token above is "
+          "its login and is not stored, keep it", file=sys.stderr)
+    return token
+
+
+@dataclass
+class LabelImportConfig:
+    file: str = ""  # JSONL of pairs {"prompt", "a", "b"} (e.g. what `nextbit compare` writes as <out>.pairs.jsonl)
+    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+    source: str = ""  # recorded with each pair (default: the file's name)
+
+
+def read_pairs(path: str) -> list[dict]:
+    """The pairs of a JSONL file, checked line by line (an error names path:line)."""
+    out = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        parse_prompt(obj, where)
+        if not isinstance(obj.get("a"), str) or not isinstance(obj.get("b"), str):
+            raise NextbitError(f"{where}: a pair needs string fields 'a' and 'b'")
+        out.append(obj)
+    if not out:
+        raise NextbitError(f"{path} holds no pairs")
+    return out
+
+
+def label_import(cfg: LabelImportConfig) -> tuple[int, int]:
+    if not cfg.file:
+        raise NextbitError("FILE: give the pairs file to import")
+    records = read_pairs(cfg.file)
+    with open_db(cfg.db) as db:
+        added, skipped = import_pairs(db, records, source=cfg.source or Path(cfg.file).name)
+    print(f"label import: {added} pairs added, {skipped} skipped as duplicates -> {db.url}", flush=True)
+    return added, skipped
+
+
+@dataclass
+class LabelSampleConfig:
+    policy: str = "runs/train"  # checkpoint that samples the responses
+    prompts: str = "prompts.jsonl"  # JSONL {"prompt": ...} or a text file with one prompt a line
+    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+    pairs_per_prompt: int = 1  # pairs sampled for each prompt
+    max_pairs: int = 5000  # pairs at most
+    max_new_tokens: int = 24  # response length limit
+    temperature: float = 1.0  # sampling temperature of the responses
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    batch_size: int = 128  # sequences generated together
+    seed: int = 0  # sampling seed (the same seed and prompts give the same pairs, which are then skipped)
+    device: str = "auto"
+    quiet: bool = False
+
+
+def label_sample(cfg: LabelSampleConfig) -> dict:
+    with open_db(cfg.db) as db:  # first, so a bad --db fails before the model is loaded
+        cc = CompareConfig(policy=cfg.policy, prompts=cfg.prompts, pairs_per_prompt=cfg.pairs_per_prompt,
+                           max_pairs=cfg.max_pairs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                           quiet=cfg.quiet)
+        queries = sample_pairs(cc)
+        records = [{"prompt": q.prompt, "a": q.a, "b": q.b, "policy": cfg.policy, "seed": cfg.seed,
+                    "temperature": cfg.temperature} for q in queries if q.a != q.b]
+        identical = len(queries) - len(records)
+        added, skipped = import_pairs(db, records, source=f"sample:{cfg.policy}") if records else (0, 0)
+    stats = {"sampled": len(queries), "identical": identical, "added": added, "skipped": skipped}
+    if not cfg.quiet:
+        print(f"label sample: {len(queries)} pairs sampled from {cfg.policy}, {added} added, {skipped} already there, "
+              f"{identical} left out (both responses the same) -> {db.url}", flush=True)
+    return stats
+
+
+@dataclass
+class LabelExportConfig:
+    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+    out: str = "prefs.jsonl"  # preference JSONL to write (what `nextbit reward --data` reads)
+    aggregate: str = "none"  # none: one line per answer; majority: one line per pair, a or b only with strictly more votes than the other and than tie, else a tie
+    force: bool = False  # overwrite an existing output file
+
+
+def label_export(cfg: LabelExportConfig) -> dict:
+    if cfg.aggregate not in AGGREGATES:
+        raise NextbitError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
+    if Path(cfg.out).exists() and not cfg.force:
+        raise NextbitError(f"--out: {cfg.out} already exists; pass --force to replace it")
+    with open_db(cfg.db, create=False) as db:
+        stats = export_preferences(db, cfg.out, aggregate=cfg.aggregate)
+    print(f"label export: {stats['lines']} preference lines ({stats['ties']} ties) from {stats['labelers']} "
+          f"labeler(s) on {stats['pairs']} pairs -> {cfg.out}", flush=True)
+    return stats

@@ -1,0 +1,125 @@
+"""`nextbit label add-user | import | sample | export` through the real command line (nextbit.cli.main, in process):
+what they print, what they store, and the one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nextbit.align.formats import read_jsonl
+from nextbit.align.reward import read_preferences
+from nextbit import cli as nextbit_cli
+from nextbit.cli import main
+from nextbit.core.checkpoint import save_checkpoint
+from nextbit.label import store
+from nextbit.label.db import open_db
+
+from conftest import peaky_model
+
+
+@pytest.fixture(autouse=True)
+def parser_once(monkeypatch):
+    """main() builds the whole parser (every command's config, read from source) per call: build it once here."""
+    from nextbit.commands import COMMANDS
+
+    if not hasattr(parser_once, "parser"):
+        parser_once.parser = nextbit_cli.build_parser(COMMANDS)
+    monkeypatch.setattr(nextbit_cli, "build_parser", lambda cmds: parser_once.parser)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("nextbit: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_add_user_import_export_round_trip(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/labels.db"
+    code, out, err = cli(capsys, "label", "add-user", "ann", "--admin", "--db", url)
+    assert code == 0 and len(out.splitlines()) == 1
+    token = out.strip()
+    with open_db(url) as db:
+        u = store.user_for_token(db, token)
+        assert (u.name, u.is_admin) == ("ann", True)
+    one_line_error(*cli(capsys, "label", "add-user", "ann", "--db", url)[::2], "already exists")
+
+    pairs = tmp_path / "run.pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "a": f"x{i}", "b": f"y{i}"}) + "\n" for i in [0, 1, 1, 2]))
+    code, out, _ = cli(capsys, "label", "import", pairs, "--db", url)
+    assert code == 0 and "3 pairs added, 1 skipped as duplicates" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "a": "x", "b": "y"}\n{"prompt": "p", "a": "x"}\n')
+    one_line_error(*cli(capsys, "label", "import", bad, "--db", url)[::2], f"{bad}:2:", "'a' and 'b'")
+    bad.write_text('{"prompt": "p", "a": "x", "b": "y"}\n\n{"prompt": "p", "a": "x", "b": \n')
+    one_line_error(*cli(capsys, "label", "import", bad, "--db", url)[::2], f"{bad}:3: not valid JSON")
+    one_line_error(*cli(capsys, "label", "import", tmp_path / "missing.jsonl", "--db", url)[::2], "file not found")
+
+    with open_db(url) as db:  # ann answers everything: left, right, tie
+        for k, side in enumerate(["left", "right", "tie"]):
+            s = store.next_pair(db, u.id, overlap=1, timeout_s=60)
+            store.answer(db, u.id, s.pair_id, side, idempotency_key=str(k))
+    out_file = tmp_path / "prefs.jsonl"
+    code, out, _ = cli(capsys, "label", "export", "--db", url, "--out", out_file)
+    assert code == 0 and "3 preference lines (1 ties)" in out
+    prefs, _ = read_preferences(str(out_file))
+    assert [p.labeler for p in prefs] == ["ann"] * 3 and [p.tie for p in prefs] == [False, False, True]
+    one_line_error(*cli(capsys, "label", "export", "--db", url, "--out", out_file)[::2], "already exists", "--force")
+    code, _, _ = cli(capsys, "label", "export", "--db", url, "--out", out_file, "--aggregate", "majority", "--force")
+    assert code == 0 and all(r["labeler"] == "majority:1" for _, r in read_jsonl(out_file))
+    one_line_error(*cli(capsys, "label", "export", "--db", url, "--out", tmp_path / "o.jsonl", "--aggregate", "mean")[::2],
+                   "--aggregate must be one of none, majority, got 'mean'")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_bad_databases_are_one_line_errors(tmp_path, capsys):
+    one_line_error(*cli(capsys, "label", "add-user", "bob", "--db", "not a url")[::2], "--db:", "not a database URL")
+    one_line_error(*cli(capsys, "label", "add-user", "bob", "--db", "mysql://u@h/db")[::2], "--db:", "only sqlite")
+    one_line_error(*cli(capsys, "label", "export", "--db", f"sqlite:///{tmp_path}/none.db", "--out", tmp_path / "p.jsonl")[::2],
+                   "--db: no labels database at")
+    (tmp_path / "cfg.json").write_text('{"not": "sqlite"}\n' * 100)
+    one_line_error(*cli(capsys, "label", "add-user", "bob", "--db", f"sqlite:///{tmp_path}/cfg.json")[::2],
+                   "is not a nextbit labels database")
+    url = f"sqlite:///{tmp_path}/empty.db"
+    cli(capsys, "label", "add-user", "bob", "--db", url)
+    one_line_error(*cli(capsys, "label", "export", "--db", url, "--out", tmp_path / "p.jsonl")[::2], "no labels to export yet")
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer, tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("label-policy") / "checkpoint", peaky_model(seq_len=64), tokenizer)
+
+
+def test_sample_uses_the_compare_engine(policy, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\n    return\nimport os\nclass A:\n")
+    url = f"sqlite:///{tmp_path}/labels.db"
+    flags = ["--policy", policy, "--prompts", prompts, "--max-new-tokens", "6", "--pairs-per-prompt", "2", "--seed", "3",
+             "--device", "cpu", "--quiet"]
+    code, _, err = cli(capsys, "label", "sample", "--db", url, *flags)
+    assert code == 0, err
+    # the same settings through `nextbit compare --labeler none`, which writes its sampled pairs beside its output
+    code, _, err = cli(capsys, "compare", "--labeler", "none", "--out", tmp_path / "c.jsonl", *flags)
+    assert code == 0, err
+    want = [(r["prompt"], r["a"], r["b"]) for _, r in read_jsonl(tmp_path / "c.pairs.jsonl") if r["a"] != r["b"]]
+    with open_db(url) as db:
+        got = store.pairs(db)
+    assert len(want) >= 5 and [(p.prompt, p.a, p.b) for p in got] == want
+    assert got[0].source == f"sample:{policy}" and got[0].meta["seed"] == 3
+    code, _, _ = cli(capsys, "label", "sample", "--db", url, *flags)  # the same seed again: nothing new
+    with open_db(url) as db:
+        assert code == 0 and len(store.pairs(db)) == len(want)
+    one_line_error(*cli(capsys, "label", "sample", "--db", url, *flags[:2], "--prompts", tmp_path / "nope.txt")[::2],
+                   "file not found")
