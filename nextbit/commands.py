@@ -24,6 +24,7 @@ from nextbit.infer.sample import SampleConfig, print_samples, sample
 from nextbit.label.manage import (AddUserConfig, LabelExportConfig, LabelImportConfig, LabelSampleConfig, label_add_user,
                                   label_export, label_import, label_sample)
 from nextbit.recipes.demo import DemoConfig, demo
+from nextbit.recipes.loop import LoopConfig, loop
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
 from nextbit.serve.server import ServeConfig, serve
 from nextbit.train.pretrain import TrainConfig, train
@@ -86,4 +87,6 @@ COMMANDS: dict[str, Command] = {
     "label export": Command(LabelExportConfig, label_export, "write the labels as preference JSONL for `nextbit reward` / `dpo` (one line per answer, or --aggregate majority)"),
     "sentiment": Command(SentimentConfig, sentiment,
                          "the end-to-end RLHF task: IMDB pretraining -> comparisons -> reward model -> PPO and DPO"),
+    "loop": Command(LoopConfig, loop, "one round from people's labels: export, reward model, PPO, held-out win rates, "
+                    "then hot-reload a running `nextbit serve` (--serve)"),
 }

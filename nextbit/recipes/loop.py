@@ -1,0 +1,387 @@
+"""`nextbit loop`: one round of learning from the people who label in `nextbit label serve`.
+
+    labels database --export--> prefs.jsonl --reward--> reward/ --PPO--> ppo/checkpoint --> round.json
+                                                                             \\--(--serve URL)--> `nextbit serve` reloads it
+
+  1. export: every label in --db as TRL preference lines (`nextbit label export`'s records, --aggregate rule);
+  2. reward: a reward model from the policy's backbone, trained on those preferences      (nextbit reward)
+  3. PPO: the policy against that reward model on the training share of --prompts,
+     KL-leashed to the policy it started from                                              (nextbit ppo)
+  4. evaluation on the held-out prompts (--heldout-frac of --prompts, seeded, never trained on by PPO): the old and
+     the new policy each continue every held-out prompt once, with the same sampling seed, and the round reports
+     the new policy's win rate over the old one by the reward model and, with --labeler, by the simulated labeler
+     (judged without noise: the response it scores higher wins; equal scores, and answers it does not give, are
+     counted apart). Ties count half. A policy that did not move gives the same texts, so exactly 0.5;
+  5. with --serve: POST {serve}/admin/reload with the new checkpoint, then GET /v1/models must show it live.
+
+Everything goes under --out: config.json (this round's full config), prefs.jsonl, prompts.jsonl (PPO's prompt file:
+training prompts, then the held-out ones), reward/, ppo/ (the new policy: ppo/checkpoint), samples.jsonl (the
+held-out continuations, old and new, with their judgements) and round.json (the figures). A round is all or nothing:
+bad input is refused before anything is written, and a round that fails (or is interrupted) part-way removes what it
+wrote. A folder that holds a round is refused unless --force. The server is told last, once the checkpoint and
+round.json are written: a server that does not answer then is one error line, and the checkpoint stays.
+The next round starts from this one: `--policy DIR/ppo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from nextbit.align.common import split_holdout
+from nextbit.align.formats import Prompt, load_prompts, write_jsonl
+from nextbit.align.labelers import Labeler, Query, make_labeler
+from nextbit.align.ppo import PPOConfig, load_policy, load_reward_model, ppo
+from nextbit.align.reward import RewardConfig, train_reward
+from nextbit.align.sampling import sample_responses
+from nextbit.core.atomic import write_json
+from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.device import pick_device
+from nextbit.core.errors import NextbitError, check
+from nextbit.infer.sampling import SamplingParams
+from nextbit.label.db import open_db
+from nextbit.label.export import AGGREGATES, preference_records
+from nextbit.train.loop import LoopConfig as TrainLoopConfig
+
+OUTPUTS = ("config.json", "prefs.jsonl", "prompts.jsonl", "reward", "ppo", "samples.jsonl", "round.json")
+
+
+@dataclass
+class LoopConfig:
+    db: str = "sqlite:///labels.db"  # the labels database (`nextbit label serve --db`): sqlite:///FILE or postgresql+psycopg://...
+    policy: str = "runs/demo"  # the policy the labelled pairs came from: where this round starts, and PPO's KL reference
+    prompts: str = "prompts.jsonl"  # prompts for PPO and the evaluation: JSONL {"prompt": ...} or a text file, one a line
+    out: str = "runs/loop"  # this round's folder: config.json, prefs.jsonl, reward/, ppo/ (the new policy), round.json
+    serve: Optional[str] = None  # URL of a running `nextbit serve` to hot-reload with the new policy (e.g. http://127.0.0.1:8000)
+    serve_key: Optional[str] = None  # the server's admin key (its --admin-key, or its --api-key when none); also sent to /v1/models
+    serve_key_file: Optional[str] = None  # read --serve-key from this file instead (kept out of the process list)
+    aggregate: str = "none"  # labels of several people on one pair: none (one line each) | majority (one line per pair)
+    heldout_frac: float = 0.2  # share of --prompts held out of PPO for the evaluation (seeded; at least one prompt)
+    labeler: Optional[str] = None  # simulated labeler that also judges the evaluation (without noise): oracle:vader | oracle:classifier:PATH
+    reward_steps: int = 0  # reward model optimizer steps; 0 = --reward-epochs passes over the preferences
+    reward_epochs: float = 2.0  # passes over the preferences when --reward-steps is 0
+    reward_batch: int = 16  # preference pairs per reward model step
+    reward_lr: float = 0.0  # reward model peak LR; 0 = `nextbit reward`'s default for the width
+    reward_val_frac: float = 0.1  # share of the preferences held out for the reward model's pairwise accuracy
+    ppo_steps: int = 20  # PPO steps (each: one batch of rollouts, then --ppo-epochs passes of updates)
+    ppo_batch: int = 16  # rollouts per PPO step
+    ppo_minibatch: int = 8  # rollouts per PPO gradient step
+    ppo_epochs: int = 2  # passes over each batch of rollouts
+    ppo_lr: float = 0.0  # PPO's AdamW LR; 0 = `nextbit ppo`'s default for the width
+    init_kl_coef: float = 0.1  # PPO's starting KL penalty (beta)
+    target_kl: float = 6.0  # nats per response PPO's adaptive KL controller aims at; 0 = fixed beta
+    max_new_tokens: int = 24  # response length in PPO's rollouts and in the evaluation
+    eval_temperature: float = 1.0  # sampling temperature of the evaluation's continuations (old and new alike)
+    append_eot: bool = True  # score responses followed by <|endoftext|> in the reward model and PPO
+    seed: int = 0  # every stage's seed: the held-out split, training order, rollouts, the evaluation's samples
+    device: str = "auto"  # auto | cpu | cuda
+    force: bool = False  # replace a round already in --out
+    quiet: bool = False  # no progress output (errors still go to stderr)
+
+
+# ---- the round folder --------------------------------------------------------------------------------------------
+def check_round_dir(out: Path, force: bool) -> None:
+    """Before anything else: a folder that holds a round (any of its outputs) is refused without --force."""
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    check(not held or force, f"--out {out} already holds a round; pass --force to replace it, or give another --out")
+
+
+def start_round_dir(out: Path) -> bool:
+    """Once every input has passed its checks: remove an old round's outputs (--force) and make the folder.
+    Returns whether the folder is new (a failed round then removes it whole)."""
+    new = not out.exists()
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return new
+
+
+def remove_round(out: Path, new: bool) -> None:
+    """What a failed round wrote goes (the whole folder if the round made it)."""
+    if new:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in OUTPUTS:
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ---- the server ------------------------------------------------------------------------------------------------------
+def read_serve_key(cfg: LoopConfig) -> Optional[str]:
+    check(not (cfg.serve_key and cfg.serve_key_file), "give --serve-key or --serve-key-file, not both")
+    if cfg.serve_key_file:
+        p = Path(cfg.serve_key_file)
+        check(p.is_file(), f"--serve-key-file not found: {p}")
+        key = p.read_text(encoding="utf-8").strip()
+        check(bool(key), f"--serve-key-file {p} is empty")
+        return key
+    return cfg.serve_key or None
+
+
+def server_root(url: str) -> str:
+    """The server's base URL: the API base (…/v1) people copy from the banner works too."""
+    url = url.strip().rstrip("/")
+    check(url.startswith(("http://", "https://")), f"--serve must be an http:// or https:// URL, got {url!r}")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def call(method: str, root: str, route: str, key: Optional[str], body: Optional[dict] = None,
+         timeout: float = 60.0) -> tuple[int, object]:
+    """(status, JSON body) of one request to the server at `root`; one that does not answer is a NextbitError."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(root + route, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:  # refused, unknown host, timed out
+        raise NextbitError(f"--serve {root}: the server does not answer ({getattr(e, 'reason', None) or e})")
+    try:
+        return status, json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return status, raw[:200].decode(errors="replace")
+
+
+def error_message(obj) -> str:
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return str(obj["error"].get("message", obj))
+    return str(obj)
+
+
+def probe_server(root: str, key: Optional[str]) -> None:
+    """Before the round: the server answers, its engine runs, and it takes --serve-key for /admin/reload (an empty
+    checkpoint is its 400 when the key is right, checked before anything is loaded; 401 when it is not)."""
+    status, obj = call("GET", root, "/health", None, timeout=10)
+    check(status == 200, f"--serve {root}: the server is not healthy ({status}: {error_message(obj)})")
+    status, obj = call("POST", root, "/admin/reload", key, {"checkpoint": ""}, timeout=10)
+    check(status != 401, f"--serve-key: the server at {root} refused the admin key ({error_message(obj)})")
+    check(status == 400, f"--serve {root}: /admin/reload answered {status} ({error_message(obj)}); is it a `nextbit serve`?")
+
+
+def reload_server(root: str, key: Optional[str], checkpoint: Path) -> dict:
+    """Tell the server to serve `checkpoint`, then check that /v1/models shows it live."""
+    status, obj = call("POST", root, "/admin/reload", key, {"checkpoint": str(checkpoint)}, timeout=300)
+    check(status == 200, f"--serve {root}: the reload of {checkpoint} failed ({status}: {error_message(obj)})")
+    status, models = call("GET", root, "/v1/models", key, timeout=30)
+    check(status == 200, f"--serve {root}: /v1/models answered {status} ({error_message(models)}) after the reload")
+    live = [m.get("root") for m in models.get("data", [])] if isinstance(models, dict) else []
+    check(str(checkpoint) in live, f"--serve {root}: /v1/models shows {live} after the reload, not {checkpoint}")
+    return {"url": root, "checkpoint": str(checkpoint), "weights_sha256": obj.get("weights_sha256"), "reloaded": True}
+
+
+# ---- the evaluation --------------------------------------------------------------------------------------------------
+def wins(new: Sequence[float], old: Sequence[float]) -> dict:
+    """The new policy's win rate over the old one from paired scores (higher is better; ties half)."""
+    a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
+    w, t, l = float((a > b).mean()), float((a == b).mean()), float((a < b).mean())
+    return {"win_rate": w + 0.5 * t, "wins": w, "ties": t, "losses": l, "n": int(a.size),
+            "mean_new": float(a.mean()), "mean_old": float(b.mean())}
+
+
+def labeler_wins(labeler: Labeler, prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[str]) -> tuple[dict, list]:
+    """The labeler's judgement of each (new, old) pair: 0 = new better, 1 = old better, None = tie; pairs it does not
+    answer are counted and left out of the rate."""
+    js = labeler.label_batch([Query(p, a, b) for p, a, b in zip(prompts, new, old)])
+    answered = [j for j in js if j is not None]
+    n = len(answered)
+    w = sum(j.preferred == 0 for j in answered)
+    t = sum(j.preferred is None for j in answered)
+    out = {"labeler": labeler.name, "n": n, "unanswered": len(js) - n}
+    if n:
+        out.update(win_rate=(w + 0.5 * t) / n, wins=w / n, ties=t / n, losses=(n - w - t) / n)
+    else:
+        out["win_rate"] = None
+    return out, js
+
+
+def evaluate_round(cfg: LoopConfig, old_path: str, new_path: Path, reward_path: Path, prompts: list[Prompt],
+                   labeler: Optional[Labeler], device) -> tuple[dict, list[dict]]:
+    old = load_checkpoint(old_path, device)
+    new = load_checkpoint(new_path, device)
+    tok = old.tokenizer
+    rm = load_reward_model(str(reward_path), device, tok)
+    params = SamplingParams(cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 7)  # the same draws for both
+    texts = {}
+    for name, ck in (("old", old), ("new", new)):
+        texts[name] = [c[0].text for c in sample_responses(ck.model.eval(), tok, prompts, params, batch_size=64)]
+    r_new = rm.score(tok, prompts, texts["new"], append_eot=cfg.append_eot).tolist()
+    r_old = rm.score(tok, prompts, texts["old"], append_eot=cfg.append_eot).tolist()
+    ev = {"prompts": len(prompts), "reward_model": wins(r_new, r_old),
+          "identical_responses": sum(a == b for a, b in zip(texts["new"], texts["old"]))}
+    judged = [None] * len(prompts)
+    if labeler is not None:
+        ev["labeler"], judged = labeler_wins(labeler, prompts, texts["new"], texts["old"])
+    samples = []
+    for i, p in enumerate(prompts):
+        j = judged[i]
+        verdict = None if j is None else {0: "new", 1: "old", None: "tie"}[j.preferred]
+        samples.append({"prompt": p, "old": texts["old"][i], "new": texts["new"][i], "reward_old": r_old[i],
+                        "reward_new": r_new[i], "labeler_prefers": verdict})
+    return ev, samples
+
+
+# ---- the round ---------------------------------------------------------------------------------------------------------
+def oracle_scorer(labeler: Optional[str]) -> Optional[str]:
+    """The scorer spec of an oracle labeler ('oracle:vader' -> 'vader', 'oracle' -> 'vader'); None for the others."""
+    name, _, arg = (labeler or "").partition(":")
+    return (arg or "vader") if name == "oracle" else None
+
+
+def check_options(cfg: LoopConfig) -> None:
+    check(cfg.aggregate in AGGREGATES, f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
+    check(0 < cfg.heldout_frac < 1, f"--heldout-frac must be in (0, 1), got {cfg.heldout_frac}")
+    check(0 <= cfg.reward_val_frac < 1, f"--reward-val-frac must be in [0, 1), got {cfg.reward_val_frac}")
+    check(cfg.reward_steps >= 0, f"--reward-steps must be >= 0 (0: --reward-epochs passes), got {cfg.reward_steps}")
+    check(cfg.reward_steps > 0 or cfg.reward_epochs > 0, f"--reward-epochs must be > 0 (or give --reward-steps), got {cfg.reward_epochs:g}")
+    for name in ("reward_batch", "ppo_steps", "ppo_batch", "ppo_epochs", "max_new_tokens"):
+        check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    check(1 <= cfg.ppo_minibatch <= cfg.ppo_batch, f"--ppo-minibatch must be in [1, --ppo-batch {cfg.ppo_batch}], got {cfg.ppo_minibatch}")
+    for name in ("reward_lr", "ppo_lr", "init_kl_coef", "target_kl"):
+        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    check(cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (0: greedy), got {cfg.eval_temperature}")
+
+
+def export_preferences(url: str, aggregate: str) -> list[dict]:
+    """Every label in the database as preference records; a database without any is refused."""
+    db = open_db(url, create=False)  # its errors name --db
+    try:
+        records = preference_records(db, aggregate=aggregate)
+    finally:
+        db.close()
+    check(bool(records), f"--db {db.url}: no labels to learn from yet (people label with `nextbit label serve`; "
+                         "'can't tell' answers are left out)")
+    return records
+
+
+def say(cfg: LoopConfig, msg: str) -> None:
+    if not cfg.quiet:
+        print(msg, flush=True)
+
+
+def loop(cfg: LoopConfig) -> dict:
+    t0 = time.time()
+    out = Path(cfg.out)
+    check_round_dir(out, cfg.force)
+    check_options(cfg)
+    labeler = make_labeler(cfg.labeler, bt_scale=0.0, random_frac=0.0, seed=cfg.seed) if cfg.labeler else None
+    root = server_root(cfg.serve) if cfg.serve else None
+    key = read_serve_key(cfg)
+    device = pick_device(cfg.device)
+    try:
+        policy = load_policy(cfg.policy, "cpu").path  # a language model, readable, not a reward model
+    except NextbitError as e:
+        raise NextbitError(f"--policy: {e}")
+    check(out.resolve() not in policy.resolve().parents,
+          f"--policy {cfg.policy} is inside --out {out}, which this round would replace; write the next round to a new folder")
+    try:
+        prompts = load_prompts(cfg.prompts)
+    except NextbitError as e:
+        raise NextbitError(f"--prompts: {e}")
+    check(len(prompts) >= 2, f"--prompts {cfg.prompts}: {len(prompts)} prompt; the round needs at least 2 (PPO's and the held-out ones)")
+    train_prompts, heldout = split_holdout(prompts, cfg.heldout_frac, cfg.seed)
+    check(bool(train_prompts), f"--heldout-frac {cfg.heldout_frac} holds out all {len(prompts)} prompts of --prompts; PPO needs some")
+    records = export_preferences(cfg.db, cfg.aggregate)
+    if root:
+        probe_server(root, key)
+
+    new = start_round_dir(out)
+    try:
+        result = run_round(cfg, out, policy, records, train_prompts, heldout, labeler, device)
+    except BaseException:
+        remove_round(out, new)
+        raise
+    result["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "round.json", result)
+    say(cfg, summary_line(result))
+    if root:  # last: the checkpoint and round.json are written whatever the server says
+        try:
+            result["served"] = reload_server(root, key, Path(result["checkpoint"]))
+        except NextbitError as e:
+            result["served"] = {"url": root, "reloaded": False, "error": str(e)}
+            write_json(out / "round.json", result)
+            raise NextbitError(f"{e} — the new policy is written: {result['checkpoint']}")
+        write_json(out / "round.json", result)
+        say(cfg, f"loop: {root} now serves {result['checkpoint']}")
+    return result
+
+
+def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], train_prompts: list[Prompt],
+              heldout: list[Prompt], labeler: Optional[Labeler], device) -> dict:
+    write_json(out / "config.json", {"command": "loop", **asdict(cfg), "serve_key": "***" if cfg.serve_key else None,
+                                     "policy_checkpoint": str(policy), "labels": len(records),
+                                     "train_prompts": len(train_prompts), "heldout_prompts": len(heldout)})
+    prefs = out / "prefs.jsonl"
+    write_jsonl(prefs, records)
+    prompts_file = out / "prompts.jsonl"
+    write_jsonl(prompts_file, ({"prompt": p} for p in train_prompts + heldout))  # PPO holds out the last len(heldout)
+    labelers = sorted({str(r.get("labeler")) for r in records})
+    say(cfg, f"loop: {len(records)} preferences from {len(labelers)} labeler(s) in the database -> {prefs}")
+
+    say(cfg, "loop: [1/3] reward model")
+    rm_dir = out / "reward"
+    rm = train_reward(RewardConfig(
+        init_from=str(policy), data=str(prefs), out=str(rm_dir), batch_size=cfg.reward_batch, epochs=cfg.reward_epochs,
+        val_frac=cfg.reward_val_frac, append_eot=cfg.append_eot, force=True,
+        loop=TrainLoopConfig(steps=cfg.reward_steps, lr=cfg.reward_lr, weight_decay=0.0, seed=cfg.seed, device=cfg.device,
+                             quiet=cfg.quiet)))
+    stopped(rm, "reward model")
+
+    say(cfg, "loop: [2/3] PPO")
+    # the KL controller's horizon is a tenth of the round's rollouts, so beta can move up to e^+-2 within a round
+    ppo_dir = out / "ppo"
+    oracles = [s for s in [oracle_scorer(cfg.labeler)] if s]  # PPO logs the labeler's scores beside the proxy reward
+    pp = ppo(PPOConfig(
+        policy=str(policy), reward_model=str(rm_dir), prompts=str(prompts_file), out=str(ppo_dir), oracles=oracles,
+        steps=cfg.ppo_steps, batch_size=cfg.ppo_batch, minibatch=cfg.ppo_minibatch, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+        max_new_tokens=cfg.max_new_tokens, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
+        horizon=max(1, cfg.ppo_steps * cfg.ppo_batch // 10), append_eot=cfg.append_eot, eval_every=0, eval_size=len(heldout),
+        seed=cfg.seed, device=cfg.device, force=True, quiet=cfg.quiet))
+    stopped(pp, "PPO")
+
+    say(cfg, f"loop: [3/3] the new policy against the old one on {len(heldout)} held-out prompts")
+    ev, samples = evaluate_round(cfg, str(policy), ppo_dir / "checkpoint", rm_dir, heldout, labeler, device)
+    write_jsonl(out / "samples.jsonl", samples)
+    return {
+        "policy": str(policy), "checkpoint": str((ppo_dir / "checkpoint").resolve()),
+        "labels": {"preferences": len(records), "labelers": labelers, "ties": sum(bool(r.get("tie")) for r in records),
+                   "pairs": len({r.get("pair_id") for r in records}), "aggregate": cfg.aggregate},
+        "reward_model": {k: rm[k] for k in ("val_accuracy", "val_pairs", "val_margin_normalised", "steps") if k in rm},
+        "ppo": {"steps": pp["steps"], "kl_coef": pp["kl_coef"], "start": pp.get("start", {}), "final": pp.get("final", {})},
+        "eval": ev,
+    }
+
+
+def stopped(result: dict, stage: str) -> None:
+    """A stage stopped by Ctrl-C: the round is abandoned (the caller removes it) with exit code 130."""
+    if result.get("stopped_early"):
+        print(f"loop: interrupted in the {stage} stage; the round's outputs are removed", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+
+def summary_line(r: dict) -> str:
+    ev = r["eval"]
+    msg = (f"loop: new policy {r['checkpoint']}; win rate over the old one on {ev['prompts']} held-out prompts: "
+           f"{ev['reward_model']['win_rate']:.3f} by the reward model")
+    lab = ev.get("labeler")
+    if lab:
+        msg += f", {lab['win_rate']:.3f} by {lab['labeler']}" if lab["win_rate"] is not None else f", none answered by {lab['labeler']}"
+    return msg
