@@ -402,3 +402,47 @@ def test_export_is_read_by_reward_as_it_is_and_majority_follows_the_rule(db, tmp
     agg = tmp_path / "agg.jsonl"
     export.export_preferences(db, agg, aggregate="majority")
     assert len(read_preferences(str(agg))[0]) == 5
+
+
+# ---- SQLite: writers wait for each other; a transaction that lost a race is run again -------------------------------
+def test_sqlite_writer_waits_for_a_held_write_lock(tmp_path):
+    path = tmp_path / "l.db"
+    with open_db(f"sqlite:///{path}") as d:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock for a moment
+        released = threading.Event()
+
+        def release():
+            released.wait(5)
+            other.execute("COMMIT")
+
+        t = threading.Thread(target=release)
+        t.start()
+        threading.Timer(0.3, released.set).start()
+        store.add_user(d, "ann")  # waits (busy timeout) instead of failing with "database is locked"
+        t.join()
+        assert [u.name for u in store.list_users(d)] == ["ann"]
+
+
+def test_transact_retries_only_lost_races(tmp_path):
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    with open_db(f"sqlite:///{tmp_path}/l.db") as d:
+        calls = []
+
+        def flaky(conn):
+            calls.append(1)
+            if len(calls) < 3:
+                raise OperationalError("INSERT ...", {}, sqlite3.OperationalError("database is locked"))
+            return conn.execute(select(func.count()).select_from(users)).scalar_one()
+
+        assert d.transact(flaky) == 0 and len(calls) == 3
+        calls.clear()
+
+        def broken(conn):
+            calls.append(1)
+            raise IntegrityError("INSERT ...", {}, sqlite3.IntegrityError("UNIQUE constraint failed"))
+
+        with pytest.raises(IntegrityError):
+            d.transact(broken)
+        assert len(calls) == 1

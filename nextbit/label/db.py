@@ -13,7 +13,8 @@ One SQLAlchemy 2 Core schema serves both backends:
                                       (SELECT ... FOR UPDATE [SKIP LOCKED]) where two labelers could race.
 `transact(fn)` runs fn(connection) in one transaction and runs it again (a few times, with a short random wait) when
 the backend says the transaction lost a race: SQLite's "database is locked", PostgreSQL's serialization failure or
-deadlock. fn must therefore only touch the database.
+deadlock (a failure that comes after waiting out SQLite's busy timeout is reported, not retried). fn must therefore
+only touch the database.
 
 Times are UTC epoch seconds (floats) in every table, the same on both backends. Tokens and session ids are never
 stored, only their sha256 (store.py).
@@ -47,6 +48,7 @@ APP = "nextbit-labels"
 SCHEMA_VERSION = 2
 DEFAULT_URL = "sqlite:///labels.db"
 CHOICES = ("a", "b", "tie", "cant_tell")
+RETRY_WITHIN_S = 5.0  # transact() runs again only a transaction that failed this soon (not one that waited out a lock)
 T = TypeVar("T")
 
 metadata = MetaData()
@@ -185,11 +187,13 @@ class Database:
 
     def transact(self, fn: Callable[[Connection], T], *, attempts: int = 8) -> T:
         for attempt in range(attempts):
+            t0 = time.monotonic()
             try:
                 with self.engine.begin() as conn:
                     return fn(conn)
             except DBAPIError as e:
-                if not _locked(e) or attempt == attempts - 1:
+                # a race lost at once is run again; a lock still held after the whole busy timeout is reported
+                if not _locked(e) or attempt == attempts - 1 or time.monotonic() - t0 > RETRY_WITHIN_S:
                     raise
                 time.sleep(random.uniform(0.01, 0.05) * 2 ** attempt)
         raise AssertionError("unreachable")

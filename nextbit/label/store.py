@@ -42,7 +42,7 @@ import hmac
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
 import sqlalchemy as sa
@@ -110,7 +110,6 @@ class Label:
     comment: str
     idempotency_key: str
     created_at: float
-    extra: dict = field(default_factory=dict)
 
 
 def _sha(s: str) -> str:
