@@ -299,6 +299,8 @@ def test_bad_input_is_one_line_and_writes_nothing(work, labelled, tmp_path, caps
     store.add_user(db, "ann")
     db.close()
     labelled = labelled["url"]
+    once = tmp_path / "once.txt"
+    once.write_text("the film was\nthe film was\n")
     base = ["--policy", work["policy"], "--prompts", work["prompts"], *ROUND]
     cases = [
         (["--db", empty, *base], "no labels to learn from"),
@@ -308,6 +310,9 @@ def test_bad_input_is_one_line_and_writes_nothing(work, labelled, tmp_path, caps
         (["--db", labelled, *base, "--prompts", tmp_path / "none.jsonl"], "--prompts: file not found"),
         (["--db", labelled, *base, "--aggregate", "mean"], "--aggregate must be one of none, majority"),
         (["--db", labelled, *base, "--labeler", "psychic"], "unknown labeler 'psychic'"),
+        (["--db", labelled, *base, "--labeler", f"oracle:classifier:{tmp_path}"], "--labeler: no classifier at"),
+        (["--db", labelled, *base, "--prompts", once], "1 distinct prompt; a round needs at least 2"),
+        (["--db", labelled, *base, "--ppo-minibatch", "9"], "--ppo-minibatch must be in [1, --ppo-batch 8], got 9"),
     ]
     for i, (args, says) in enumerate(cases):
         out = tmp_path / f"out{i}"

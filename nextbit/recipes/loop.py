@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from nextbit.align.common import split_holdout
-from nextbit.align.formats import Prompt, load_prompts, write_jsonl
+from nextbit.align.formats import Prompt, load_prompts, prompt_key, write_jsonl
 from nextbit.align.labelers import Labeler, Query, make_labeler
 from nextbit.align.ppo import PPOConfig, load_policy, load_reward_model, ppo
 from nextbit.align.reward import RewardConfig, train_reward
@@ -277,28 +277,44 @@ def say(cfg: LoopConfig, msg: str) -> None:
         print(msg, flush=True)
 
 
+def naming(flag: str, e: NextbitError) -> NextbitError:
+    """The error of a check made on a flag's value, naming the flag (once)."""
+    return e if str(e).startswith(flag) else NextbitError(f"{flag}: {e}")
+
+
+def read_prompts(cfg: LoopConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """(PPO's prompts, the held-out ones): --prompts without repeats (so no held-out prompt is also trained on),
+    split by --heldout-frac."""
+    try:
+        prompts = load_prompts(cfg.prompts)
+    except NextbitError as e:
+        raise naming("--prompts", e)
+    prompts = list({prompt_key(p): p for p in prompts}.values())
+    check(len(prompts) >= 2, f"--prompts {cfg.prompts}: {len(prompts)} distinct prompt; a round needs at least 2 (to train on and to hold out)")
+    train, heldout = split_holdout(prompts, cfg.heldout_frac, cfg.seed)
+    check(bool(train), f"--heldout-frac {cfg.heldout_frac} holds out all {len(prompts)} prompts of --prompts; PPO needs some")
+    return train, heldout
+
+
 def loop(cfg: LoopConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     check_round_dir(out, cfg.force)
     check_options(cfg)
-    labeler = make_labeler(cfg.labeler, bt_scale=0.0, random_frac=0.0, seed=cfg.seed) if cfg.labeler else None
+    try:
+        labeler = make_labeler(cfg.labeler, bt_scale=0.0, random_frac=0.0, seed=cfg.seed) if cfg.labeler else None
+    except NextbitError as e:
+        raise naming("--labeler", e)
     root = server_root(cfg.serve) if cfg.serve else None
     key = read_serve_key(cfg)
     device = pick_device(cfg.device)
     try:
         policy = load_policy(cfg.policy, "cpu").path  # a language model, readable, not a reward model
     except NextbitError as e:
-        raise NextbitError(f"--policy: {e}")
+        raise naming("--policy", e)
     check(out.resolve() not in policy.resolve().parents,
           f"--policy {cfg.policy} is inside --out {out}, which this round would replace; write the next round to a new folder")
-    try:
-        prompts = load_prompts(cfg.prompts)
-    except NextbitError as e:
-        raise NextbitError(f"--prompts: {e}")
-    check(len(prompts) >= 2, f"--prompts {cfg.prompts}: {len(prompts)} prompt; the round needs at least 2 (PPO's and the held-out ones)")
-    train_prompts, heldout = split_holdout(prompts, cfg.heldout_frac, cfg.seed)
-    check(bool(train_prompts), f"--heldout-frac {cfg.heldout_frac} holds out all {len(prompts)} prompts of --prompts; PPO needs some")
+    train_prompts, heldout = read_prompts(cfg)
     records = export_preferences(cfg.db, cfg.aggregate)
     if root:
         probe_server(root, key)
@@ -306,11 +322,11 @@ def loop(cfg: LoopConfig) -> dict:
     new = start_round_dir(out)
     try:
         result = run_round(cfg, out, policy, records, train_prompts, heldout, labeler, device)
+        result["seconds"] = round(time.time() - t0, 1)
+        write_json(out / "round.json", result)
     except BaseException:
         remove_round(out, new)
         raise
-    result["seconds"] = round(time.time() - t0, 1)
-    write_json(out / "round.json", result)
     say(cfg, summary_line(result))
     if root:  # last: the checkpoint and round.json are written whatever the server says
         try:
