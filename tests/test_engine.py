@@ -90,6 +90,42 @@ def test_a_request_gives_the_same_tokens_alone_and_inside_a_busy_batch(model, to
     assert not eng.running and not eng.active.any()
 
 
+@pytest.mark.parametrize("sync_every", [1, 5])
+def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, tokenizer, prompts, sync_every):
+    """Eager decode steps run slots 0..(highest busy) over the cache up to the longest busy row rounded up to 64:
+    rows that cross a window boundary, a hole left by a finished low slot, and a lone row all give the reference's
+    tokens, and the step really runs on the smaller views."""
+    eng = Engine(model, tokenizer, compile=False, sync_every=sync_every)
+    shapes = []  # (rows, cache positions) of every decode step
+    make = eng._make_step
+
+    def spying(*args):
+        step = make(*args)
+        return lambda last, *rest: (shapes.append((last.size(0), rest[-1][0].size(2))), step(last, *rest))[1]
+
+    eng._make_step = spying
+    params = [SamplingParams(max_new_tokens=n, temperature=1.0, top_k=30, seed=s, stop_token_ids=[])
+              for n, s in [(5, 1), (75, 2), (30, 3), (60, 4)]]
+    qs = [prompts[0], prompts[1], prompts[2], prompts[3]]
+    assert all(len(q) + p.max_new_tokens <= 96 for q, p in zip(qs, params))
+    eng.start(slots=4, max_len=96)
+    reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(qs, params)]
+    for r in reqs:
+        eng.submit(r)
+    while eng.busy:
+        eng.step()
+    for r, q, p in zip(reqs, qs, params):
+        assert r.tokens == reference_generate(model, tokenizer, [q], p)[0].tokens
+    assert shapes[0] == (4, 64) and (4, 96) in shapes  # all four rows, then past 64 positions the whole cache
+    assert (2, 96) in shapes and min(b for b, _ in shapes) == 2  # slot 3 done: slots 0-1 only (slot 0 idle, a hole)
+    shapes.clear()
+    alone = Request(list(prompts[2]), params[2], row_seed(3, 0))
+    eng.submit(alone)  # a lone row takes slot 0: one row
+    while eng.busy:
+        eng.step()
+    assert {b for b, _ in shapes} == {1} and alone.tokens == reqs[2].tokens
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_queue(model, tokenizer, prompts):
     p = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[])
     eng = Engine(model, tokenizer, compile=False)

@@ -36,6 +36,7 @@ from nextbit.infer.sampling import SamplingParams, cut_at_stop, filter_width, ro
 
 STOP_WIDTH = 4  # stop-token ids per slot (padded with -1): a fixed width keeps one compiled step
 TOP_LOGPROBS = 5  # alternatives reported per token, at most (the OpenAI API's limit for completions)
+WINDOW = 64  # eager decode attends to the cache rounded up to this many positions past the longest busy row
 
 
 @dataclass
@@ -219,10 +220,10 @@ class Engine:
             emitted: list[tuple] = []
             if admit:
                 emitted.append(self._prefill(admit, free[: len(admit)]))
-            for _ in range(self.sync_every):
+            for i in range(self.sync_every):
                 if not self.running:
                     break
-                emitted.append(self._decode())
+                emitted.append(self._decode(ahead=i))
             if emitted:  # the one host sync
                 finished = self._collect([tuple(x.tolist() if x is not None else None for x in e) for e in emitted])
         return finished
@@ -284,7 +285,11 @@ class Engine:
         chosen[s], ids[s], vals[s] = lp
         return toks, live, chosen, ids, vals
 
-    def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step. Compiled (CUDA graphs want fixed shapes), it runs every slot over the whole cache. Eager,
+        it runs slots 0..hi-1 only, where hi is past the highest busy slot (slots are taken lowest first), over the
+        first W cache positions, W the longest busy row rounded up to 64: views of the same buffers, so an idle
+        slot or an empty stretch of cache costs nothing. `ahead`: decode steps already taken since the last read."""
         reqs = list(self.running.values())
         width = filter_width([r.params for r in reqs], self.vocab)
         sampling = any(r.params.temperature > 0 for r in reqs)
@@ -292,16 +297,24 @@ class Engine:
         key = (self._shape, width, sampling, want_lp)
         if key not in self._steps:
             self._steps[key] = self._make_step(width, sampling, want_lp)
-        if self.compile and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        live = self.active.clone()
+        if self.compile:
+            hi, W = self.slots, self.max_len
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+        else:
+            hi = max(self.running) + 1
+            longest = max(len(r.prompt) + len(r.tokens) for r in reqs) + ahead  # the row's cache holds this many + 1
+            W = min(self.max_len, -(-(longest + 1) // WINDOW) * WINDOW)
+        live = self.active[:hi].clone()
         nxt, lengths, counters, active, lp = self._steps[key](
-            self.last, self.lengths, self.counters, self.active, self.max_new, self.temperature, self.top_k, self.top_p,
-            self.seeds, self.stop_ids, self.k, self.v)
-        self.last.copy_(nxt)
-        self.lengths.copy_(lengths)
-        self.counters.copy_(counters)
-        self.active.copy_(active)
+            self.last[:hi], self.lengths[:hi], self.counters[:hi], self.active[:hi], self.max_new[:hi],
+            self.temperature[:hi], self.top_k[:hi], self.top_p[:hi], self.seeds[:hi], self.stop_ids[:hi],
+            [t[:hi, :, :W] for t in self.k] if not self.compile else self.k,
+            [t[:hi, :, :W] for t in self.v] if not self.compile else self.v)
+        self.last[:hi].copy_(nxt)
+        self.lengths[:hi].copy_(lengths)
+        self.counters[:hi].copy_(counters)
+        self.active[:hi].copy_(active)
         return (nxt.clone(), live) + (tuple(x.clone() for x in lp) if lp is not None else (None, None, None))
 
     def _make_step(self, width: int, sampling: bool, want_lp: bool):
