@@ -912,3 +912,25 @@ def test_streamed_deltas_add_up_to_the_final_text(tokenizer, data):
     assert "<|endoftext|>" not in streamed and "<|end|>" not in streamed
     assert not any(s in streamed for s in stops)
 
+
+
+# ---- the streamed text: incremental decoding ------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.integers(0, 383), st.sampled_from(["é", "€", "🙂", "ab", "\n"])), max_size=40),
+       st.sampled_from([[], ["\n"], ["ab", "é"]]))
+def test_incremental_text_equals_decoding_the_whole_response(tokenizer, pieces, stops):
+    """Choice.text() keeps a decoded head and decodes only the tail afresh: at every length it equals decoding every
+    token (multi-byte characters split over tokens, stray bytes and stop strings included), and the streamed deltas
+    add up to the final text."""
+    ids = [t for p in pieces for t in ([p] if isinstance(p, int) else tokenizer.encode(p))]
+    assert len(tokenizer.encode("🙂")) > 1  # a character's bytes over several tokens: a cut can fall inside it
+    req = Request([1], SamplingParams(max_new_tokens=100, stop=stops, stop_token_ids=[]), 0)
+    c = Choice(0, req, tokenizer, stops)
+    streamed = ""
+    for t in ids:
+        req.tokens.append(t)
+        assert c.text() == cut_at_stop(tokenizer.decode(req.tokens), stops)[0]
+        streamed += c.delta()
+    c.finish = "length"
+    streamed += c.delta()
+    assert streamed == c.text() == cut_at_stop(tokenizer.decode(ids), stops)[0]

@@ -34,7 +34,7 @@ from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
-from nextbit.serve.runner import EngineRunner, QueueFull, in_fresh_thread, ReloadSuperseded, threadsafe_emitter
+from nextbit.serve.runner import EngineRunner, QueueFull, ReloadSuperseded, Sink, in_fresh_thread
 
 PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
@@ -204,12 +204,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def run(choices: list[Choice], request: Request, t0: float) -> AsyncIterator[Choice]:
         """Submit the choices, then yield a choice each time it has new tokens or finished, until all are done.
         A client that goes away cancels whatever is still running."""
-        q: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        sink = Sink(asyncio.get_running_loop())
         reqs = [c.req for c in choices]
         by_req = {id(c.req): c for c in choices}
         last: dict[int, float] = {}
-        emit = threadsafe_emitter(loop, q)
+        emit = state.runner.emitter(sink)
         ends = []
         for c in choices:
             c.req.on_token = lambda r, t, lp: emit((id(r), "token"))
@@ -224,27 +223,24 @@ def create_app(state: ServerState) -> FastAPI:
         check = time.perf_counter() + DISCONNECT_CHECK
         try:
             while pending:
-                try:
-                    stamp, event = await asyncio.wait_for(q.get(), timeout=DISCONNECT_CHECK)
-                except asyncio.TimeoutError:
-                    stamp, event = None, None
-                if event is None or time.perf_counter() >= check:  # while tokens flow too (a whole response)
+                events = await sink.get(DISCONNECT_CHECK)
+                if not events or time.perf_counter() >= check:  # while tokens flow too (a whole response)
                     check = time.perf_counter() + DISCONNECT_CHECK
                     if await request.is_disconnected():
                         return
-                if event is None:
-                    continue
-                rid, kind, *rest = event
-                c = by_req[rid]
-                if kind == "token":
-                    metrics.generation_tokens.inc()
-                    (metrics.itl.observe(stamp - last[rid]) if rid in last else metrics.ttft.observe(stamp - t0))
-                    last[rid] = stamp
-                else:
-                    c.finish = rest[0] if kind == "done" else "error"
-                    c.error = rest[0] if kind == "error" else None
-                    pending -= 1
-                yield c
+                moved: dict[int, Choice] = {}  # the choices that moved on, in order: one chunk each for all their news
+                for stamp, (rid, kind, *rest) in events:
+                    c = moved[rid] = by_req[rid]
+                    if kind == "token":
+                        metrics.generation_tokens.inc()
+                        (metrics.itl.observe(stamp - last[rid]) if rid in last else metrics.ttft.observe(stamp - t0))
+                        last[rid] = stamp
+                    else:
+                        c.finish = rest[0] if kind == "done" else "error"
+                        c.error = rest[0] if kind == "error" else None
+                        pending -= 1
+                for c in moved.values():
+                    yield c
         finally:
             for c in choices:
                 if not c.done:

@@ -3,6 +3,10 @@ log-probabilities in the legacy completions shape or the chat shape.
 
 Streamed text never runs ahead of what is final: the last (longest stop string - 1) characters are held back until
 no stop string can start there, and so is a trailing incomplete UTF-8 character.
+
+The text is decoded incrementally: all but the last few tokens are decoded once and kept (a byte-level tokenizer
+decodes a concatenation as the concatenation of the decodings, when the cut falls between whole characters), so
+each new token costs a short decode, not one of the whole response.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ from nextbit.infer.engine import Request, TokenLogprobs, stop_ids_for
 from nextbit.infer.sampling import cut_at_stop
 
 
+KEEP_OPEN = 8  # tokens at the end decoded afresh each time (a character's bytes may be split over up to 4 tokens)
+
+
 class Choice:
     def __init__(self, index: int, req: Request, tokenizer, stops: list[str]):
         self.index, self.req, self.tok, self.stops = index, req, tokenizer, stops
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.stop_ids = set(stop_ids_for(tokenizer, req.params))
         self.sent = 0
+        self._head, self._head_n = "", 0  # the decoded text of the first _head_n generated tokens
         self.finish: Optional[str] = None  # "token" | "string" | "length" | "error"
         self.error: Optional[str] = None
 
@@ -35,7 +43,11 @@ class Choice:
         # A stop token ends the row as soon as it is generated, so a last token that is one is that stop token, even
         # before the "done" event has arrived (the token event comes first): it is never part of the text.
         body = toks[:-1] if toks and (self.finish == "token" or toks[-1] in self.stop_ids) else toks
-        return cut_at_stop(self.tok.decode(body), self.stops)[0]
+        if len(body) - self._head_n > 2 * KEEP_OPEN:  # move the decoded head on, to a cut between whole characters
+            part = self.tok.decode(body[self._head_n : len(body) - KEEP_OPEN])
+            if not part.endswith("\ufffd"):
+                self._head, self._head_n = self._head + part, len(body) - KEEP_OPEN
+        return cut_at_stop(self._head + self.tok.decode(body[self._head_n :]), self.stops)[0]
 
     def delta(self) -> str:
         """The text that is final now and not yet sent."""

@@ -1,10 +1,15 @@
 """The engine loop: one thread owns the model and the engine's slots; HTTP handlers talk to it through a queue.
 
     runner = EngineRunner(model, tokenizer, checkpoint, slots=32, max_len=1024, max_waiting=256)
-    runner.submit(request, emit)     # emit(("token", id, logprobs) | ("done", finish) | ("error", message)), from the loop thread
+    sink = Sink(asyncio_loop)        # where one API request's events land, in its event loop
+    runner.submit(request, runner.emitter(sink))   # events: ("token",) | ("done", finish) | ("error", message)
     runner.cancel(request)           # the client went away: its slot is freed at the next step
     await runner.call(fn)            # run fn(engine) between two steps (scoring a prompt for echo, for example)
     await runner.reload(model, path) # swap the model between steps, once the running rows have finished
+
+Events are posted on the loop thread and handed to asyncio once per engine step (one call_soon_threadsafe for all
+the rows of that step, per event loop), not once per token: with 32 streams, per-token wake-ups of the event loop
+cost the engine thread its GIL and its cores (BENCHMARKS.md, serving).
 
 Requests that arrive while others decode join the batch at the next step (continuous batching). The number of
 requests in the server (running and waiting) is bounded: submit raises QueueFull past it. A fault inside a step fails
@@ -65,6 +70,7 @@ class EngineRunner:
         self.engine = self._new_engine(model)
         self._inbox: "queue.Queue[tuple]" = queue.Queue()
         self._emit: dict[int, tuple[Request, Emit]] = {}  # every request the loop holds, by id
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events posted since the last flush, per event loop
         self._reload: Optional[tuple[GPT, str, Future]] = None
         self._in_server = 0  # running + waiting + not yet taken from the inbox
         self._lock = threading.Lock()
@@ -116,6 +122,12 @@ class EngineRunner:
     def cancel(self, req: Request) -> None:
         self._inbox.put(("cancel", req))
 
+    def emitter(self, sink: "Sink") -> Emit:
+        """An Emit for the loop thread that posts to `sink`; posted events reach it at the next flush."""
+        def emit(event: tuple) -> None:
+            self._outbox.setdefault(sink.loop, []).append((sink, time.perf_counter(), event))
+        return emit
+
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """fn(engine) on the loop thread between two steps."""
         fut: Future = Future()
@@ -145,6 +157,18 @@ class EngineRunner:
                 self._swap()
             if self.engine.busy:
                 self._step()
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the posted events over: one thread-safe call per event loop."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(deliver, items)
+            except RuntimeError:  # that event loop is closed (the server is going away): nobody waits for these
+                pass
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -229,10 +253,34 @@ def _settle(fut: Future, result: Any = None, error: Optional[BaseException] = No
         pass
 
 
-def threadsafe_emitter(loop: asyncio.AbstractEventLoop, q: "asyncio.Queue[tuple]") -> Emit:
-    """An Emit that hands events from the loop thread to an asyncio queue (stamped with their arrival time)."""
+class Sink:
+    """The events of one API request, in its asyncio event loop: `deliver` (on that loop) adds, `get` takes them all,
+    waiting up to `timeout` seconds when there are none (an empty list: time to check on the client)."""
 
-    def emit(event: tuple) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, (time.perf_counter(), event))
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[tuple[float, tuple]] = []  # (time posted, event)
+        self._waiter: Optional[asyncio.Future] = None
 
-    return emit
+    def add(self, stamp: float, event: tuple) -> None:
+        self.items.append((stamp, event))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self, timeout: float) -> list[tuple[float, tuple]]:
+        if not self.items:
+            self._waiter = waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        out, self.items = self.items, []
+        return out
+
+
+def deliver(items: list[tuple["Sink", float, tuple]]) -> None:
+    """On the event loop: one engine step's events into their sinks."""
+    for sink, stamp, event in items:
+        sink.add(stamp, event)
