@@ -23,6 +23,7 @@ from nextbit.export.convert import ExportConfig, ImportConfig, export_hf, import
 from nextbit.infer.sample import SampleConfig, print_samples, sample
 from nextbit.label.manage import (AddUserConfig, LabelExportConfig, LabelImportConfig, LabelSampleConfig, label_add_user,
                                   label_export, label_import, label_sample)
+from nextbit.label.server import LabelServeConfig, label_serve
 from nextbit.recipes.demo import DemoConfig, demo
 from nextbit.recipes.loop import LoopConfig, loop
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
@@ -85,6 +86,7 @@ COMMANDS: dict[str, Command] = {
                             "file", "the pairs file"),
     "label sample": Command(LabelSampleConfig, label_sample, "sample pairs of responses from a policy (the compare engine) into the labels database"),
     "label export": Command(LabelExportConfig, label_export, "write the labels as preference JSONL for `nextbit reward` / `dpo` (one line per answer, or --aggregate majority)"),
+    "label serve": Command(LabelServeConfig, label_serve, "the labeling web app: people compare two responses in the browser (needs the [label] extra)"),
     "sentiment": Command(SentimentConfig, sentiment,
                          "the end-to-end RLHF task: IMDB pretraining -> comparisons -> reward model -> PPO and DPO"),
     "loop": Command(LoopConfig, loop, "one round from people's labels: export, reward model, PPO, held-out win rates, "

@@ -544,3 +544,58 @@ def test_bad_settings_are_one_line_naming_the_flag(tmp_path):
                     ({"port": 70000}, "--port must be in")]:
         with pytest.raises(NextbitError, match="^" + msg):
             label_serve(LabelServeConfig(db=url, **{"port": 0, **kw}))
+
+
+def test_disagreement_selection_reranks_the_queue_every_n_labels(tmp_path, tokenizer):
+    from nextbit.core.checkpoint import save_checkpoint
+
+    backbone = save_checkpoint(tmp_path / "base", peaky_model(seq_len=64), tokenizer)
+    url = f"sqlite:///{tmp_path / 'labels.db'}"
+    db = open_db(url)
+    ann, ben = store.add_user(db, "ann"), store.add_user(db, "ben")
+    store.import_pairs(db, make_pairs(16, "rank"), source="test")
+    db.close()
+    cfg = LabelServeConfig(db=url, select="disagreement", backbone=str(backbone), refresh_every=10, members=3)
+    with live(cfg) as (base, state):
+        r = state.refresher
+        r.join(30)  # the start-up run: no labels yet, nothing re-ranked
+        assert (r.runs, r.last_error) == (1, None)
+        assert {p.priority for p in store.pairs(state.db)} == {0.0}
+        me = Labeler(base, ann)
+        try:
+            for i in range(10):
+                shown = me.next()
+                assert me.answer(shown["pair_id"], ("left", "right")[i % 2]).status_code == 200
+        finally:
+            me.close()
+        deadline = time.monotonic() + 60
+        while r.runs < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (r.runs, r.last_error) == (2, None)
+        prios = {p.id: p.priority for p in store.pairs(state.db)}
+        assert len(set(prios.values())) > 1 and min(prios.values()) >= 0
+        labelled = {lab.pair_id for lab in store.all_labels(state.db)}
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ben}"}) as c:
+            first = c.get("/api/next").json()["pair_id"]
+        assert first == min((p for p in prios if p not in labelled), key=lambda p: (-prios[p], p))
+
+
+def test_a_pair_shown_but_not_answered_goes_back_after_the_timeout(tmp_path):
+    url = f"sqlite:///{tmp_path / 'labels.db'}"
+    db = open_db(url)
+    tokens = [store.add_user(db, n) for n in ("slow", "quick")]
+    store.import_pairs(db, make_pairs(1, "timeout"), source="test")
+    db.close()
+    with live(LabelServeConfig(db=url, overlap=1, timeout=0.5)) as (base, state):
+        slow, quick = Labeler(base, tokens[0]), Labeler(base, tokens[1])
+        try:
+            held = slow.next()["pair_id"]
+            assert held is not None and quick.next()["pair_id"] is None  # taken while slow holds it
+            time.sleep(0.6)
+            assert quick.next()["pair_id"] == held
+            assert quick.answer(held, "left").status_code == 200
+            r = slow.answer(held, "left")
+            assert r.status_code == 409 and error_of(r)["code"] == "expired"
+        finally:
+            slow.close()
+            quick.close()
