@@ -1,9 +1,9 @@
 """The labeling page (nextbit/label/page.html) and the admin page in a real headless Chromium (Debian's chromium and
 chromium-driver, driven by Selenium; nothing downloads a browser), against a real `label serve` app on 127.0.0.1.
 
-A labeler logs in with a token, labels five pairs with the keyboard (one with a comment), undoes the last one, and
-the database then holds exactly the four expected labels, each mapped from the side shown on the left or right to
-the pair's a/b. Every response holds markup (<script>, <img onerror>), which must show as text and never run. An
+A labeler logs in with a token, labels five pairs with the keyboard (one with a comment, one whose response is lost
+and is sent again), undoes the last one, and the database then holds exactly the four expected labels, each mapped
+from the side shown on the left or right to the pair's a/b; an answer left pending at a reload is sent on return. Every response holds markup (<script>, <img onerror>), which must show as text and never run. An
 admin then logs in and opens /admin: counts, agreement between labelers, agreement with a (tiny) reward model.
 
 NEXTBIT_SCREENSHOTS=1 also writes docs/img/label_page.png and docs/img/label_admin.png.
@@ -212,6 +212,16 @@ def test_label_five_with_the_keyboard_undo_one_then_the_admin_page(site, browser
     if os.environ.get("NEXTBIT_SCREENSHOTS") == "1":
         save(d, "label_page.png")
 
+    # An answer still unacknowledged when the page went away is sent again, with its key, when the page comes back.
+    key = "0f1e2d3c-4b5a-4697-8877-665544332211"
+    d.execute_script("localStorage.setItem('nextbit.label.pending', JSON.stringify({user: 'lena', body: "
+                     "{pair_id: arguments[0], side: 'right', idempotency_key: arguments[1], comment: ''}}))", last_id, key)
+    d.refresh()
+    wait_for(lambda: (s := shown(d)) and s["done"] == 5 and not s["busy"], what="the resent answer")
+    assert d.execute_script("return localStorage.getItem('nextbit.label.pending')") is None
+    [resent] = [lab for lab in store.all_labels(db) if lab.idempotency_key == key]
+    assert (resent.user_name, resent.pair_id, resent.choice) == ("lena", last_id, "b" if last_left == pairs[last_id].a else "a")
+
     # A labeler's session cannot open the admin page; an admin's can.
     d.get(site["url"] + "/admin")
     assert "admins only" in d.find_element("tag name", "body").text
@@ -227,13 +237,14 @@ def test_label_five_with_the_keyboard_undo_one_then_the_admin_page(site, browser
     rows = {r.get_attribute("data-name"): [c.text for c in r.find_elements("tag name", "td")]
             for r in d.find_elements("css selector", "#labelers tbody tr")}
     assert set(rows) == {"lena", "max", "zoe", "root"}
-    assert rows["lena"][1:3] == ["4", "4"] and rows["max"][1] == "7" and rows["root"][0].replace(" ", "") == "rootadmin"
+    assert rows["lena"][1:3] == ["5", "5"] and rows["max"][1] == "7" and rows["root"][0].replace(" ", "") == "rootadmin"
     assert re.fullmatch(r"\d+\.\d% \(n=\d\)", rows["lena"][8]), rows["lena"]  # agreement with the reward model
     pairwise = [[c.text for c in r.find_elements("tag name", "td")] for r in d.find_elements("css selector", "#pairwise tbody tr")]
     assert {(r[0], r[1]) for r in pairwise} >= {("lena", "max"), ("max", "zoe")}
     assert re.fullmatch(r"-?\d\.\d{3}|–", d.find_element("id", "alpha").text)
-    assert d.find_element("id", "n-labels").text == "18"
+    assert d.find_element("id", "n-labels").text == "19"
     if os.environ.get("NEXTBIT_SCREENSHOTS") == "1":
+        d.set_window_size(1280, 900)  # the whole admin page
         save(d, "label_admin.png")
 
 
