@@ -16,6 +16,7 @@ from nextbit.label import store
 from nextbit.label.db import open_db
 
 from conftest import peaky_model
+from pg import fresh_schema, shared_postgres
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +124,25 @@ def test_sample_uses_the_compare_engine(policy, tmp_path, capsys):
         assert code == 0 and len(store.pairs(db)) == len(want)
     one_line_error(*cli(capsys, "label", "sample", "--db", url, *flags[:2], "--prompts", tmp_path / "nope.txt")[::2],
                    "file not found")
+
+
+def test_the_commands_on_postgresql(tmp_path, capsys):
+    url = fresh_schema(shared_postgres(), "cli")
+    plain = url.replace("postgresql+psycopg://", "postgresql://")  # the driver is implied
+    code, out, _ = cli(capsys, "label", "add-user", "ann", "--db", plain)
+    assert code == 0 and len(out.split()) == 1
+    token = out.strip()
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "a": f"x{i}", "b": f"y{i}"}) + "\n" for i in range(3)))
+    code, out, _ = cli(capsys, "label", "import", pairs, "--db", url)
+    assert code == 0 and "3 pairs added, 0 skipped" in out
+    with open_db(url) as db:
+        uid = store.user_for_token(db, token).id
+        s = store.next_pair(db, uid, overlap=1, timeout_s=60)
+        store.answer(db, uid, s.pair_id, "right", idempotency_key="k")
+    code, out, _ = cli(capsys, "label", "export", "--db", url, "--out", tmp_path / "prefs.jsonl")
+    assert code == 0 and len(read_preferences(str(tmp_path / "prefs.jsonl"))[0]) == 1
+    secret = "postgresql+psycopg://ann:s3cret-pw@/nodb?host=/nonexistent-socket-dir"
+    code, _, err = cli(capsys, "label", "add-user", "bob", "--db", secret)
+    one_line_error(code, err, "--db: cannot open", "***")
+    assert "s3cret-pw" not in err
