@@ -16,7 +16,7 @@ Sides, one after another (never two at once; offline then server for each client
            tokens, as generate does).
   server   `nextbit serve CKPT --max-batch B` as a subprocess on 127.0.0.1 (a free port, a fresh server per level),
            B = the largest client count (--server-per-level: B = C), warmed up with one burst that fills every slot
-           (a GPU compiles the decode step there); C asyncio clients (httpx) each send R
+           (a GPU compiles the decode step there); C asyncio clients (bare HTTP/1.1 on asyncio streams, or httpx with --client httpx) each send R
            streaming /v1/completions requests back to back (token-id prompts, fixed max_tokens, temperature 1,
            a seed per request, stream_options.include_usage). Aggregate tokens/s = completion tokens (from usage)
            / (last response done - first request sent). Time to first token = request sent -> first chunk with
@@ -219,12 +219,88 @@ async def one_request(client, url: str, body: dict) -> dict:
     return {"t0": t0, "t1": t1, "stamps": stamps, "tokens": usage["completion_tokens"]}
 
 
-async def drive(url: str, prompts: list[list[int]], level: int, args, seeds: list[int]) -> list[dict]:
-    """`level` clients, each sending its share of the prompts one after another."""
-    import httpx
+class RawConnection:
+    """A keep-alive HTTP/1.1 connection on bare asyncio streams, reading the chunked SSE body as it comes. The clients
+    share the server's 2-core machine here, where they stand in for callers on other machines: httpx spent ~0.2 ms
+    of CPU per streamed chunk, CPU the server then lacked; this spends a fraction of that (--client httpx: the old)."""
 
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.reader, self.writer = host, port, None, None
+
+    async def post_stream(self, path: str, body: dict):
+        """Yield the SSE `data:` payloads of one streamed POST; (status, body text) first as a tuple if not 200."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        payload = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status = int(head.split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head.split("\r\n")[1:] if h)}
+        if "chunked" not in headers.get("transfer-encoding", ""):
+            text = await self.reader.readexactly(int(headers.get("content-length", 0)))
+            yield (status, text.decode(errors="replace"))
+            return
+        buf = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                break
+            buf += data[:-2]
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if ev.startswith(b"data: "):
+                    yield ev[6:].decode()
+        if status != 200:
+            yield (status, buf.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def one_request_raw(conn: RawConnection, path: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    stamps, usage, errors = [], None, []
+    async for data in conn.post_stream(path, body):
+        if isinstance(data, tuple):
+            return {"error": f"{data[0]} {data[1][:300]}"}
+        if data == "[DONE]":
+            continue
+        obj = json.loads(data)
+        if "error" in obj:
+            errors.append(obj["error"].get("message"))
+        if obj.get("usage"):
+            usage = obj["usage"]
+        for c in obj.get("choices") or []:
+            if c.get("text"):
+                stamps.append(time.perf_counter())
+    t1 = time.perf_counter()
+    if errors or usage is None:
+        return {"error": errors[0] if errors else "no usage chunk"}
+    return {"t0": t0, "t1": t1, "stamps": stamps, "tokens": usage["completion_tokens"]}
+
+
+async def drive(url: str, prompts: list[list[int]], level: int, args, seeds: list[int]) -> list[dict]:
+    """`level` clients, each sending its share of the prompts one after another (one connection each)."""
     bodies = [{"model": "bench", "prompt": p, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": s,
                "stream": True, "stream_options": {"include_usage": True}} for p, s in zip(prompts, seeds)]
+    if args.client == "raw":
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+
+        async def raw_loop(k: int) -> list[dict]:
+            conn = RawConnection(host, int(port))
+            try:
+                return [await one_request_raw(conn, "/v1/completions", b) for b in bodies[k::level]]
+            finally:
+                conn.close()
+
+        per_client = await asyncio.gather(*(raw_loop(k) for k in range(level)))
+        return [r for rs in per_client for r in rs]
+
+    import httpx
+
     limits = httpx.Limits(max_connections=level + 4, max_keepalive_connections=level + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None), limits=limits) as client:
         async def client_loop(k: int) -> list[dict]:
@@ -377,6 +453,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="offline: untimed runs first; hf: untimed requests first")
     ap.add_argument("--repeats", type=int, default=1, help="offline: timed runs (median)")
     ap.add_argument("--sides", default="offline,server,hf")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="the load clients: bare asyncio HTTP/1.1 (light on the shared CPU) or httpx")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for the server's /health")
     ap.add_argument("--allow-errors", action="store_true", help="report failed requests instead of stopping")
@@ -400,7 +478,7 @@ def main():
         c = ck.model.cfg
         total = max(levels) * args.requests_per_client
         prompts_all = fixed_prompts(ck.tokenizer, total, args.prompt_len)
-        common = {"bench": "serve_load", **env_info(dev), "checkpoint": "random" if args.random_model else str(ckpt),
+        common = {"bench": "serve_load", **env_info(dev), "client": args.client, "checkpoint": "random" if args.random_model else str(ckpt),
                   "depth": c.depth, "width": c.width, "vocab": c.vocab_size, "ctx": c.seq_len, "qk_norm": c.qk_norm,
                   "params_m": round(ck.model.num_params() / 1e6, 2), "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
                   "temperature": args.temperature, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
