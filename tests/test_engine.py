@@ -126,6 +126,28 @@ def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, token
     assert {b for b, _ in shapes} == {1} and alone.tokens == reqs[2].tokens
 
 
+def test_an_idle_slot_below_a_busy_one_stays_inside_a_shorter_window(tokenizer):
+    """Slot 0 ends a long row (130 positions) while slot 1 holds a shorter one (under 128): the next eager steps
+    run both slots over a 128-position window, so the idle slot must not keep its old length."""
+    model = peaky_model(seq_len=256)
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=2, max_len=256)
+    p = lambda n, seed: SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed, stop_token_ids=[])  # noqa: E731
+    q = tokenizer.encode("x = 1")
+    long, short = Request(list(q), p(125, 1), row_seed(1, 0)), Request(list(q), p(10, 2), row_seed(2, 0))
+    eng.submit(long)
+    eng.submit(short)
+    while not short.done:
+        eng.step()
+    late = Request(list(q), p(118, 3), row_seed(3, 0))
+    eng.submit(late)  # slot 1, about 10 tokens behind slot 0
+    while eng.busy:
+        eng.step()
+    for r in (long, short, late):
+        assert r.tokens == reference_generate(model, tokenizer, [q], r.params)[0].tokens
+    assert late.slot == 1 and len(q) + len(long.tokens) > 128 > len(q) + len(late.tokens) - 5
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_queue(model, tokenizer, prompts):
     p = SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[])
     eng = Engine(model, tokenizer, compile=False)

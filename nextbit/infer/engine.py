@@ -198,8 +198,7 @@ class Engine:
         if req in self.waiting:
             self.waiting.remove(req)
         elif self.running.get(req.slot) is req:
-            del self.running[req.slot]
-            self.active[req.slot] = False
+            self._free(req.slot)
         if req.finish is None:
             req.finish = "cancelled"
 
@@ -355,9 +354,15 @@ class Engine:
                 self._check_end(req, t)
                 if req.done:
                     finished.append(req)
-                    del self.running[slot]
-                    self.active[slot] = False
+                    self._free(slot)
         return finished
+
+    def _free(self, slot: int) -> None:
+        """The slot is free at once. Its length goes back to 0: an idle slot below a busy one still runs in eager
+        decode steps (and writes its padding's key and value at its length), which must stay inside the window."""
+        del self.running[slot]
+        self.active[slot] = False
+        self.lengths[slot] = 0
 
     def _check_end(self, req: Request, t: int) -> None:
         p = req.params
