@@ -173,6 +173,10 @@ def test_answers_map_sides_to_a_b_and_are_idempotent(db):
             store.answer(db, *args, **kw)
         codes[e.value.code] = True
     assert list(codes) == ["bad_side", "unknown_pair", "key_reused", "bad_key"]
+    for far in (2**31, -(2**31) - 1, 2**62):  # past PostgreSQL's 32-bit INTEGER: still an unknown pair, not a DataError
+        with pytest.raises(LabelError) as e:
+            store.answer(db, u, far, "left", idempotency_key=f"far{far}")
+        assert e.value.code == "unknown_pair"
 
 
 def test_not_assigned_undo_and_progress(db):

@@ -59,6 +59,7 @@ SIDES = ("left", "right", "tie", "cant_tell")
 SELECTS = ("random", "disagreement")
 MAX_COMMENT = 2000
 MAX_KEY = 200
+MAX_ID = 2**31 - 1  # ids are INTEGER columns: 32-bit on PostgreSQL, where a larger number is an error, not a miss
 
 
 class LabelError(NextbitError):
@@ -411,7 +412,8 @@ def answer(db: Database, user_id: int, pair_id: int, side: str, *, idempotency_k
             if same.pair_id != pair_id:
                 raise LabelError("key_reused", "this idempotency key was already used for another pair")
             return _label(same), False
-        if conn.execute(sa.select(pairs_t.c.id).where(pairs_t.c.id == pair_id).with_for_update(key_share=True)).first() is None:
+        if not -MAX_ID - 1 <= pair_id <= MAX_ID or conn.execute(
+                sa.select(pairs_t.c.id).where(pairs_t.c.id == pair_id).with_for_update(key_share=True)).first() is None:
             raise LabelError("unknown_pair", f"no pair with id {pair_id}")
         if conn.execute(sa.select(labels.c.id).where(labels.c.user_id == user_id, labels.c.pair_id == pair_id)).first():
             raise LabelError("already_answered", "this pair is already answered (undo it first to change the answer)")
