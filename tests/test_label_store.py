@@ -408,6 +408,30 @@ def test_export_is_read_by_reward_as_it_is_and_majority_follows_the_rule(db, tmp
     assert len(read_preferences(str(agg))[0]) == 5
 
 
+def test_export_while_people_label_misses_nothing_it_read(db, monkeypatch):
+    store.import_pairs(db, some_pairs(1), source="")
+    (u,) = users_of(db, "ann")
+    s = store.next_pair(db, u, overlap=1, timeout_s=60)
+    store.answer(db, u, s.pair_id, "left", idempotency_key="k0")
+    busy = []
+
+    def meanwhile(read):  # a new pair is imported and labelled between export's two reads
+        def wrapped(d):
+            out = read(d)
+            if not busy:
+                busy.append(1)
+                store.import_pairs(d, [{"prompt": "new", "a": "x", "b": "y"}], source="")
+                s = store.next_pair(d, u, overlap=1, timeout_s=60)
+                store.answer(d, u, s.pair_id, "right", idempotency_key="k1")
+            return out
+        return wrapped
+
+    monkeypatch.setattr(export, "pairs", meanwhile(store.pairs))
+    monkeypatch.setattr(export, "all_labels", meanwhile(store.all_labels))
+    recs = export.preference_records(db)
+    assert busy and [r["pair_id"] for r in recs] == [s.pair_id]  # the label read before, not the one after
+
+
 # ---- SQLite: writers wait for each other; a transaction that lost a race is run again -------------------------------
 def test_sqlite_writer_waits_for_a_held_write_lock(tmp_path):
     path = tmp_path / "l.db"

@@ -49,8 +49,9 @@ def preference_records(db: Database, *, aggregate: str = "none") -> list[dict]:
     """The preference lines of every stated answer (or of every pair, aggregated), by label id (pair id)."""
     if aggregate not in AGGREGATES:
         raise NextbitError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
-    by_id = {p.id: p for p in pairs(db)}
+    # labels first: a pair labelled while this reads is then in the pairs read next (pairs are never deleted)
     stated = [lab for lab in all_labels(db) if lab.choice in ("a", "b", "tie")]
+    by_id = {p.id: p for p in pairs(db)}
     if aggregate == "none":
         return [_line(by_id[lab.pair_id], lab.choice, lab.user_name, lab.created_at) for lab in stated]
     votes: dict = defaultdict(lambda: {"a": 0, "b": 0, "tie": 0})
