@@ -126,6 +126,24 @@ def test_sample_uses_the_compare_engine(policy, tmp_path, capsys):
                    "file not found")
 
 
+def test_a_failed_first_command_leaves_no_database_behind(policy, tmp_path, capsys):
+    new = tmp_path / "new.db"
+    one_line_error(*cli(capsys, "label", "add-user", "  ", "--db", f"sqlite:///{new}")[::2], "NAME: a user needs a non-empty name")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "a": "x", "b": "y"}\n' * 2 + '{"prompt": 5, "a": "x", "b": "y"}\n')
+    assert cli(capsys, "label", "import", bad, "--db", f"sqlite:///{new}")[0] == 1
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\n")
+    one_line_error(*cli(capsys, "label", "sample", "--db", f"sqlite:///{new}", "--policy", tmp_path / "no-policy",
+                        "--prompts", prompts, "--device", "cpu", "--quiet")[::2], "checkpoint not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "prompts.txt"]
+    code, out, _ = cli(capsys, "label", "add-user", "ann", "--db", f"sqlite:///{new}")  # a command that works keeps it
+    assert code == 0 and new.is_file()
+    one_line_error(*cli(capsys, "label", "add-user", "ann", "--db", f"sqlite:///{new}")[::2], "already exists")
+    with open_db(f"sqlite:///{new}") as db:  # a failure on a database that was there leaves it as it was
+        assert [u.name for u in store.list_users(db)] == ["ann"]
+
+
 def test_the_commands_on_postgresql(tmp_path, capsys):
     url = fresh_schema(shared_postgres(), "cli")
     plain = url.replace("postgresql+psycopg://", "postgresql://")  # the driver is implied

@@ -8,20 +8,54 @@
                                                          align/sampling -> the one engine), then imported
     nextbit label export --db URL --out prefs.jsonl [--aggregate none|majority]   TRL preference JSONL (export.py)
 Every command opens the database with db.open_db, so a bad URL, a newer or foreign database is one line and exit 1.
+A command that fails leaves no database behind that it created itself (a new SQLite file is removed again).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from nextbit.align.compare import CompareConfig, sample_pairs
 from nextbit.align.formats import parse_prompt, read_jsonl
 from nextbit.core.errors import NextbitError
-from nextbit.label.db import DEFAULT_URL, open_db
+from nextbit.label.db import DEFAULT_URL, Database, open_db
 from nextbit.label.export import AGGREGATES, export_preferences
-from nextbit.label.store import add_user, import_pairs
+from nextbit.label.store import add_user, check_name, import_pairs
+
+
+def sqlite_file(url: str) -> Optional[Path]:
+    """The file of a sqlite:/// URL; None for any other URL (and for one open_db will refuse anyway)."""
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        return None
+    return Path(u.database) if u.get_backend_name() == "sqlite" and u.database else None
+
+
+@contextmanager
+def opened(url: str) -> Iterator[Database]:
+    """open_db(url) for one command; when the command fails, a SQLite file that this open created is removed again
+    (with its -wal and -shm files), so a failed first command leaves nothing behind."""
+    path = sqlite_file(url)
+    made = path is not None and not path.exists()
+    db = open_db(url)
+    try:
+        yield db
+    except BaseException:
+        db.close()
+        if made:
+            for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                p.unlink(missing_ok=True)
+        raise
+    finally:
+        db.close()
 
 
 @dataclass
@@ -32,7 +66,8 @@ class AddUserConfig:
 
 
 def label_add_user(cfg: AddUserConfig) -> str:
-    with open_db(cfg.db) as db:
+    check_name(cfg.name)  # before the database is opened (and, on first use, made)
+    with opened(cfg.db) as db:
         token = add_user(db, cfg.name, admin=cfg.admin)
     print(token, flush=True)
     print(f"label add-user: {cfg.name.strip()!r}{' (admin)' if cfg.admin else ''} added to {db.url}; the token above is "
@@ -65,7 +100,7 @@ def label_import(cfg: LabelImportConfig) -> tuple[int, int]:
     if not cfg.file:
         raise NextbitError("FILE: give the pairs file to import")
     records = read_pairs(cfg.file)
-    with open_db(cfg.db) as db:
+    with opened(cfg.db) as db:
         added, skipped = import_pairs(db, records, source=cfg.source or Path(cfg.file).name)
     print(f"label import: {added} pairs added, {skipped} skipped as duplicates -> {db.url}", flush=True)
     return added, skipped
@@ -89,7 +124,7 @@ class LabelSampleConfig:
 
 
 def label_sample(cfg: LabelSampleConfig) -> dict:
-    with open_db(cfg.db) as db:  # first, so a bad --db fails before the model is loaded
+    with opened(cfg.db) as db:  # first, so a bad --db fails before the model is loaded
         cc = CompareConfig(policy=cfg.policy, prompts=cfg.prompts, pairs_per_prompt=cfg.pairs_per_prompt,
                            max_pairs=cfg.max_pairs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,

@@ -122,7 +122,8 @@ def _now(now: Optional[float]) -> float:
 
 
 # ---- users and sessions -----------------------------------------------------------------------------------------
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """The name stripped; a NextbitError naming NAME when it is empty, too long or holds control characters."""
     if not isinstance(name, str) or not name.strip():
         raise NextbitError("NAME: a user needs a non-empty name")
     name = name.strip()
@@ -133,7 +134,7 @@ def _check_name(name: str) -> str:
 
 def add_user(db: Database, name: str, *, admin: bool = False, now: Optional[float] = None) -> str:
     """Create a user; returns their login token (shown once: only its sha256 is kept)."""
-    name = _check_name(name)
+    name = check_name(name)
     token = secrets.token_urlsafe(32)
 
     def tx(conn: Connection) -> None:
