@@ -101,3 +101,12 @@ def test_serve_load_runs_on_cpu_at_a_tiny_shape():
     assert all(rows[("server", c)]["errors"] == 0 and rows[("server", c)]["ttft_ms_p50"] > 0 for c in (1, 3))
     summary = lines[-1]
     assert summary["bench"] == "serve_load_summary" and summary["clients"] == 3 and summary["vs_offline"] > 0
+
+
+def test_batch_invariance_compares_alone_and_busy_at_a_tiny_shape():
+    """bench/batch_invariance.py runs end to end and reports, per temperature, how many requests changed (the CPU
+    figure is 0: a row's arithmetic does not depend on which other rows share its step)."""
+    lines = _bench_lines("batch_invariance.py", "--depth", "1", "--width", "64", "--vocab-size", "300", "--ctx", "64",
+                         "--requests", "6", "--slots", "3", "--new-tokens", "24")
+    assert [r["temperature"] for r in lines] == [1.0, 0.0]
+    assert all(r["peak_running"] == 3 and r["differ"] == 0 for r in lines)
