@@ -66,6 +66,8 @@ def test_add_user_import_export_round_trip(tmp_path, capsys):
     one_line_error(*cli(capsys, "label", "import", bad, "--db", url)[::2], f"{bad}:2:", "'a' and 'b'")
     bad.write_text('{"prompt": "p", "a": "x", "b": "y"}\n\n{"prompt": "p", "a": "x", "b": \n')
     one_line_error(*cli(capsys, "label", "import", bad, "--db", url)[::2], f"{bad}:3: not valid JSON")
+    bad.write_text('{"prompt": "p", "a": "x", "b": "y"}\n{"prompt": "p", "a": "x\\u0000", "b": "y"}\n')
+    one_line_error(*cli(capsys, "label", "import", bad, "--db", url)[::2], f"{bad}:2: 'a' holds a NUL character")
     one_line_error(*cli(capsys, "label", "import", tmp_path / "missing.jsonl", "--db", url)[::2], "file not found")
 
     with open_db(url) as db:  # ann answers everything: left, right, tie

@@ -106,6 +106,14 @@ def test_import_skips_duplicates_and_keeps_meta(db):
     with pytest.raises(NextbitError, match="pair 2: a pair needs string fields"):
         store.import_pairs(db, [some_pairs(1)[0], {"prompt": "p", "a": 1, "b": "x"}], source="")
     assert len(store.pairs(db)) == 5  # all or nothing
+    # text neither backend can hold the same way is refused up front, naming the pair (PostgreSQL refuses NUL)
+    for bad, says in [({"a": "x\x00y"}, "pair 2: 'a' holds a NUL"), ({"b": "\ud800"}, "pair 2: 'b' is not valid UTF-8"),
+                      ({"prompt": [{"role": "user", "content": "\x00"}]}, "pair 2: 'prompt' holds a NUL")]:
+        with pytest.raises(NextbitError, match=says):
+            store.import_pairs(db, [some_pairs(9)[8], {"prompt": "p", "a": "x", "b": "y", **bad}], source="")
+    assert len(store.pairs(db)) == 5
+    assert store.import_pairs(db, [{"prompt": "p", "a": "x", "b": "y", "note": "\ud800\x00"}], source="") == (1, 0)
+    assert store.pairs(db)[-1].meta == {"note": "\ud800\x00"}  # other fields are kept whatever they hold
 
 
 # ---- the queue ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from nextbit.align.formats import parse_prompt, read_jsonl
 from nextbit.core.errors import NextbitError
 from nextbit.label.db import DEFAULT_URL, Database, open_db
 from nextbit.label.export import AGGREGATES, export_preferences
-from nextbit.label.store import add_user, check_name, import_pairs
+from nextbit.label.store import add_user, check_name, check_pair, import_pairs
 
 
 def sqlite_file(url: str) -> Optional[Path]:
@@ -88,8 +88,7 @@ def read_pairs(path: str) -> list[dict]:
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
         parse_prompt(obj, where)
-        if not isinstance(obj.get("a"), str) or not isinstance(obj.get("b"), str):
-            raise NextbitError(f"{where}: a pair needs string fields 'a' and 'b'")
+        check_pair(obj, where)
         out.append(obj)
     if not out:
         raise NextbitError(f"{path} holds no pairs")

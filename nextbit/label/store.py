@@ -220,7 +220,18 @@ def pair_key(prompt: Any, a: str, b: str) -> str:
     return _sha(json.dumps([prompt, a, b], sort_keys=True, ensure_ascii=False, separators=(",", ":")))
 
 
-def _check_record(rec: Any, where: str) -> tuple[Any, str, str, dict]:
+def check_text(text: str, where: str, what: str) -> None:
+    """Text both backends store as it is: no NUL (PostgreSQL refuses it) and no lone surrogate (not UTF-8)."""
+    if "\x00" in text:
+        raise NextbitError(f"{where}: {what} holds a NUL character, which the labels database cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NextbitError(f"{where}: {what} is not valid UTF-8 text (it holds a lone surrogate)")
+
+
+def check_pair(rec: Any, where: str) -> tuple[Any, str, str, dict]:
+    """(prompt, a, b, the other fields) of a pair record; a NextbitError starting with `where` when it is not one."""
     if not isinstance(rec, dict):
         raise NextbitError(f"{where}: a pair must be a JSON object")
     p = rec.get("prompt")
@@ -230,6 +241,10 @@ def _check_record(rec: Any, where: str) -> tuple[Any, str, str, dict]:
         raise NextbitError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
     if not isinstance(rec.get("a"), str) or not isinstance(rec.get("b"), str):
         raise NextbitError(f"{where}: a pair needs string fields 'a' and 'b'")
+    for text in [p] if isinstance(p, str) else [t for m in p for t in (m["role"], m["content"])]:
+        check_text(text, where, "'prompt'")
+    check_text(rec["a"], where, "'a'")
+    check_text(rec["b"], where, "'b'")
     return p, rec["a"], rec["b"], {k: v for k, v in rec.items() if k not in ("prompt", "a", "b")}
 
 
@@ -238,9 +253,9 @@ def import_pairs(db: Database, records: Iterable[dict], *, source: str = "", now
     prompt, a and b already in the database or earlier in `records`). All or nothing: one transaction."""
     rows = []
     for i, rec in enumerate(records):
-        p, a, b, meta = _check_record(rec, f"pair {i + 1}")
+        p, a, b, meta = check_pair(rec, f"pair {i + 1}")
         rows.append(dict(key=pair_key(p, a, b), prompt_json=json.dumps(p, ensure_ascii=False), a=a, b=b,
-                         source=source[:500], meta_json=json.dumps(meta, ensure_ascii=False)))
+                         source=source[:500], meta_json=json.dumps(meta)))  # ASCII: any text in meta is stored
     t = _now(now)
 
     def tx(conn: Connection) -> tuple[int, int]:
