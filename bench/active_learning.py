@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextbit.align.ensemble import Featurizer, disagreement, fit_heads  # noqa: E402
 from nextbit.align.labelers import OracleLabeler, Query  # noqa: E402
-from nextbit.align.scorers import Scorer, VaderScorer  # noqa: E402
+from nextbit.align.scorers import Scorer, VaderScorer, grams  # noqa: E402
 from nextbit.args import add_dataclass_args, build_dataclass  # noqa: E402
 from nextbit.core.atomic import write_json  # noqa: E402
 from nextbit.core.errors import NextbitError  # noqa: E402
@@ -53,7 +54,9 @@ METHODS = ("random", "disagreement")
 
 @dataclass
 class ActiveConfig:
-    backbone: str = ""  # checkpoint (or run folder) whose frozen features the reward heads read; required
+    backbone: str = ""  # checkpoint (or run folder) whose frozen features the reward heads read; required with --features backbone
+    features: str = "backbone"  # backbone (the checkpoint's pooled hidden states) | bow (hashed word + bigram counts: the control, no model)
+    bow_dim: int = 2048  # --features bow: hash buckets
     out: str = "bench/results/active_learning.json"  # the curves, every seed's, and the summary
     plot: str = "docs/img/active_learning.png"  # the figure: held-out agreement against labels, mean and spread per method
     pool: int = 3000  # unlabelled pairs the loop chooses from
@@ -93,6 +96,21 @@ def make_pairs(reviews: Sequence[tuple[str, int]], n: int, cfg: ActiveConfig, se
     ia, ib = rng.choice(keep, n), rng.choice(keep, n)
     ib = np.where(ia == ib, rng.choice(keep, n), ib)
     return Pairs([prompts[i] for i in rng.choice(len(prompts), n)], [snippets[i] for i in ia], [snippets[i] for i in ib])
+
+
+def bow_features(dim: int) -> Callable[[list[str], list[str]], np.ndarray]:
+    """The control featurizer: counts of each response's lower-cased words and bigrams (`grams`), hashed into `dim`
+    buckets (crc32, stable across runs); the prompt is ignored. A stand-in for a backbone that knows words, with no
+    model behind it."""
+
+    def featurize(prompts: list[str], responses: list[str]) -> np.ndarray:
+        out = np.zeros((len(responses), dim), dtype=np.float32)
+        for i, r in enumerate(responses):
+            for g in grams(r):
+                out[i, zlib.crc32(g.encode()) % dim] += 1.0
+        return out
+
+    return featurize
 
 
 def agreement(probs: np.ndarray, want_a: np.ndarray) -> float:
@@ -199,7 +217,8 @@ def plot(result: dict, path: str) -> None:
     cfg = result["config"]
     ax.set_xlabel("labels from the simulated person")
     ax.set_ylabel(f"held-out agreement with VADER ({result['heldout_pairs_scored']} pairs)")
-    ax.set_title(f"active learning: {cfg['members']} reward heads, batches of {cfg['batch']} (band: min..max over seeds)",
+    feats = "hashed bag of words (control)" if cfg.get("features") == "bow" else f"frozen backbone {Path(cfg['backbone']).name}"
+    ax.set_title(f"{cfg['members']} reward heads on {feats}; batches of {cfg['batch']}; band: min..max over seeds",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -210,7 +229,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(ap, ActiveConfig)
     cfg = build_dataclass(ActiveConfig, vars(ap.parse_args()))
-    if not cfg.backbone:
+    if cfg.features not in ("backbone", "bow"):
+        sys.exit(f"--features must be backbone or bow, got {cfg.features!r}")
+    if cfg.features == "backbone" and not cfg.backbone:
         sys.exit("--backbone: a checkpoint is required (a policy or reward model trained on English text)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -218,12 +239,15 @@ def main() -> None:
 
     say = lambda s: print(s, file=sys.stderr, flush=True)
     try:
-        featurizer = Featurizer.from_checkpoint(cfg.backbone, cfg.device, append_eot=False)
+        if cfg.features == "bow":
+            featurize = bow_features(cfg.bow_dim)
+        else:
+            featurize = Featurizer.from_checkpoint(cfg.backbone, cfg.device, append_eot=False).features
         t = time.time()
-        result = run_experiment(cfg, load_reviews("imdb"), featurizer.features, log=say)
+        result = run_experiment(cfg, load_reviews("imdb"), featurize, log=say)
     except NextbitError as e:
         sys.exit(f"error: {e}")
-    result["backbone"] = cfg.backbone
+    result["backbone"] = cfg.backbone if cfg.features == "backbone" else f"none (hashed bag of words, {cfg.bow_dim} buckets)"
     result["seconds"] = round(time.time() - t, 1)
     write_json(cfg.out, result)
     plot(result, cfg.plot)
