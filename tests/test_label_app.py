@@ -548,6 +548,7 @@ def test_bad_settings_are_one_line_naming_the_flag(tmp_path):
                     ({"port": 70000}, "--port must be in")]:
         with pytest.raises(NextbitError, match="^" + msg):
             label_serve(LabelServeConfig(db=url, **{"port": 0, **kw}))
+        assert not (tmp_path / "x.db").exists(), kw  # refused before the database is made
 
 
 def test_disagreement_selection_reranks_the_queue_every_n_labels(tmp_path, tokenizer):

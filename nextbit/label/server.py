@@ -53,11 +53,11 @@ def check_config(cfg: LabelServeConfig) -> None:
     check(cfg.members >= 2, f"--members must be >= 2 (one member cannot disagree), got {cfg.members}")
 
 
-def priority_refresher(db, cfg: LabelServeConfig):
-    """With --select disagreement: the background job that re-ranks the queue from an ensemble fitted on the labels
-    so far (nextbit.label.select.Ranker; it loads the backbone on its first run, in the background thread)."""
+def priority_ranker(cfg: LabelServeConfig):
+    """With --select disagreement: what re-ranks the queue from an ensemble fitted on the labels so far
+    (nextbit.label.select.Ranker; it loads the backbone on its first run, in the refresher's background thread).
+    Its path is checked here, before the database is opened (and, on first use, made)."""
     from nextbit.core.checkpoint import resolve
-    from nextbit.label.app import Refresher
     from nextbit.label.select import Ranker
 
     backbone = cfg.backbone or cfg.reward
@@ -66,16 +66,16 @@ def priority_refresher(db, cfg: LabelServeConfig):
         resolve(backbone)  # a wrong path is an error now, not a failure in the background later
     except NextbitError as e:
         raise NextbitError(f"{flag}: {e}")
-    ranker = Ranker(backbone, members=cfg.members, seed=cfg.seed)
-    return Refresher(lambda: ranker(db), cfg.refresh_every)
+    return Ranker(backbone, members=cfg.members, seed=cfg.seed)
 
 
 def build_label_app(cfg: LabelServeConfig):
     """The app and its open database, from the config: what `label serve` runs and tests start."""
-    from nextbit.label.app import LabelState, create_app
+    from nextbit.label.app import LabelState, Refresher, create_app
     from nextbit.label.db import open_db
 
     check_config(cfg)
+    ranker = priority_ranker(cfg) if cfg.select == "disagreement" else None
     reward = None
     if cfg.reward:
         from nextbit.label.reward_probs import RewardProbs
@@ -85,12 +85,8 @@ def build_label_app(cfg: LabelServeConfig):
     state = LabelState(db=db, overlap=cfg.overlap, timeout_s=cfg.timeout, select=cfg.select, seed=cfg.seed,
                        session_ttl_s=cfg.session_days * 24 * 3600, secure_cookie=cfg.secure_cookie,
                        max_body=cfg.max_body_bytes, reward=reward)
-    if cfg.select == "disagreement":
-        try:
-            state.refresher = priority_refresher(db, cfg)
-        except BaseException:
-            db.close()
-            raise
+    if ranker is not None:
+        state.refresher = Refresher(lambda: ranker(db), cfg.refresh_every)
         state.refresher.kick()  # rank the queue once from the labels already there (a restart keeps its order)
     return create_app(state), state
 
