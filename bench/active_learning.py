@@ -55,7 +55,7 @@ METHODS = ("random", "disagreement")
 @dataclass
 class ActiveConfig:
     backbone: str = ""  # checkpoint (or run folder) whose frozen features the reward heads read; required with --features backbone
-    features: str = "backbone"  # backbone (the checkpoint's pooled hidden states) | bow (hashed word + bigram counts: the control, no model)
+    features: str = "backbone"  # backbone (the checkpoint's pooled hidden states) | bow (hashed words + bigrams present: the control, no model)
     bow_dim: int = 2048  # --features bow: hash buckets
     out: str = "bench/results/active_learning.json"  # the curves, every seed's, and the summary
     plot: str = "docs/img/active_learning.png"  # the figure: held-out agreement against labels, mean and spread per method
@@ -99,8 +99,8 @@ def make_pairs(reviews: Sequence[tuple[str, int]], n: int, cfg: ActiveConfig, se
 
 
 def bow_features(dim: int) -> Callable[[list[str], list[str]], np.ndarray]:
-    """The control featurizer: counts of each response's lower-cased words and bigrams (`grams`), hashed into `dim`
-    buckets (crc32, stable across runs); the prompt is ignored. A stand-in for a backbone that knows words, with no
+    """The control featurizer: the distinct lower-cased words and bigrams of each response (`grams`), hashed into `dim`
+    buckets (crc32, stable across runs) and counted; the prompt is ignored. A stand-in for a backbone that knows words, with no
     model behind it."""
 
     def featurize(prompts: list[str], responses: list[str]) -> np.ndarray:

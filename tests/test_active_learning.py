@@ -177,5 +177,8 @@ def test_the_active_learning_bench_runs_both_methods_at_a_miniature_size(tmp_pat
     assert 0.5 < res["labels_agreeing_with_noiseless"] <= 1
     al.plot(res, str(tmp_path / "al.png"))
     assert (tmp_path / "al.png").stat().st_size > 10_000
+    bow = al.bow_features(64)  # the control featurizer: hashed words and bigrams present, the same in every process
+    f = bow(["x", "y"], ["great film", "great film great"])
+    assert f.shape == (2, 64) and f[0].sum() == 3 and f[1].sum() == 4 and np.array_equal(f, bow(["z", "z"], ["great film", "great film great"]))
     with pytest.raises(Exception, match="--seed-labels"):
         al.run_experiment(al.ActiveConfig(pool=10, budget=20), reviews, featurizer.features)
