@@ -273,7 +273,7 @@ def test_bad_input_is_a_4xx_in_the_error_shape(site):
         bob.close()
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
                            max_leaves=8)
 answer_like = st.fixed_dictionaries({}, optional={"pair_id": st.integers(-3, 40) | json_values,
