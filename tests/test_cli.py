@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 
 def assert_one_line_error(r, *needles):
@@ -63,10 +63,12 @@ def test_sample_chat_renders_the_template_and_stops_at_the_end_of_turn(trained, 
 
 
 def test_missing_paths(tmp_path):
-    assert_one_line_error(run_cli("prepare", "--sources", tmp_path / "nope", "--out", tmp_path / "d"), "source not found")
-    assert_one_line_error(run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "r"), "no prepared dataset")
-    assert_one_line_error(run_cli("sample", tmp_path / "nope"), "checkpoint not found")
-    assert_one_line_error(run_cli("sample", tmp_path, "--prompt-file", tmp_path / "p.txt"), "--prompt-file not found")
+    """In this process (run_main): each fails on its paths before any work; the subprocess tests cover the
+    real `python -m nextbit` entry point."""
+    assert_one_line_error(run_main("prepare", "--sources", tmp_path / "nope", "--out", tmp_path / "d"), "source not found")
+    assert_one_line_error(run_main("train", "--data", tmp_path / "nope", "--out", tmp_path / "r"), "no prepared dataset")
+    assert_one_line_error(run_main("sample", tmp_path / "nope"), "checkpoint not found")
+    assert_one_line_error(run_main("sample", tmp_path, "--prompt-file", tmp_path / "p.txt"), "--prompt-file not found")
     assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 
@@ -95,11 +97,11 @@ def test_tokenizer_mismatch(trained, corpus_dir, tmp_path):
 
 
 def test_out_of_range_options(dataset, trained, tmp_path):
-    assert_one_line_error(run_cli("train", "--data", dataset, "--out", tmp_path / "r", "--steps", "0"), "--steps")
-    assert_one_line_error(run_cli("train", "--data", dataset, "--out", tmp_path / "r", "--schedule", "zigzag"), "schedule")
-    assert_one_line_error(run_cli("train", "--data", dataset, "--out", tmp_path / "r", "--preset", "huge"), "unknown preset")
-    assert_one_line_error(run_cli("sample", trained, "--top-p", "1.5"), "top-p")
-    assert_one_line_error(run_cli("sample", trained, "--temperature", "-1"), "temperature")
-    assert_one_line_error(run_cli("prepare", "--out", tmp_path / "d", "--vocab-size", "10"), "vocab-size")
-    r = run_cli("train", "--steps", "abc")
+    assert_one_line_error(run_main("train", "--data", dataset, "--out", tmp_path / "r", "--steps", "0"), "--steps")
+    assert_one_line_error(run_main("train", "--data", dataset, "--out", tmp_path / "r", "--schedule", "zigzag"), "schedule")
+    assert_one_line_error(run_main("train", "--data", dataset, "--out", tmp_path / "r", "--preset", "huge"), "unknown preset")
+    assert_one_line_error(run_main("sample", trained, "--top-p", "1.5"), "top-p")
+    assert_one_line_error(run_main("sample", trained, "--temperature", "-1"), "temperature")
+    assert_one_line_error(run_main("prepare", "--out", tmp_path / "d", "--vocab-size", "10"), "vocab-size")
+    r = run_main("train", "--steps", "abc")
     assert r.returncode == 2 and "Traceback" not in r.stderr  # argparse's own one-line usage error

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("uvicorn")
@@ -40,7 +40,7 @@ def test_eval_lm_bad_input_is_one_line(checkpoint, tmp_path):
     from test_cli import assert_one_line_error
 
     env = {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}
-    assert_one_line_error(run_cli("eval", "lm", tmp_path / "nope", env=env), "checkpoint not found")
-    assert_one_line_error(run_cli("eval", "lm", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o", env=env), "not answering")
+    assert_one_line_error(run_main("eval", "lm", tmp_path / "nope"), "checkpoint not found")  # in this process: quick
+    assert_one_line_error(run_main("eval", "lm", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o"), "not answering")
     assert_one_line_error(run_cli("eval", "lm", checkpoint, "--tasks", "no_such_task_xyz", "--out", tmp_path / "o2", "--device", "cpu",
                                   env=env, timeout=300), "no task 'no_such_task_xyz'")
