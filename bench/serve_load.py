@@ -193,30 +193,40 @@ class Server:
                 self.proc.wait()
 
 
+class Tally:
+    """One streamed request as the bench sees it: when each chunk with text came, the usage, any error."""
+
+    def __init__(self):
+        self.t0, self.stamps, self.usage, self.errors = time.perf_counter(), [], None, []
+
+    def chunk(self, data: str) -> None:
+        """One SSE `data:` payload ([DONE] included)."""
+        if data == "[DONE]":
+            return
+        obj = json.loads(data)
+        if "error" in obj:
+            self.errors.append(obj["error"].get("message"))
+        if obj.get("usage"):
+            self.usage = obj["usage"]
+        for c in obj.get("choices") or []:
+            if c.get("text"):
+                self.stamps.append(time.perf_counter())
+
+    def result(self) -> dict:
+        if self.errors or self.usage is None:
+            return {"error": self.errors[0] if self.errors else "no usage chunk"}
+        return {"t0": self.t0, "t1": time.perf_counter(), "stamps": self.stamps, "tokens": self.usage["completion_tokens"]}
+
+
 async def one_request(client, url: str, body: dict) -> dict:
-    t0 = time.perf_counter()
-    stamps, usage, errors = [], None, []
+    tally = Tally()
     async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
             return {"error": f"{resp.status_code} {(await resp.aread()).decode(errors='replace')[:300]}"}
         async for line in resp.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            obj = json.loads(data)
-            if "error" in obj:
-                errors.append(obj["error"].get("message"))
-            if obj.get("usage"):
-                usage = obj["usage"]
-            for c in obj.get("choices") or []:
-                if c.get("text"):
-                    stamps.append(time.perf_counter())
-    t1 = time.perf_counter()
-    if errors or usage is None:
-        return {"error": errors[0] if errors else "no usage chunk"}
-    return {"t0": t0, "t1": t1, "stamps": stamps, "tokens": usage["completion_tokens"]}
+            if line.startswith("data: "):
+                tally.chunk(line[6:])
+    return tally.result()
 
 
 class RawConnection:
@@ -261,25 +271,12 @@ class RawConnection:
 
 
 async def one_request_raw(conn: RawConnection, path: str, body: dict) -> dict:
-    t0 = time.perf_counter()
-    stamps, usage, errors = [], None, []
+    tally = Tally()
     async for data in conn.post_stream(path, body):
         if isinstance(data, tuple):
             return {"error": f"{data[0]} {data[1][:300]}"}
-        if data == "[DONE]":
-            continue
-        obj = json.loads(data)
-        if "error" in obj:
-            errors.append(obj["error"].get("message"))
-        if obj.get("usage"):
-            usage = obj["usage"]
-        for c in obj.get("choices") or []:
-            if c.get("text"):
-                stamps.append(time.perf_counter())
-    t1 = time.perf_counter()
-    if errors or usage is None:
-        return {"error": errors[0] if errors else "no usage chunk"}
-    return {"t0": t0, "t1": t1, "stamps": stamps, "tokens": usage["completion_tokens"]}
+        tally.chunk(data)
+    return tally.result()
 
 
 async def drive(url: str, prompts: list[list[int]], level: int, args, seeds: list[int]) -> list[dict]:

@@ -874,7 +874,7 @@ def test_a_port_in_use_is_one_line(ckpt):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(NextbitError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+        with pytest.raises(NextbitError, match=rf"cannot listen on 127.0.0.1:{port} \(--host / --port\): Address already in use"):
             serve(ServeConfig(checkpoint=str(ckpt), port=port, device="cpu"))
     with pytest.raises(NextbitError, match="--port must be in"):
         serve(ServeConfig(checkpoint=str(ckpt), port=70000, device="cpu"))

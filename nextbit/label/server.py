@@ -10,12 +10,12 @@ Ctrl-C stops accepting connections, lets the requests in flight finish, closes t
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
 from nextbit.core.errors import NextbitError, check
+from nextbit.core.net import listen
 
 SELECTS = ("random", "disagreement")
 
@@ -89,23 +89,6 @@ def build_label_app(cfg: LabelServeConfig):
         state.refresher = Refresher(lambda: ranker(db), cfg.refresh_every)
         state.refresher.kick()  # rank the queue once from the labels already there (a restart keeps its order)
     return create_app(state), state
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before anything is announced: a port in use is one line naming it."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-            sock.listen(2048)  # connections made once the URL is printed wait in the backlog until uvicorn accepts
-        except OSError:
-            sock.close()
-            raise
-    except OSError as e:  # socket.gaierror too
-        raise NextbitError(f"cannot listen on {host}:{port}: {e.strerror or e}")
-    return sock
 
 
 def label_serve(cfg: LabelServeConfig) -> None:

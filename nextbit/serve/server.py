@@ -10,7 +10,6 @@ they arrive); uvicorn serves HTTP. Ctrl-C stops accepting connections, lets the 
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
+from nextbit.core.net import listen
 
 
 @dataclass
@@ -78,25 +78,6 @@ def build_app(cfg: ServeConfig):
                                                   max_waiting=cfg.max_waiting))
     state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
     return create_app(state), runner, ck
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before anything is announced: a port in use or a host that is not there is one
-    line naming it, not uvicorn's log and exit code 3 after the banner."""
-    if not 0 <= port <= 65535:
-        raise NextbitError(f"--port must be in [0, 65535], got {port}")
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as e:  # socket.gaierror too
-        raise NextbitError(f"cannot listen on {host}:{port}: {e.strerror or e}")
-    return sock
 
 
 def serve(cfg: ServeConfig) -> None:
