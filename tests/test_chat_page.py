@@ -11,8 +11,6 @@ NEXTBIT_SCREENSHOTS=1 also writes docs/img/chat.png.
 
 import os
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+from live import CHROMEDRIVER, CHROMIUM, chromium, uvicorn_in_thread, wait_for  # noqa: E402
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()),
                                 reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
 
@@ -56,7 +54,7 @@ def checkpoint(dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     import nextbit.serve.app as app_mod
     from nextbit.infer.engine import Engine
     from nextbit.serve.choices import Choice
@@ -104,56 +102,18 @@ def server(checkpoint):
         app, runner, _ = build_app(ServeConfig(checkpoint=str(checkpoint), api_key=KEY, max_batch=4, device="cpu",
                                                served_model_name=MODEL))
         runner.start()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.time() + 15
-        while not srv.started:
-            assert time.time() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
         try:
-            yield {"url": f"http://127.0.0.1:{port}/", "seen": seen, "runner": runner}
+            with uvicorn_in_thread(app, join=10) as srv:
+                yield {"url": srv.url + "/", "seen": seen, "runner": runner}
         finally:
-            srv.should_exit = True
-            thread.join(10)
             runner.stop()
-            sock.close()
 
 
 # ---- the browser --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,860",
-              "--force-device-scale-factor=1", "--no-first-run", "--disable-extensions"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    try:
-        driver.set_window_size(1280, 860)
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(cond, timeout=10.0, what="a condition"):
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            v = cond()
-            if v:
-                return v
-        except StaleElementReferenceException:
-            pass
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def open_fresh(driver, url, key=KEY):

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,11 +27,11 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, peaky_model
+from live import uvicorn_in_thread
 from nextbit.core.errors import NextbitError
 from nextbit.label import store
 from nextbit.label.app import COOKIE, Refresher
@@ -51,22 +50,11 @@ def make_pairs(n: int, tag: str) -> list[dict]:
 def live(cfg: LabelServeConfig):
     """`nextbit label serve` in this process: build_label_app + uvicorn in a thread, on a free port of 127.0.0.1."""
     app, state = build_label_app(cfg)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
+        with uvicorn_in_thread(app, join=10) as srv:
+            yield srv.url, state
     finally:
-        server.should_exit = True
-        thread.join(10)
         state.db.close()
-        sock.close()
 
 
 class Labeler:

@@ -24,7 +24,7 @@ from nextbit.label.db import open_db
 from nextbit.label.server import LabelServeConfig
 from test_label_app import live
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+from live import CHROMEDRIVER, CHROMIUM, chromium, wait_for  # noqa: E402
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()),
                                 reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
 PAGES = [ROOT / "nextbit" / "label" / "page.html", ROOT / "nextbit" / "label" / "admin.html"]
@@ -79,34 +79,8 @@ def site(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,860",
-              "--force-device-scale-factor=1", "--no-first-run", "--disable-extensions"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    try:
-        driver.set_window_size(1280, 860)
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(cond, timeout=10.0, what="a condition"):
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            v = cond()
-            if v:
-                return v
-        except StaleElementReferenceException:
-            pass
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def shown(d) -> dict:

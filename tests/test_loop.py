@@ -14,20 +14,18 @@ import io
 import itertools
 import json
 import socket
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 pytest.importorskip("vaderSentiment")
 pytest.importorskip("sqlalchemy")
 
 from nextbit.align.labelers import OracleLabeler, Query  # noqa: E402
+from live import uvicorn_in_thread
 from nextbit.align.scorers import VaderScorer  # noqa: E402
 from nextbit.align.sft import SFTConfig, sft  # noqa: E402
 from nextbit.cli import main  # noqa: E402
@@ -92,35 +90,9 @@ def work(tmp_path_factory) -> dict:
     return {"dir": d, "policy": d / "policy" / "checkpoint", "prompts": prompts}
 
 
-class Live:
-    """A server running in a thread of this process: its URL, and how to stop it."""
-
-    def __init__(self, url: str, server: uvicorn.Server, thread: threading.Thread):
-        self.url, self.server, self.thread = url, server, thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-@contextlib.contextmanager
 def in_thread(app):
-    """An ASGI app on a free port of 127.0.0.1, uvicorn in a thread (as tests/test_serve.py starts `nextbit serve`)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    live = Live(f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread)
-    try:
-        yield live
-    finally:
-        live.stop()
-        sock.close()
+    """An ASGI app on a free port of 127.0.0.1, uvicorn in a thread: .url, and .stop() to make it go away."""
+    return uvicorn_in_thread(app)
 
 
 @contextlib.contextmanager

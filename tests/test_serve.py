@@ -25,12 +25,12 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, run_cli
+from live import uvicorn_in_thread
 from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.infer.engine import Request, generate, stop_ids_for
@@ -77,22 +77,11 @@ def live_server(checkpoint, **kw):
     cfg = ServeConfig(checkpoint=str(checkpoint), device="cpu", served_model_name=MODEL, **kw)
     app, runner, _ = build_app(cfg)
     runner.start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
     try:
-        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", runner, app.state.nextbit)
+        with uvicorn_in_thread(app) as srv:
+            yield Live(srv.url, runner, app.state.nextbit)
     finally:
-        server.should_exit = True
-        thread.join(15)
         runner.stop()
-        sock.close()
 
 
 @pytest.fixture(scope="module")
