@@ -156,6 +156,7 @@ class Server:
                "--max-batch", str(slots), "--device", args.device, "--served-model-name", "bench", "--log-level", "warning"]
         if args.max_model_len:
             cmd += ["--max-model-len", str(args.max_model_len)]
+        cmd += args.serve_flags.split()
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + args.server_timeout
@@ -176,12 +177,20 @@ class Server:
         return self.log.read().decode(errors="replace")[-3000:]
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc; 0 elsewhere)."""
+        """User + system CPU time of the server process and its children (the engine process) so far (Linux /proc;
+        0 elsewhere)."""
+        def cpu(pid: int) -> float:
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                return 0.0
+
         try:
-            f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+            kids = [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            kids = []
+        return cpu(self.proc.pid) + sum(cpu(k) for k in kids)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -445,6 +454,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-model-len", type=int, default=0, help="passed to nextbit serve (0: the model's context)")
+    ap.add_argument("--serve-flags", default="", help="more flags for nextbit serve, e.g. \"--engine thread\"")
     ap.add_argument("--server-per-level", action="store_true", help="serve each level with --max-batch = its client count")
     ap.add_argument("--hf-requests", type=int, default=8, help="requests transformers serves one at a time (timed)")
     ap.add_argument("--warmup", type=int, default=1, help="offline: untimed runs first; hf: untimed requests first")

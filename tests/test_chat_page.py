@@ -100,7 +100,7 @@ def server(checkpoint):
         mp.setattr(Choice, "finish_reason", property(finish_reason))
         mp.setattr(Engine, "step", step)
         app, runner, _ = build_app(ServeConfig(checkpoint=str(checkpoint), api_key=KEY, max_batch=4, device="cpu",
-                                               served_model_name=MODEL))
+                                               served_model_name=MODEL, engine="thread"))  # the patches above apply
         runner.start()
         try:
             with uvicorn_in_thread(app, join=10) as srv:

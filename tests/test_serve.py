@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 from live import uvicorn_in_thread
 from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
@@ -73,8 +73,9 @@ class Live:
 
 @contextlib.contextmanager
 def live_server(checkpoint, **kw):
-    """`nextbit serve` in this process: build_app + uvicorn in a thread, on a free port of 127.0.0.1."""
-    cfg = ServeConfig(checkpoint=str(checkpoint), device="cpu", served_model_name=MODEL, **kw)
+    """`nextbit serve` in this process: build_app + uvicorn in a thread, on a free port of 127.0.0.1. The engine core
+    runs in a thread too (engine="thread"), so that tests can slow its steps and inject faults."""
+    cfg = ServeConfig(checkpoint=str(checkpoint), device="cpu", served_model_name=MODEL, **{"engine": "thread", **kw})
     app, runner, _ = build_app(cfg)
     runner.start()
     try:
@@ -673,22 +674,25 @@ def test_an_engine_fault_mid_stream_is_an_error_event(small):
 
 def test_the_engine_loop_survives_callers_that_went_away(loaded):
     """A reload or a scoring call whose caller cancelled it (a server shutting down does) is dropped; the loop lives."""
-    from concurrent.futures import Future
-
+    from nextbit.serve.core import ServeCheck
     from nextbit.serve.runner import EngineRunner
 
-    runner = EngineRunner(loaded.model, loaded.tokenizer, "x", slots=2, max_len=64, max_waiting=2)
+    runner = EngineRunner(loaded.tokenizer, str(loaded.path), slots=2, max_len=64, max_waiting=2, model=loaded.model)
     runner.start()
-    try:
-        gone = [Future(), Future()]
+
+    async def main():
+        gone = [asyncio.ensure_future(runner.reload(str(loaded.path), ServeCheck(loaded.tokenizer.hash, 64))),
+                asyncio.ensure_future(runner.score([1, 2, 3], 1))]
+        await asyncio.sleep(0)  # both are sent
         for f in gone:
             f.cancel()
-        runner._inbox.put(("reload", loaded.model, "y", gone[0]))
-        runner._inbox.put(("call", lambda eng: 1, gone[1]))
-        ok = Future()
-        runner._inbox.put(("call", lambda eng: eng.slots, ok))
-        assert ok.result(timeout=10) == 2 and runner.alive
-        wait_for(lambda: runner.checkpoint == "y", 5, "the reload")
+        scored = await asyncio.wait_for(runner.score([1, 2, 3], 2), 10)
+        assert scored[0] is None and len(scored) == 3 and len(scored[1].top) == 2
+
+    try:
+        asyncio.run(main())
+        assert runner.alive
+        wait_for(lambda: runner.core.checkpoint == str(loaded.path) and runner.core.pending_reload is None, 5, "the reload")
     finally:
         runner.stop()
 
@@ -735,7 +739,7 @@ def test_hot_reload(ckpt, ckpt2, loaded, tmp_path):
             streams = [ex.submit(c.post, "/v1/completions", json={**body, "stream": True}) for _ in range(4)]
             wait_for(lambda: s.runner.load[0] == 4, 5, "four running streams")
             reload = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt2)}, headers=adm)
-            wait_for(lambda: s.runner._reload is not None, 10, "the reload to reach the engine")
+            wait_for(lambda: s.runner.core.pending_reload is not None, 10, "the reload to reach the engine")
             during = ex.submit(c.post, "/v1/completions", json=body)  # queued while the old model drains
             r = reload.result(timeout=30)
             assert r.status_code == 200 and r.json()["checkpoint"] == str(ckpt2), r.text
@@ -756,7 +760,7 @@ def test_a_reload_superseded_by_a_later_one_is_a_409(small, ckpt):
         running = ex.submit(c.post, "/v1/completions", json={"prompt": "def", "max_tokens": 40, "temperature": 0})
         wait_for(lambda: runner.load[0] == 1, 5, "a running request")
         first = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt)})
-        wait_for(lambda: runner._reload is not None, 5, "the first reload to wait")
+        wait_for(lambda: runner.core.pending_reload is not None, 5, "the first reload to wait")
         second = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt)})
         assert assert_error(first.result(timeout=20), 409, "checkpoint")["type"] == "conflict_error"
         assert second.result(timeout=20).json()["status"] == "ok"
@@ -922,3 +926,121 @@ def test_incremental_text_equals_decoding_the_whole_response(tokenizer, pieces, 
     c.finish = "length"
     streamed += c.delta()
     assert streamed == c.text() == cut_at_stop(tokenizer.decode(ids), stops)[0]
+
+
+# ---- the engine core in its own process (what `nextbit serve` runs) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def proc(ckpt):
+    with live_server(ckpt, engine="process", admin_key=ADMIN, max_batch=4) as s:
+        assert s.runner.core is None and s.runner.engine_info["pid"] != os.getpid()
+        yield s
+
+
+def choices_of(r: httpx.Response) -> list:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"]
+
+
+def alike(a, b, tol: float = 1e-4) -> bool:
+    """Equal, floats within `tol` (the engine process runs another number of torch threads: a sum's last bits differ)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(alike(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(alike(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
+def test_the_engine_process_answers_as_the_engine_thread_does(proc, server):
+    """Tokens, log-probabilities, n, echo scoring, chat and streams come over the pipe exactly as they do in-process."""
+    bodies = [("/v1/completions", {"prompt": "def f(x):", "max_tokens": 20, "temperature": 0.8, "seed": 5, "n": 2, "logprobs": 2}),
+              ("/v1/completions", {"prompt": "x = 1", "max_tokens": 0, "echo": True, "logprobs": 3}),
+              ("/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 6, "echo": True, "logprobs": 1, "seed": 1}),
+              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "seed": 3,
+                                        "logprobs": True, "top_logprobs": 2, "stop": ["\n"]})]
+    for path, body in bodies:
+        a = choices_of(httpx.post(proc.url + path, json={**body, "model": MODEL}, timeout=30))
+        b = choices_of(httpx.post(server.url + path, json={**body, "model": MODEL}, headers=AUTH, timeout=30))
+        assert alike(a, b), (path, body, a, b)
+    body = {"prompt": "import os", "max_tokens": 16, "seed": 2, "stream": True, "stream_options": {"include_usage": True}}
+    texts = []
+    for url, headers in ((proc.url, {}), (server.url, AUTH)):
+        events = [json.loads(x[6:]) for x in sse_lines(httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30).text)[:-1]]
+        texts.append(("".join(e["choices"][0]["text"] for e in events if e["choices"]), events[-1]["usage"]))
+    assert texts[0] == texts[1] and texts[0][1]["completion_tokens"] == 16
+
+
+def test_a_cancel_queued_in_the_pipe_frees_its_place(proc):
+    """The engine process is frozen while a client sends a request and goes away: once it runs again it takes the
+    request and the cancel together, and the request never holds a slot."""
+    pid = proc.runner.engine_info["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(proc.url + "/v1/completions", json={"prompt": "def", "max_tokens": 50}, timeout=0.6)
+        assert proc.runner.load == (0, 1)  # held on this side, not yet seen by the engine
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: proc.runner.load == (0, 0), 5, "the cancelled request to be dropped")
+    assert len(choices_of(httpx.post(proc.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30))) == 1
+
+
+def test_hot_reload_in_the_engine_process(proc, ckpt, ckpt2, loaded, tmp_path):
+    """The engine process loads and checks the new checkpoint itself; what it refuses is a 400 in one line."""
+    tok = loaded.tokenizer
+    body = {"prompt": "def f(x):", "max_tokens": 24, "temperature": 0}
+    new = load_checkpoint(ckpt2).model.eval()
+    want_new = generate(new, tok, [ids_of(tok, body["prompt"])], SamplingParams(max_new_tokens=24, temperature=0)).completions[0].text
+    adm = {"Authorization": f"Bearer {ADMIN}"}
+    reward = copy.deepcopy(loaded.model)
+    reward.add_scalar_head("reward")
+    reward_ck = save_checkpoint(tmp_path / "reward", reward, tok, meta={"kind": "reward_model"})
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        old = choices_of(c.post("/v1/completions", json=body))[0]["text"]
+        assert "reward model" in assert_error(c.post("/admin/reload", json={"checkpoint": str(reward_ck)}, headers=adm),
+                                              400, "checkpoint")["message"]
+        assert "not found" in assert_error(c.post("/admin/reload", json={"checkpoint": str(tmp_path / "nothing")}, headers=adm),
+                                           400, "checkpoint")["message"].lower()
+        try:
+            r = c.post("/admin/reload", json={"checkpoint": str(ckpt2)}, headers=adm)
+            assert r.status_code == 200 and r.json()["checkpoint"] == str(ckpt2), r.text
+            assert c.get("/v1/models").json()["data"][0]["root"] == str(ckpt2)
+            assert choices_of(c.post("/v1/completions", json=body))[0]["text"] == want_new != old
+        finally:
+            assert c.post("/admin/reload", json={"checkpoint": str(ckpt)}, headers=adm).status_code == 200
+        assert choices_of(c.post("/v1/completions", json=body))[0]["text"] == old
+
+
+def test_a_killed_engine_process_fails_what_it_held_and_the_server_says_503(ckpt):
+    with live_server(ckpt, engine="process") as s:
+        pid = s.runner.engine_info["pid"]
+        os.kill(pid, signal.SIGSTOP)  # frozen, so that the request below is surely in flight when it dies
+        with ThreadPoolExecutor(1) as ex:
+            held = ex.submit(httpx.post, s.url + "/v1/completions", json={"prompt": "def", "max_tokens": 5}, timeout=30)
+            wait_for(lambda: s.runner.load == (0, 1), 5, "a request held")
+            os.kill(pid, signal.SIGKILL)
+            err = assert_error(held.result(timeout=20), 500)
+        assert err["type"] == "server_error" and "engine process exited" in err["message"]
+        wait_for(lambda: not s.runner.alive, 5, "the server to notice")
+        assert_error(httpx.get(s.url + "/health", timeout=10), 503)
+        for body in ({"prompt": "x", "max_tokens": 2}, {"prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 1}):
+            assert_error(httpx.post(s.url + "/v1/completions", json=body, timeout=10), 503)
+        assert_error(httpx.post(s.url + "/admin/reload", json={"checkpoint": str(ckpt)}, timeout=10), 503)
+
+
+def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
+    from nextbit.core.errors import NextbitError
+    from nextbit.serve.core import core_process
+    from nextbit.serve.runner import EngineRunner, thread_pipe
+
+    ours, theirs = thread_pipe()
+    core_process(theirs, str(tmp_path / "gone"), "cpu", 2, 64, 1)  # the child's main, here: it says why and returns
+    kind, why = ours.recv()
+    assert kind == "failed" and "not found" in why.lower() and "\n" not in why
+    runner = EngineRunner(loaded.tokenizer, str(tmp_path / "gone"), slots=2, max_len=64, max_waiting=2)
+    with pytest.raises(NextbitError, match="engine process could not start: .*not found"):
+        runner.start()
+    assert not runner.alive
+    r = run_main("serve", loaded.path, "--engine", "fork")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["nextbit: error: --engine must be process or thread, got 'fork'"], r.stderr

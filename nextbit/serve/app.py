@@ -25,7 +25,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 
 from nextbit.core.chat import render_messages
-from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import SPECIAL_TOKENS
 from nextbit.infer.engine import Request as EngineRequest
@@ -34,7 +33,8 @@ from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
-from nextbit.serve.runner import EngineRunner, QueueFull, ReloadSuperseded, Sink, in_fresh_thread
+from nextbit.serve.core import ServeCheck
+from nextbit.serve.runner import EngineGone, EngineRunner, QueueFull, ReloadSuperseded, Sink
 
 PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
@@ -218,6 +218,8 @@ def create_app(state: ServerState) -> FastAPI:
             state.runner.submit_many(reqs, ends)
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", type_="rate_limit_error", headers={"Retry-After": "1"})
+        except EngineGone:
+            raise APIError(503, "the engine loop is not running", type_="server_error")
         metrics.prompt_tokens.inc(sum(len(c.req.prompt) for c in choices))
         pending = len(choices)
         check = time.perf_counter() + DISCONNECT_CHECK
@@ -309,7 +311,10 @@ def create_app(state: ServerState) -> FastAPI:
         scored: list = [None] * len(prompts)
         if req.echo and req.logprobs is not None:
             need_engine()
-            scored = [await state.runner.call(lambda eng, ids=ids: eng.score(ids, top=logprobs)) for ids in prompts]
+            try:
+                scored = [await state.runner.score(ids, logprobs) for ids in prompts]
+            except EngineGone:
+                raise APIError(503, "the engine loop is not running", type_="server_error")
         n_prompt = sum(len(p) for p in prompts)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
@@ -469,27 +474,16 @@ def create_app(state: ServerState) -> FastAPI:
         req = await body(request, ReloadRequest)
         if not req.checkpoint.strip():
             raise APIError(400, "checkpoint must be a checkpoint folder's path", "checkpoint")
-        try:
-            ck = await asyncio.to_thread(in_fresh_thread, lambda: load_checkpoint(req.checkpoint, state.device))
+        need_engine()
+        try:  # the engine core loads and checks it (in a short-lived thread), then swaps it in between steps
+            info = await state.runner.reload(req.checkpoint, ServeCheck(tok.hash, state.max_len))
         except NextbitError as e:
             raise APIError(400, str(e), "checkpoint")
-        except (OSError, ValueError) as e:  # a path the OS refuses (too long, a NUL byte, no permission)
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise APIError(400, f"cannot read the checkpoint {req.checkpoint[:200]!r}: {why}", "checkpoint")
-        if "reward" in ck.model.heads or ck.info.get("meta", {}).get("kind") == "reward_model":
-            raise APIError(400, f"{req.checkpoint} is a reward model; serve a policy (a pretrained, SFT or PPO checkpoint)",
-                           "checkpoint")
-        if ck.tokenizer.hash != tok.hash:
-            raise APIError(400, f"{req.checkpoint} has another tokenizer ({ck.tokenizer.hash}, serving {tok.hash})", "checkpoint")
-        if ck.model.cfg.seq_len < state.max_len:
-            raise APIError(400, f"{req.checkpoint} has a context of {ck.model.cfg.seq_len}, less than --max-model-len {state.max_len}",
-                           "checkpoint")
-        try:
-            need_engine()
-            await state.runner.reload(ck.model, str(ck.path))
         except ReloadSuperseded as e:
             raise APIError(409, f"{req.checkpoint} was not loaded: {e}", "checkpoint", type_="conflict_error")
-        return {"status": "ok", "checkpoint": str(ck.path), "weights_sha256": ck.info.get("weights_sha256")}
+        except EngineGone:
+            raise APIError(503, "the engine loop is not running", type_="server_error")
+        return {"status": "ok", **info}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -1,39 +1,56 @@
-"""The engine loop: one thread owns the model and the engine's slots; HTTP handlers talk to it through a queue.
+"""The HTTP side's handle on the engine core (serve/core.py), which runs in its own process or in a thread.
 
-    runner = EngineRunner(model, tokenizer, checkpoint, slots=32, max_len=1024, max_waiting=256)
+    runner = EngineRunner(tokenizer, checkpoint, slots=32, max_len=1024, max_waiting=256, device="cpu")  # a process
+    runner = EngineRunner(tokenizer, checkpoint, ..., model=model)    # the core in a thread of this process
+    runner.start()
     sink = Sink(asyncio_loop)        # where one API request's events land, in its event loop
     runner.submit(request, runner.emitter(sink))   # events: ("token",) | ("done", finish) | ("error", message)
     runner.cancel(request)           # the client went away: its slot is freed at the next step
-    await runner.call(fn)            # run fn(engine) between two steps (scoring a prompt for echo, for example)
-    await runner.reload(model, path) # swap the model between steps, once the running rows have finished
+    await runner.score(ids, top)     # each prompt token's log-probability (echo), between two engine steps
+    await runner.reload(path, check) # swap in another checkpoint, once the running rows have finished
 
-Events are posted on the loop thread and handed to asyncio once per engine step (one call_soon_threadsafe for all
-the rows of that step, per event loop), not once per token: with 32 streams, per-token wake-ups of the event loop
-cost the engine thread its GIL and its cores (BENCHMARKS.md, serving).
+Why a process: on a 2-core CPU the engine thread and the event loop fought over one GIL, and every torch op that
+returned waited for the event loop to let go of it (BENCHMARKS.md, serving). Messages are plain tuples on a duplex
+connection (a multiprocessing Pipe, or a pair of queues for a thread), so both cores see the same protocol.
 
-Requests that arrive while others decode join the batch at the next step (continuous batching). The number of
-requests in the server (running and waiting) is bounded: submit raises QueueFull past it. A fault inside a step fails
-the requests in that batch only; the loop starts the engine afresh and keeps serving the queue.
+A receiver thread reads the core's news (one message per engine step), moves each request on (its tokens, its
+log-probabilities, its end) and hands the events to asyncio in one call_soon_threadsafe per event loop and message.
+The number of requests in the server (running and waiting) is bounded here: submit raises QueueFull past it. If the
+core goes away (its process killed), every request held fails with an error event and `alive` turns False.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import multiprocessing
 import queue
+import sys
 import threading
 import time
 import traceback
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Optional
 
+from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.infer.engine import Engine, Request
+from nextbit.infer.engine import Request, TokenLogprobs
+from nextbit.serve.core import EngineCore, ServeCheck, core_process
 
 Emit = Callable[[tuple], None]
+READY_TIMEOUT = 600.0  # seconds a new engine process may take to load the checkpoint (a large model on a slow disk)
 
 
 class QueueFull(Exception):
     pass
+
+
+class EngineGone(RuntimeError):
+    """The core has stopped (or its process went away): nothing submitted now would be answered."""
+
+
+class ReloadSuperseded(Exception):
+    """A reload still waiting for the running rows to finish was replaced by a later one."""
 
 
 def in_fresh_thread(fn: Callable[[], Any]) -> Any:
@@ -57,107 +74,257 @@ def in_fresh_thread(fn: Callable[[], Any]) -> Any:
     return out["value"]
 
 
-class ReloadSuperseded(Exception):
-    """A reload still waiting for the running rows to finish was replaced by a later one."""
+class ThreadPipe:
+    """One end of an in-process duplex connection with multiprocessing.Connection's poll / recv / send."""
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue):
+        self._in, self._out, self._held = inbox, outbox, []
+
+    def send(self, obj) -> None:
+        self._out.put(obj)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        if not self._held:
+            try:
+                self._held.append(self._in.get(timeout=timeout) if timeout else self._in.get_nowait())
+            except queue.Empty:
+                return False
+        return True
+
+    def recv(self):
+        return self._held.pop() if self._held else self._in.get()
+
+    def close(self) -> None:
+        pass
+
+
+def thread_pipe() -> tuple[ThreadPipe, ThreadPipe]:
+    a, b = queue.Queue(), queue.Queue()
+    return ThreadPipe(a, b), ThreadPipe(b, a)
 
 
 class EngineRunner:
-    def __init__(self, model: GPT, tokenizer, checkpoint: str, *, slots: int, max_len: int, max_waiting: int,
-                 on_step: Optional[Callable[[int, int], None]] = None):
+    def __init__(self, tokenizer, checkpoint: str, *, slots: int, max_len: int, max_waiting: int, device="cpu",
+                 model: Optional[GPT] = None, threads: int = 0, on_step: Optional[Callable[[int, int], None]] = None):
+        """model given: the core runs in a thread of this process, on that model. Else start() spawns an engine
+        process that loads `checkpoint` on `device` with `threads` torch threads (0: torch's default)."""
         self.tokenizer, self.slots, self.max_len, self.max_waiting = tokenizer, slots, max_len, max_waiting
-        self.checkpoint = checkpoint
-        self.on_step = on_step  # (running, waiting) after every step, for the metrics
-        self.engine = self._new_engine(model)
-        self._inbox: "queue.Queue[tuple]" = queue.Queue()
-        self._emit: dict[int, tuple[Request, Emit]] = {}  # every request the loop holds, by id
+        self.checkpoint, self.device, self.threads = checkpoint, str(device), threads
+        self.on_step = on_step  # (running, waiting) after every engine step, for the metrics
+        self.core: Optional[EngineCore] = None  # the core itself, when it runs in this process (tests reach into it)
+        self._proc: Optional[multiprocessing.Process] = None
+        if model is not None:
+            self._conn, theirs = thread_pipe()
+            self.core = in_fresh_thread(lambda: EngineCore(theirs, model, tokenizer, checkpoint, slots=slots, max_len=max_len,
+                                                           device=model_device(model)))
+        self._held: dict[int, tuple[Request, Emit]] = {}  # every request in the server, by its id on the wire
+        self._rid: dict[int, int] = {}  # id(request) -> its id on the wire
+        self._calls: dict[int, Future] = {}
+        self._ids = itertools.count()
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events posted since the last flush, per event loop
-        self._reload: Optional[tuple[GPT, str, Future]] = None
-        self._in_server = 0  # running + waiting + not yet taken from the inbox
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="nextbit-engine", daemon=True)
+        self._running = 0  # as the core last said
+        self._lock = threading.Lock()  # _held, _rid, _calls, sending
+        self._started = self._stopping = self._gone = False
+        self.exit_reason = ""
         self.steps = 0
 
-    def _new_engine(self, model: GPT) -> Engine:
-        eng = Engine(model.eval(), self.tokenizer, sync_every=1)  # one step per sync: tokens stream as they come
-        eng.start(self.slots, self.max_len)
-        return eng
-
-    # ---- called from the HTTP side --------------------------------------------------------------------------------
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        if self.core is not None:
+            threading.Thread(target=self.core.run, name="nextbit-engine", daemon=True).start()
+        else:
+            self._spawn()
+        self._receiver = threading.Thread(target=self._receive, name="nextbit-receiver", daemon=True)
+        self._receiver.start()
+        self._started = True
+
+    def _spawn(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads (or CUDA)
+        self._conn, theirs = ctx.Pipe()
+        self._proc = ctx.Process(target=core_process, name="nextbit-engine", daemon=True,
+                                 args=(theirs, self.checkpoint, self.device, self.slots, self.max_len, self.threads))
+        self._proc.start()
+        theirs.close()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self._conn.poll(0.1):
+            if not self._proc.is_alive() or time.monotonic() > deadline:
+                self._proc.kill()
+                raise NextbitError(f"the engine process did not start (exit code {self._proc.exitcode})")
+        msg = self._conn.recv()
+        if msg[0] != "ready":
+            self._proc.join(10)
+            raise NextbitError(f"the engine process could not start: {msg[1]}")
+        self.engine_info = msg[1]
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._inbox.put(("wake",))
-        self._thread.join(timeout)
+        """Stop the core; requests still held get an error event (nobody would answer them)."""
+        self._stopping = True
+        if not self._started:
+            return
+        try:
+            self._send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self._receiver.join(timeout)
+        if self._proc is not None:
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+            self._conn.close()
 
     @property
     def alive(self) -> bool:
-        """Whether the loop thread runs (a request submitted to a stopped loop would wait forever)."""
-        return self._thread.is_alive() and not self._stop.is_set()
+        """Whether the core runs (a request submitted to a stopped core would wait forever)."""
+        return self._started and not self._stopping and not self._gone
+
+    @property
+    def engine(self):
+        """The engine, when the core runs in this process (for tests and debugging)."""
+        if self.core is None:
+            raise AttributeError("the engine runs in another process")
+        return self.core.engine
 
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) right now."""
-        running = len(self.engine.running)
-        return running, max(0, self._in_server - running)
+        running = self._running
+        return running, max(0, len(self._held) - running)
 
+    # ---- requests -------------------------------------------------------------------------------------------------
     def submit(self, req: Request, emit: Emit) -> None:
-        with self._lock:
-            if self._in_server >= self.slots + self.max_waiting:
-                raise QueueFull
-            self._in_server += 1
-        self._inbox.put(("submit", req, emit))
+        self.submit_many([req], [emit])
 
     def submit_many(self, reqs: list[Request], emits: list[Emit]) -> None:
         """All or none: a request with n choices is admitted whole."""
         with self._lock:
-            if self._in_server + len(reqs) > self.slots + self.max_waiting:
+            if self._gone:
+                raise EngineGone(self.exit_reason)
+            if len(self._held) + len(reqs) > self.slots + self.max_waiting:
                 raise QueueFull
-            self._in_server += len(reqs)
-        for r, e in zip(reqs, emits):
-            self._inbox.put(("submit", r, e))
+            msgs = []
+            for r, e in zip(reqs, emits):
+                rid = next(self._ids)
+                self._held[rid], self._rid[id(r)] = (r, e), rid
+                msgs.append(("submit", rid, r.prompt, r.params, r.seed, r.logprobs))
+            for m in msgs:
+                self._send(m, locked=True)
 
     def cancel(self, req: Request) -> None:
-        self._inbox.put(("cancel", req))
+        rid = self._rid.get(id(req))
+        if rid is not None:
+            self._send(("cancel", rid))
 
     def emitter(self, sink: "Sink") -> Emit:
-        """An Emit for the loop thread that posts to `sink`; posted events reach it at the next flush."""
+        """An Emit for the receiver thread that posts to `sink`; posted events reach it at the next flush."""
         def emit(event: tuple) -> None:
             self._outbox.setdefault(sink.loop, []).append((sink, time.perf_counter(), event))
         return emit
 
-    async def call(self, fn: Callable[[Engine], Any]) -> Any:
-        """fn(engine) on the loop thread between two steps."""
+    async def score(self, ids: list[int], top: int) -> list[Optional[TokenLogprobs]]:
+        return await self._call(lambda cid: ("score", cid, list(ids), top))
+
+    async def reload(self, checkpoint: str, check: ServeCheck) -> dict:
+        """Load `checkpoint` in the core and swap it in between steps, once the running rows have finished:
+        {"checkpoint", "weights_sha256"}. NextbitError: it cannot be served (said in one line)."""
+        info = await self._call(lambda cid: ("reload", cid, checkpoint, check))
+        self.checkpoint = info["checkpoint"]
+        return info
+
+    async def _call(self, message: Callable[[int], tuple]) -> Any:
         fut: Future = Future()
-        self._inbox.put(("call", fn, fut))
+        with self._lock:
+            if self._gone:
+                raise EngineGone(self.exit_reason)
+            cid = next(self._ids)
+            self._calls[cid] = fut
+            self._send(message(cid), locked=True)
         return await asyncio.wrap_future(fut)
 
-    async def reload(self, model: GPT, checkpoint: str) -> None:
-        fut: Future = Future()
-        self._inbox.put(("reload", model, checkpoint, fut))
-        await asyncio.wrap_future(fut)
+    def _send(self, msg: tuple, locked: bool = False) -> None:
+        if locked:
+            self._conn.send(msg)
+        else:
+            with self._lock:
+                self._conn.send(msg)
 
-    # ---- the loop thread ------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.busy
-            try:
-                msg = self._inbox.get_nowait() if busy else self._inbox.get(timeout=0.05)
-            except queue.Empty:
-                msg = None
-            while msg is not None:
-                self._handle(msg)
+    # ---- the receiver thread --------------------------------------------------------------------------------------
+    def _receive(self) -> None:
+        why = "the engine stopped"
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "bye":
+                    break
                 try:
-                    msg = self._inbox.get_nowait()
-                except queue.Empty:
-                    msg = None
-            if self._reload is not None and not self.engine.running:
-                self._swap()
-            if self.engine.busy:
-                self._step()
-            self._flush()
+                    self._news(*msg[1:])
+                except Exception:  # noqa: BLE001 - a bug here must not leave every later request hanging
+                    traceback.print_exc()
+        except (EOFError, OSError):
+            if self._proc is not None:
+                self._proc.join(5)
+                why = f"the engine process exited (code {self._proc.exitcode})"
+        with self._lock:  # from here on nothing new is taken (submit and calls raise EngineGone)
+            self._gone, self.exit_reason, self._running = True, why, 0
+            held, calls, self._calls = list(self._held), list(self._calls.values()), {}
+        if not self._stopping:
+            print(f"nextbit serve: {why}; /health answers 503 from now on", file=sys.stderr, flush=True)
+        for rid in held:
+            self._event(rid, "error", why)
+        for fut in calls:
+            _settle(fut, error=EngineGone(why))
+        self._flush()
+        if self.on_step is not None:
+            self.on_step(0, 0)
+
+    def _news(self, events: list[tuple], replies: list[tuple], load: tuple[int, int], steps: int) -> None:
+        self._running, self.steps = load[0], steps
+        for ev in events:
+            self._event(*ev)
+        for cid, ok, value in replies:
+            self._reply(cid, ok, value)
+        self._flush()
+        if self.on_step is not None:
+            self.on_step(*self.load)
+
+    def _event(self, rid: int, kind: str, *rest) -> None:
+        if kind == "token":
+            held = self._held.get(rid)
+            if held is None:
+                return
+            req = held[0]
+            t, logprob, top = rest
+            lp = None if logprob is None else TokenLogprobs(logprob, [tuple(x) for x in top])
+            req.tokens.append(t)
+            if lp is not None:
+                req.token_logprobs.append(lp)
+            if req.on_token is not None:
+                req.on_token(req, t, lp)
+            return
+        with self._lock:
+            held = self._held.pop(rid, None)
+            if held is None:
+                return
+            self._rid.pop(id(held[0]), None)
+        req, emit = held
+        if kind == "done":
+            req.finish = rest[0]
+            emit(("done", rest[0]))
+        elif kind == "error":
+            emit(("error", rest[0]))
+        else:  # dropped: its client is gone, nobody waits
+            req.finish = req.finish or "cancelled"
+
+    def _reply(self, cid: int, ok: bool, value: Any) -> None:
+        with self._lock:
+            fut = self._calls.pop(cid, None)
+        if fut is None:
+            return
+        if ok:
+            _settle(fut, value)
+            return
+        kind, message = value
+        _settle(fut, error={"bad_checkpoint": NextbitError, "superseded": ReloadSuperseded}.get(kind, RuntimeError)(message))
 
     def _flush(self) -> None:
         """Hand the posted events over: one thread-safe call per event loop."""
@@ -170,83 +337,13 @@ class EngineRunner:
             except RuntimeError:  # that event loop is closed (the server is going away): nobody waits for these
                 pass
 
-    def _handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "submit":
-            _, req, emit = msg
-            self._emit[id(req)] = (req, emit)
-            try:
-                self.engine.submit(req)
-            except Exception as e:  # noqa: BLE001 - checked by the HTTP side already; never let it kill the loop
-                self._finish(req, ("error", str(e)))
-        elif kind == "cancel":
-            req = msg[1]
-            if id(req) in self._emit:
-                self.engine.cancel(req)
-                self._finish(req, None)
-        elif kind == "call":
-            _, fn, fut = msg
-            if not fut.set_running_or_notify_cancel():  # its caller is gone (the server is shutting down)
-                return
-            try:
-                fut.set_result(fn(self.engine))
-            except Exception as e:  # noqa: BLE001
-                fut.set_exception(e)
-        elif kind == "reload":
-            _, model, checkpoint, fut = msg
-            if self._reload is not None:  # the earlier one never took effect: say so (it would wait forever)
-                _settle(self._reload[2], error=ReloadSuperseded(f"superseded by a later reload of {checkpoint}"))
-            self._reload = (model, checkpoint, fut)
 
-    def _step(self) -> None:
-        try:
-            finished = self.engine.step(admit=self._reload is None)
-        except Exception as e:  # noqa: BLE001 - a fault fails the batch it hit, not the server
-            traceback.print_exc()
-            waiting = list(self.engine.waiting)
-            # every request held that is not waiting: the batch, and any the step had already taken out of it
-            queued = {id(r) for r in waiting}
-            hit = [r for r, _ in list(self._emit.values()) if id(r) not in queued]
-            self.engine.start(self.slots, self.max_len)
-            for r in hit:
-                self._finish(r, ("error", f"the engine failed on this request's batch: {type(e).__name__}: {e}"))
-            for r in waiting:
-                self.engine.submit(r)
-            return
-        self.steps += 1
-        for r in finished:
-            self._finish(r, ("done", r.finish))
-        if self.on_step is not None:
-            self.on_step(*self.load)
-
-    def _swap(self) -> None:
-        model, checkpoint, fut = self._reload
-        waiting = list(self.engine.waiting)
-        try:
-            engine = self._new_engine(model)
-        except Exception as e:  # noqa: BLE001
-            _settle(fut, error=e)
-        else:
-            self.engine, self.checkpoint = engine, checkpoint
-            _settle(fut)
-        for r in waiting:
-            self.engine.submit(r)
-        self._reload = None
-
-    def _finish(self, req: Request, event: Optional[tuple]) -> None:
-        held = self._emit.pop(id(req), None)
-        if held is None:
-            return
-        emit = held[1]
-        with self._lock:
-            self._in_server -= 1
-        if event is not None:
-            emit(event)
+def model_device(model: GPT):
+    return next(model.parameters()).device
 
 
 def _settle(fut: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
-    """Resolve a future whose caller may have gone meanwhile (cancelled it, as a server shutting down does): that
-    must never raise on the loop thread."""
+    """Resolve a future whose caller may have gone meanwhile (cancelled it, as a server shutting down does)."""
     try:
         fut.set_exception(error) if error is not None else fut.set_result(result)
     except InvalidStateError:

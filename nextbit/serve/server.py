@@ -37,6 +37,8 @@ class ServeConfig:
     served_model_name: Optional[str] = None  # the name clients pass as `model`; default: the checkpoint folder's name
     shutdown_timeout: float = 10.0  # seconds Ctrl-C waits for requests in flight
     device: str = "auto"  # auto | cpu | cuda
+    engine: str = "process"  # process: the engine loop in its own process (no GIL shared with HTTP) | thread: in this one
+    engine_threads: int = 0  # torch threads of the engine process on CPU; 0 = every core but one (the HTTP side's)
     log_level: str = "warning"  # uvicorn's access and error log level
 
 
@@ -57,6 +59,7 @@ def read_key(cfg: ServeConfig) -> Optional[str]:
 def build_app(cfg: ServeConfig):
     """The app and its engine loop (not yet started), from the config: what `serve` runs and tests start."""
     from nextbit.serve.app import ServerState, create_app
+    from nextbit.serve.core import check_servable, default_threads
     from nextbit.serve.runner import EngineRunner, in_fresh_thread
 
     for name in ("max_batch", "max_n", "max_body_bytes"):
@@ -64,18 +67,25 @@ def build_app(cfg: ServeConfig):
             raise NextbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_waiting < 0 or cfg.max_model_len < 0:
         raise NextbitError("--max-waiting and --max-model-len must be >= 0")
+    if cfg.engine not in ("process", "thread"):
+        raise NextbitError(f"--engine must be process or thread, got {cfg.engine!r}")
+    if cfg.engine_threads < 0:
+        raise NextbitError(f"--engine-threads must be >= 0, got {cfg.engine_threads}")
     key = read_key(cfg)
     device = pick_device(cfg.device)
-    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device))  # no torch work in this (the HTTP) thread
-    if "reward" in ck.model.heads or ck.info.get("meta", {}).get("kind") == "reward_model":
-        raise NextbitError(f"{cfg.checkpoint} is a reward model; serve a policy (a pretrained, SFT or PPO checkpoint)")
+    in_process = cfg.engine == "thread"
+    # The HTTP side needs the tokenizer and the model's shape; with an engine process, only that process holds the
+    # model on the device. No torch work in this (the HTTP) thread: see in_fresh_thread.
+    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device if in_process else "cpu"))
+    check_servable(ck)
     ctx = ck.model.cfg.seq_len
     max_len = cfg.max_model_len or ctx
     if max_len > ctx:
         raise NextbitError(f"--max-model-len {max_len} is past the model's context of {ctx}")
     name = cfg.served_model_name or (ck.path.parent.name if ck.path.name == "checkpoint" else ck.path.name)
-    runner = in_fresh_thread(lambda: EngineRunner(ck.model, ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len,
-                                                  max_waiting=cfg.max_waiting))
+    threads = cfg.engine_threads or (default_threads() if device.type == "cpu" else 0)
+    runner = EngineRunner(ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting,
+                          device=device, model=ck.model if in_process else None, threads=threads)
     state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
     return create_app(state), runner, ck
 
