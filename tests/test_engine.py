@@ -92,16 +92,22 @@ def test_a_request_gives_the_same_tokens_alone_and_inside_a_busy_batch(model, to
 
 @pytest.mark.parametrize("sync_every", [1, 5])
 def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, tokenizer, prompts, sync_every):
-    """Eager decode steps run slots 0..(highest busy) over the cache up to the longest busy row rounded up to 64:
-    rows that cross a window boundary, a hole left by a finished low slot, and a lone row all give the reference's
-    tokens, and the step really runs on the smaller views."""
+    """Eager decode steps run slots 0..(highest busy) over the cache up to what the longest busy row needs, and
+    attention in runs of rows with windows of their own: rows that grow past each other, a hole left by a finished
+    low slot, a row far ahead of the rest and a lone row all give the reference's tokens, and the step really runs
+    on the smaller views."""
     eng = Engine(model, tokenizer, compile=False, sync_every=sync_every)
-    shapes = []  # (rows, cache positions) of every decode step
+    shapes, splits = [], []  # (rows, cache positions) of every decode step; its attention runs
     make = eng._make_step
 
     def spying(*args):
         step = make(*args)
-        return lambda last, *rest: (shapes.append((last.size(0), rest[-1][0].size(2))), step(last, *rest))[1]
+
+        def spy(last, *rest):
+            shapes.append((last.size(0), rest[-2][0].size(2)))
+            splits.append(rest[-1])
+            return step(last, *rest)
+        return spy
 
     eng._make_step = spying
     params = [SamplingParams(max_new_tokens=n, temperature=1.0, top_k=30, seed=s, stop_token_ids=[])
@@ -116,14 +122,36 @@ def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, token
         eng.step()
     for r, q, p in zip(reqs, qs, params):
         assert r.tokens == reference_generate(model, tokenizer, [q], p)[0].tokens
-    assert shapes[0] == (4, 64) and (4, 96) in shapes  # all four rows, then past 64 positions the whole cache
-    assert (2, 96) in shapes and min(b for b, _ in shapes) == 2  # slot 3 done: slots 0-1 only (slot 0 idle, a hole)
+    longest, total = max(len(q) for q in qs) + 1, max(len(q) + p.max_new_tokens for q, p in zip(qs, params))
+    assert shapes[0] == (4, longest)  # all four rows, over what the longest needs (not the whole cache), growing to
+    assert total <= max(w for _, w in shapes) <= min(96, total + sync_every - 1)  # what the longest row needs at its end
+    assert min(b for b, _ in shapes) == 2  # slot 3 done: slots 0-1 only (slot 0 idle, a hole)
+    assert any(len(r) > 1 for r in splits)  # slot 1 far ahead of idle slot 0: two runs
+    for (rows, W), runs in zip(shapes, splits):
+        assert runs[0][0] == 0 and runs[-1][1] == rows and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert max(w for _, _, w in runs) == W
     shapes.clear()
     alone = Request(list(prompts[2]), params[2], row_seed(3, 0))
     eng.submit(alone)  # a lone row takes slot 0: one row
     while eng.busy:
         eng.step()
     assert {b for b, _ in shapes} == {1} and alone.tokens == reqs[2].tokens
+
+
+def test_attention_runs_split_where_it_pays():
+    from nextbit.infer.engine import RUN_COST, attention_runs
+
+    assert attention_runs([96] * 32) == [(0, 32, 96)]
+    assert attention_runs([96] * 17 + [153] + [96] * 14) == [(0, 17, 96), (17, 18, 153), (18, 32, 96)]  # a straggler
+    assert attention_runs([96, 97, 98, 96, 99]) == [(0, 5, 99)]  # not worth another call
+    assert attention_runs([1, 1, 1, 200]) == [(0, 3, 1), (3, 4, 200)]
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 33, 100, 256):  # past MAX_RUNS blocks too: runs tile the rows, every row inside its window
+        needs = torch.randint(1, 256, (n,), generator=g).tolist()
+        runs = attention_runs(needs)
+        assert runs[0][0] == 0 and runs[-1][1] == n and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert all(max(needs[a:b]) <= w for a, b, w in runs)
+        assert sum((b - a) * w + RUN_COST for a, b, w in runs) <= n * max(needs) + RUN_COST
 
 
 def test_an_idle_slot_below_a_busy_one_stays_inside_a_shorter_window(tokenizer):

@@ -73,8 +73,10 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        is_causal = attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if cache is not None and hasattr(cache, "attend"):  # the cache knows which rows need how much of it
+            y = cache.attend(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -154,6 +156,8 @@ class GPT(nn.Module):
         positions 0..T-1 and causal attention. With a cache (the engine's view of its KV cache, infer/engine.py),
         the cache says where each row stands: `cache.positions(T)` and `cache.attn_mask(T)` (None: as above), and
         each layer's `cache.update(layer, k, v)` stores this call's keys and values and returns those to attend over.
+        A cache may also have `attend(q, k, v)`, which then replaces the one attention call (the engine's decode
+        step: rows of unequal lengths attend over windows of their own).
         """
         B, T = idx.shape
         if cache is not None:

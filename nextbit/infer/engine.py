@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
@@ -36,7 +37,8 @@ from nextbit.infer.sampling import SamplingParams, cut_at_stop, filter_width, ro
 
 STOP_WIDTH = 4  # stop-token ids per slot (padded with -1): a fixed width keeps one compiled step
 TOP_LOGPROBS = 5  # alternatives reported per token, at most (the OpenAI API's limit for completions)
-WINDOW = 64  # eager decode attends to the cache rounded up to this many positions past the longest busy row
+RUN_COST = 64  # one more attention call costs about as much as reading this many (row, position) keys and values
+MAX_RUNS = 32  # rows are grouped into at most this many blocks before the runs are chosen
 
 
 @dataclass
@@ -109,21 +111,64 @@ class _Prefill:
         return k, v
 
 
+def attention_runs(needs: Sequence[int], run_cost: int = RUN_COST) -> list[tuple[int, int, int]]:
+    """Split rows 0..n-1 (row i attends over its first needs[i] cache positions) into runs of consecutive rows, each
+    attending over the window its longest row needs: (start, end, window) per run, with the least total of
+    rows x window summed over the runs, plus `run_cost` per run. One row far ahead of the others (a request that
+    joined the batch earlier) then no longer makes all of them read its whole window."""
+    n = len(needs)
+    blocks: list[list[int]] = []  # [start, end, need]: equal neighbours merged, then at most MAX_RUNS blocks
+    for i, w in enumerate(needs):
+        if blocks and blocks[-1][2] == w:
+            blocks[-1][1] = i + 1
+        else:
+            blocks.append([i, i + 1, w])
+    if len(blocks) > MAX_RUNS:
+        size = -(-n // MAX_RUNS)
+        blocks = [[a, min(n, a + size), max(needs[a : a + size])] for a in range(0, n, size)]
+    m = len(blocks)
+    best, cut = [0] + [float("inf")] * m, [0] * (m + 1)
+    for j in range(1, m + 1):  # best[j]: the cheapest split of blocks 0..j-1
+        w = 0
+        for i in range(j - 1, -1, -1):
+            w = max(w, blocks[i][2])
+            c = best[i] + (blocks[j - 1][1] - blocks[i][0]) * w + run_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    runs, j = [], m
+    while j:
+        i = cut[j]
+        runs.append((blocks[i][0], blocks[j - 1][1], max(b[2] for b in blocks[i:j])))
+        j = i
+    return runs[::-1]
+
+
 class _Decode:
     """The cache as the model sees it in a decode step: every slot's new key/value is written at that slot's own
     length (indexed assignment, which inductor keeps as an in-place write of the static buffer), and each row
-    attends to its own first length + 1 positions."""
+    attends to its own first length + 1 positions. With `runs` (eager steps), the rows attend in runs of
+    consecutive rows, each over its own window of the cache; without (the compiled step's fixed shapes), all rows
+    over the whole cache, masked."""
 
-    def __init__(self, k, v, lengths: torch.Tensor):
+    def __init__(self, k, v, lengths: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None):
         self.k, self.v, self.lengths = k, v, lengths
         self.rows = torch.arange(lengths.size(0), device=lengths.device)
+        self.runs = runs or [(0, lengths.size(0), k[0].size(2))]
+        pos = torch.arange(max(w for _, _, w in self.runs), device=lengths.device)
+        self.masks = [(pos[None, :w] <= lengths[a:b, None])[:, None, None, :] for a, b, w in self.runs]
 
     def positions(self, T: int):
         return self.lengths[:, None]
 
     def attn_mask(self, T: int):
-        L = self.k[0].size(2)
-        return (torch.arange(L, device=self.lengths.device)[None] <= self.lengths[:, None])[:, None, None, :]
+        return None  # attend() masks each run
+
+    def attend(self, q, k, v):
+        if len(self.runs) == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[0])
+        out = [F.scaled_dot_product_attention(q[a:b], k[a:b, :, :w], v[a:b, :, :w], attn_mask=m)
+               for (a, b, w), m in zip(self.runs, self.masks)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.k[layer], self.v[layer]
@@ -287,8 +332,10 @@ class Engine:
     def _decode(self, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step. Compiled (CUDA graphs want fixed shapes), it runs every slot over the whole cache. Eager,
         it runs slots 0..hi-1 only, where hi is past the highest busy slot (slots are taken lowest first), over the
-        first W cache positions, W the longest busy row rounded up to 64: views of the same buffers, so an idle
-        slot or an empty stretch of cache costs nothing. `ahead`: decode steps already taken since the last read."""
+        first W cache positions, W what the longest busy row needs: views of the same buffers, so an idle slot or
+        an empty stretch of cache costs nothing. Attention goes further: runs of consecutive rows each read only
+        the window their longest row needs (attention_runs). `ahead`: decode steps already taken since the last
+        read."""
         reqs = list(self.running.values())
         width = filter_width([r.params for r in reqs], self.vocab)
         sampling = any(r.params.temperature > 0 for r in reqs)
@@ -297,19 +344,24 @@ class Engine:
         if key not in self._steps:
             self._steps[key] = self._make_step(width, sampling, want_lp)
         if self.compile:
-            hi, W = self.slots, self.max_len
+            hi, W, runs = self.slots, self.max_len, None
             if self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
         else:
             hi = max(self.running) + 1
-            longest = max(len(r.prompt) + len(r.tokens) for r in reqs) + ahead  # the row's cache holds this many + 1
-            W = min(self.max_len, -(-(longest + 1) // WINDOW) * WINDOW)
+            # a busy row's cache holds at most prompt + generated + ahead positions; this step adds one (an idle
+            # slot's length is 0: it writes and reads position 0)
+            needs = [1] * hi
+            for s, r in self.running.items():
+                needs[s] = min(self.max_len, len(r.prompt) + len(r.tokens) + ahead + 1)
+            runs = attention_runs(needs)
+            W = max(w for _, _, w in runs)
         live = self.active[:hi].clone()
         nxt, lengths, counters, active, lp = self._steps[key](
             self.last[:hi], self.lengths[:hi], self.counters[:hi], self.active[:hi], self.max_new[:hi],
             self.temperature[:hi], self.top_k[:hi], self.top_p[:hi], self.seeds[:hi], self.stop_ids[:hi],
             [t[:hi, :, :W] for t in self.k] if not self.compile else self.k,
-            [t[:hi, :, :W] for t in self.v] if not self.compile else self.v)
+            [t[:hi, :, :W] for t in self.v] if not self.compile else self.v, runs)
         self.last[:hi].copy_(nxt)
         self.lengths[:hi].copy_(lengths)
         self.counters[:hi].copy_(counters)
@@ -319,8 +371,8 @@ class Engine:
     def _make_step(self, width: int, sampling: bool, want_lp: bool):
         model, vocab, pad = self.model, self.vocab, self.tokenizer.pad_id
 
-        def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, k, v):
-            h = model(last[:, None], cache=_Decode(k, v, lengths), return_hidden=True)[:, -1]
+        def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, k, v, runs=None):
+            h = model(last[:, None], cache=_Decode(k, v, lengths, runs), return_hidden=True)[:, -1]
             logits = model.logits(h)[:, :vocab]
             nxt = sample_tokens(logits, temperature, top_k, top_p, seeds, counters, width, sampling)
             nxt = torch.where(active, nxt, torch.full_like(nxt, pad))  # idle rows feed padding
