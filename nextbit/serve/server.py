@@ -86,6 +86,8 @@ def build_app(cfg: ServeConfig):
     threads = cfg.engine_threads or (default_threads() if device.type == "cpu" else 0)
     runner = EngineRunner(ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting,
                           device=device, model=ck.model if in_process else None, threads=threads)
+    if not in_process:  # this process keeps the shape only: the engine process holds the weights
+        ck.model.to("meta")
     state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
     return create_app(state), runner, ck
 
