@@ -672,8 +672,9 @@ def test_an_engine_fault_mid_stream_is_an_error_event(small):
     assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30).status_code == 200
 
 
-def test_the_engine_loop_survives_callers_that_went_away(loaded):
-    """A reload or a scoring call whose caller cancelled it (a server shutting down does) is dropped; the loop lives."""
+def test_the_engine_loop_survives_callers_that_went_away(loaded, ckpt2):
+    """A reload or a scoring call whose caller cancelled it (a server shutting down does) is dropped; the loop lives,
+    and the reload still takes effect: /v1/models names the checkpoint the engine serves."""
     from nextbit.serve.core import ServeCheck
     from nextbit.serve.runner import EngineRunner
 
@@ -681,7 +682,7 @@ def test_the_engine_loop_survives_callers_that_went_away(loaded):
     runner.start()
 
     async def main():
-        gone = [asyncio.ensure_future(runner.reload(str(loaded.path), ServeCheck(loaded.tokenizer.hash, 64))),
+        gone = [asyncio.ensure_future(runner.reload(str(ckpt2), ServeCheck(loaded.tokenizer.hash, 64))),
                 asyncio.ensure_future(runner.score([1, 2, 3], 1))]
         await asyncio.sleep(0)  # both are sent
         for f in gone:
@@ -692,9 +693,40 @@ def test_the_engine_loop_survives_callers_that_went_away(loaded):
     try:
         asyncio.run(main())
         assert runner.alive
-        wait_for(lambda: runner.core.checkpoint == str(loaded.path) and runner.core.pending_reload is None, 5, "the reload")
+        wait_for(lambda: runner.core.checkpoint == str(ckpt2) and runner.core.pending_reload is None, 5, "the reload")
+        wait_for(lambda: runner.checkpoint == str(ckpt2), 5, "the HTTP side to hear of it")
     finally:
         runner.stop()
+
+
+def test_a_reload_that_fails_to_build_its_engine_keeps_the_old_one_and_its_queue(small):
+    """The new engine cannot be built (say, out of memory for its cache): the reload is a 500, the request queued
+    behind it runs once on the old model (its tokens not doubled), and the next reload works."""
+    url, runner = small.url, small.runner
+    core = runner.core
+    body = {"prompt": "x", "max_tokens": 6, "temperature": 0}
+    want = httpx.post(url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+    real = core._new_engine
+
+    def broken(model):
+        del core._new_engine
+        raise RuntimeError("injected: no memory for the cache")
+
+    with slowed(runner, 0.02), ThreadPoolExecutor(3) as ex:
+        running = ex.submit(httpx.post, url + "/v1/completions", json={"prompt": "def", "max_tokens": 30, "temperature": 0},
+                            timeout=30)
+        wait_for(lambda: runner.load[0] == 1, 5, "a running request")
+        core._new_engine = broken
+        reload = ex.submit(httpx.post, url + "/admin/reload", json={"checkpoint": str(runner.checkpoint)}, timeout=30)
+        wait_for(lambda: core.pending_reload is not None, 10, "the reload to wait for the running row")
+        queued = ex.submit(httpx.post, url + "/v1/completions", json=body, timeout=30)
+        assert "injected" in assert_error(reload.result(timeout=30), 500)["message"]
+        assert running.result(timeout=30).status_code == 200
+        r = queued.result(timeout=30).json()
+        assert r["choices"][0]["text"] == want and r["usage"]["completion_tokens"] == 6
+    assert core._new_engine == real
+    wait_for(lambda: runner.load == (0, 0), 5, "an idle engine")
+    assert httpx.post(url + "/admin/reload", json={"checkpoint": str(runner.checkpoint)}, timeout=30).status_code == 200
 
 
 def test_a_stopped_engine_loop_is_a_503_not_a_hang(ckpt):
@@ -1029,6 +1061,30 @@ def test_a_killed_engine_process_fails_what_it_held_and_the_server_says_503(ckpt
         assert_error(httpx.post(s.url + "/admin/reload", json={"checkpoint": str(ckpt)}, timeout=10), 503)
 
 
+def test_a_broken_pipe_is_an_engine_gone_and_takes_nothing(loaded):
+    """Between the engine process dying and the receiver reading its EOF, writes to the pipe fail: a submit is
+    refused whole (EngineGone: the app's 503) and leaves nothing held, a cancel is a no-op, a call is refused."""
+    from nextbit.serve.runner import EngineGone, EngineRunner
+
+    runner = EngineRunner(loaded.tokenizer, str(loaded.path), slots=2, max_len=64, max_waiting=2, model=loaded.model)
+    runner.start()
+    try:
+        def broken(msg):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        runner._conn.send = broken
+        reqs = [Request([1, 2], SamplingParams(max_new_tokens=2), 0) for _ in range(2)]
+        with pytest.raises(EngineGone):
+            runner.submit_many(reqs, [lambda e: None] * 2)
+        assert runner.load == (0, 0)
+        runner.cancel(reqs[0])
+        with pytest.raises(EngineGone):
+            asyncio.run(runner.score([1, 2, 3], 1))
+    finally:
+        del runner._conn.send
+        runner.stop()
+
+
 def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
     from nextbit.core.errors import NextbitError
     from nextbit.serve.core import core_process
@@ -1044,3 +1100,6 @@ def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
     assert not runner.alive
     r = run_main("serve", loaded.path, "--engine", "fork")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == ["nextbit: error: --engine must be process or thread, got 'fork'"], r.stderr
+    r = run_main("serve", loaded.path, "--engine", "thread", "--engine-threads", "2")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "nextbit: error: --engine-threads is for --engine process (a thread engine uses this process's torch threads)"], r.stderr

@@ -117,6 +117,7 @@ class EngineCore:
             return
         finally:
             try:
+                self._send_news()  # what this turn produced (a request that finished) still goes out
                 self.conn.send(("bye",))
             except (OSError, ValueError):
                 pass
@@ -161,7 +162,7 @@ class EngineCore:
             check_servable(ck, check)
         except NextbitError as e:
             self.loaded.put((cid, None, ("bad_checkpoint", str(e))))
-        except Exception as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - whatever it was, the caller hears of it (it would wait forever)
             self.loaded.put((cid, None, ("failed", f"{type(e).__name__}: {e}")))
         else:
             self.loaded.put((cid, ck, None))
@@ -199,16 +200,15 @@ class EngineCore:
     def _swap(self) -> None:
         model, checkpoint, cid, info = self.pending_reload
         self.pending_reload = None
-        waiting = list(self.engine.waiting)
         try:
             engine = self._new_engine(model)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the old engine goes on, its queue as it was
             self.replies.append((cid, False, ("failed", f"{type(e).__name__}: {e}")))
-        else:
-            self.engine, self.checkpoint = engine, checkpoint
-            self.replies.append((cid, True, info))
-        for r in waiting:
-            self.engine.submit(r)
+            return
+        for r in self.engine.waiting:  # the queue moves to the new engine, in order
+            engine.submit(r)
+        self.engine, self.checkpoint = engine, checkpoint
+        self.replies.append((cid, True, info))
 
     def _end(self, rid: int, event: tuple) -> None:
         if self.reqs.pop(rid, None) is not None:
@@ -233,5 +233,6 @@ def core_process(conn, checkpoint: str, device: str, slots: int, max_len: int, t
 
 def default_threads() -> int:
     """Torch threads for an engine process on CPU: every core but one, which the HTTP side needs (at least one)."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus - 1)
 

@@ -123,7 +123,8 @@ class EngineRunner:
         self._ids = itertools.count()
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events posted since the last flush, per event loop
         self._running = 0  # as the core last said
-        self._lock = threading.Lock()  # _held, _rid, _calls, sending
+        self._lock = threading.Lock()  # _held, _rid, _calls, _gone (never held while writing to the pipe)
+        self._send_lock = threading.Lock()  # one writer at a time
         self._started = self._stopping = self._gone = False
         self.exit_reason = ""
         self.steps = 0
@@ -146,11 +147,19 @@ class EngineRunner:
         self._proc.start()
         theirs.close()
         deadline = time.monotonic() + READY_TIMEOUT
-        while not self._conn.poll(0.1):
-            if not self._proc.is_alive() or time.monotonic() > deadline:
-                self._proc.kill()
-                raise NextbitError(f"the engine process did not start (exit code {self._proc.exitcode})")
-        msg = self._conn.recv()
+        msg = None
+        try:
+            while msg is None:
+                if self._conn.poll(0.1):
+                    msg = self._conn.recv()
+                elif not self._proc.is_alive() or time.monotonic() > deadline:
+                    break
+        except (EOFError, OSError):  # it died before it said anything
+            msg = None
+        if msg is None:
+            self._proc.kill()
+            self._proc.join()
+            raise NextbitError(f"the engine process did not start (exit code {self._proc.exitcode})")
         if msg[0] != "ready":
             self._proc.join(10)
             raise NextbitError(f"the engine process could not start: {msg[1]}")
@@ -163,7 +172,7 @@ class EngineRunner:
             return
         try:
             self._send(("stop",))
-        except (OSError, ValueError):
+        except EngineGone:
             pass
         self._receiver.join(timeout)
         if self._proc is not None:
@@ -202,18 +211,26 @@ class EngineRunner:
                 raise EngineGone(self.exit_reason)
             if len(self._held) + len(reqs) > self.slots + self.max_waiting:
                 raise QueueFull
-            msgs = []
+            rids = []
             for r, e in zip(reqs, emits):
-                rid = next(self._ids)
-                self._held[rid], self._rid[id(r)] = (r, e), rid
-                msgs.append(("submit", rid, r.prompt, r.params, r.seed, r.logprobs))
-            for m in msgs:
-                self._send(m, locked=True)
+                rids.append(next(self._ids))
+                self._held[rids[-1]], self._rid[id(r)] = (r, e), rids[-1]
+        try:
+            self._send(*[("submit", rid, r.prompt, r.params, r.seed, r.logprobs) for rid, r in zip(rids, reqs)])
+        except EngineGone:
+            with self._lock:  # never taken: nobody will be told of them
+                for rid, r in zip(rids, reqs):
+                    self._held.pop(rid, None)
+                    self._rid.pop(id(r), None)
+            raise
 
     def cancel(self, req: Request) -> None:
         rid = self._rid.get(id(req))
         if rid is not None:
-            self._send(("cancel", rid))
+            try:
+                self._send(("cancel", rid))
+            except EngineGone:  # the core is gone: the receiver fails the request anyway
+                pass
 
     def emitter(self, sink: "Sink") -> Emit:
         """An Emit for the receiver thread that posts to `sink`; posted events reach it at the next flush."""
@@ -226,27 +243,34 @@ class EngineRunner:
 
     async def reload(self, checkpoint: str, check: ServeCheck) -> dict:
         """Load `checkpoint` in the core and swap it in between steps, once the running rows have finished:
-        {"checkpoint", "weights_sha256"}. NextbitError: it cannot be served (said in one line)."""
-        info = await self._call(lambda cid: ("reload", cid, checkpoint, check))
-        self.checkpoint = info["checkpoint"]
-        return info
+        {"checkpoint", "weights_sha256"}. NextbitError: it cannot be served (said in one line). `checkpoint` (what
+        /v1/models names) changes when the core says so, even if the caller has gone meanwhile."""
+        return await self._call(lambda cid: ("reload", cid, checkpoint, check), reload=True)
 
-    async def _call(self, message: Callable[[int], tuple]) -> Any:
+    async def _call(self, message: Callable[[int], tuple], reload: bool = False) -> Any:
         fut: Future = Future()
         with self._lock:
             if self._gone:
                 raise EngineGone(self.exit_reason)
             cid = next(self._ids)
-            self._calls[cid] = fut
-            self._send(message(cid), locked=True)
+            self._calls[cid] = (fut, reload)
+        try:
+            self._send(message(cid))
+        except EngineGone:
+            with self._lock:
+                self._calls.pop(cid, None)
+            raise
         return await asyncio.wrap_future(fut)
 
-    def _send(self, msg: tuple, locked: bool = False) -> None:
-        if locked:
-            self._conn.send(msg)
-        else:
-            with self._lock:
-                self._conn.send(msg)
+    def _send(self, *msgs: tuple) -> None:
+        """Write to the core (never while holding _lock: the receiver needs it to read the core's news, and a core
+        blocked on a full pipe would never read ours). A pipe that breaks is a core that has gone."""
+        try:
+            with self._send_lock:
+                for m in msgs:
+                    self._conn.send(m)
+        except (OSError, ValueError) as e:
+            raise EngineGone(self.exit_reason or f"the engine process is not there ({type(e).__name__})") from None
 
     # ---- the receiver thread --------------------------------------------------------------------------------------
     def _receive(self) -> None:
@@ -260,13 +284,17 @@ class EngineRunner:
                     self._news(*msg[1:])
                 except Exception:  # noqa: BLE001 - a bug here must not leave every later request hanging
                     traceback.print_exc()
-        except (EOFError, OSError):
+        except BaseException as e:  # noqa: BLE001 - EOF (the process died), or anything else: the same end
+            with self._lock:
+                self._gone = True
             if self._proc is not None:
                 self._proc.join(5)
                 why = f"the engine process exited (code {self._proc.exitcode})"
+            elif not isinstance(e, (EOFError, OSError)):
+                why = f"the engine link failed: {type(e).__name__}: {e}"
         with self._lock:  # from here on nothing new is taken (submit and calls raise EngineGone)
             self._gone, self.exit_reason, self._running = True, why, 0
-            held, calls, self._calls = list(self._held), list(self._calls.values()), {}
+            held, calls, self._calls = list(self._held), [f for f, _ in self._calls.values()], {}
         if not self._stopping:
             print(f"nextbit serve: {why}; /health answers 503 from now on", file=sys.stderr, flush=True)
         for rid in held:
@@ -317,10 +345,12 @@ class EngineRunner:
 
     def _reply(self, cid: int, ok: bool, value: Any) -> None:
         with self._lock:
-            fut = self._calls.pop(cid, None)
+            fut, reload = self._calls.pop(cid, (None, False))
         if fut is None:
             return
         if ok:
+            if reload:
+                self.checkpoint = value["checkpoint"]
             _settle(fut, value)
             return
         kind, message = value

@@ -71,6 +71,8 @@ def build_app(cfg: ServeConfig):
         raise NextbitError(f"--engine must be process or thread, got {cfg.engine!r}")
     if cfg.engine_threads < 0:
         raise NextbitError(f"--engine-threads must be >= 0, got {cfg.engine_threads}")
+    if cfg.engine_threads and cfg.engine == "thread":
+        raise NextbitError("--engine-threads is for --engine process (a thread engine uses this process's torch threads)")
     key = read_key(cfg)
     device = pick_device(cfg.device)
     in_process = cfg.engine == "thread"
