@@ -271,6 +271,11 @@ def test_counter_noise_is_uniform_and_independent_of_the_batch():
     row = counter_noise(torch.tensor([37]), torch.tensor([5]), torch.arange(100))
     batch = counter_noise(torch.tensor([1, 37, 2]), torch.tensor([0, 5, 9]), torch.arange(100))
     assert torch.equal(row[0], batch[1])
+    # no structure between neighbours: adjacent seeds, adjacent steps of one seed, adjacent ids
+    corr = lambda a, b: float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])  # noqa: E731
+    steps = torch.exp(-counter_noise(torch.zeros(64, dtype=torch.long), torch.arange(64), torch.arange(4096)))
+    for a, b in ((u[:-1], u[1:]), (steps[:-1], steps[1:]), (u[:, :-1], u[:, 1:])):
+        assert abs(corr(a, b)) < 0.02
 
 
 def test_unseeded_sampling_follows_torch_manual_seed(model, tokenizer, prompts):

@@ -50,14 +50,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """_mix32 in place, on a tensor nobody else holds: the (rows x vocabulary) pass allocates nothing."""
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
+    return x.bitwise_xor_(x >> 16)
+
+
 def counter_noise(seeds: torch.Tensor, counters: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise (B, K) for rows with `seeds` (B,) at generation step `counters` (B,), for vocabulary ids (B, K)
-    or (K,): a pure function of (seed, step, id)."""
+    or (K,): a pure function of (seed, step, id). The row's key (B values) and the ids' keys (K values) are hashed
+    apart, so the one pass over all B x K pairs is a single hash of their xor, done in place (this pass is a tenth
+    of a CPU decode step at the demo shape when it allocates)."""
     s = _mix32((seeds & M32) ^ _mix32((seeds >> 32) & M32))
     s = _mix32(s ^ _mix32((counters * 0x9E3779B1 + 0x7F4A7C15) & M32))[:, None]
-    h = _mix32(_mix32(s ^ (ids & M32)) ^ (s >> 3))
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
-    return -torch.log(u)
+    h = _mix32_(s ^ _mix32(ids & M32))
+    u = (h >> 8).float()
+    return u.add_(0.5).mul_(1.0 / (1 << 24)).log_().neg_()  # -log of a uniform in (0, 1), never 0 or 1
 
 
 def filter_width(params: Sequence[SamplingParams], vocab: int) -> int:
