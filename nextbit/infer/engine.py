@@ -166,9 +166,8 @@ class _Decode:
     def attend(self, q, k, v):
         if len(self.runs) == 1:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[0])
-        out = [F.scaled_dot_product_attention(q[a:b], k[a:b, :, :w], v[a:b, :, :w], attn_mask=m)
-               for (a, b, w), m in zip(self.runs, self.masks)]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        return torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, :w], v[a:b, :, :w], attn_mask=m)
+                          for (a, b, w), m in zip(self.runs, self.masks)])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.k[layer], self.v[layer]

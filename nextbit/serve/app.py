@@ -40,6 +40,11 @@ PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
 
 
+def engine_gone() -> "APIError":
+    """The answer to work for an engine loop that has stopped (or whose process died): it would never be answered."""
+    return APIError(503, "the engine loop is not running", type_="server_error")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, type_: str = "invalid_request_error",
                  headers: Optional[dict] = None):
@@ -148,7 +153,7 @@ def create_app(state: ServerState) -> FastAPI:
     def need_engine() -> None:
         """Work for the engine loop is refused when the loop has stopped: it would never be answered."""
         if not state.runner.alive:
-            raise APIError(503, "the engine loop is not running", type_="server_error")
+            raise engine_gone()
 
     def check_model(name: Optional[str]) -> None:
         if name is not None and name != state.model_name:
@@ -219,7 +224,7 @@ def create_app(state: ServerState) -> FastAPI:
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", type_="rate_limit_error", headers={"Retry-After": "1"})
         except EngineGone:
-            raise APIError(503, "the engine loop is not running", type_="server_error")
+            raise engine_gone()
         metrics.prompt_tokens.inc(sum(len(c.req.prompt) for c in choices))
         pending = len(choices)
         check = time.perf_counter() + DISCONNECT_CHECK
@@ -314,7 +319,7 @@ def create_app(state: ServerState) -> FastAPI:
             try:
                 scored = [await state.runner.score(ids, logprobs) for ids in prompts]
             except EngineGone:
-                raise APIError(503, "the engine loop is not running", type_="server_error")
+                raise engine_gone()
         n_prompt = sum(len(p) for p in prompts)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
@@ -482,7 +487,7 @@ def create_app(state: ServerState) -> FastAPI:
         except ReloadSuperseded as e:
             raise APIError(409, f"{req.checkpoint} was not loaded: {e}", "checkpoint", type_="conflict_error")
         except EngineGone:
-            raise APIError(503, "the engine loop is not running", type_="server_error")
+            raise engine_gone()
         return {"status": "ok", **info}
 
     @app.get("/", response_class=HTMLResponse)

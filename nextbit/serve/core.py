@@ -14,7 +14,7 @@ Messages to the core (plain tuples; ids are the HTTP side's, `cid` names a call 
 Messages from the core, one per loop turn that had news (so one per engine step while it decodes):
 
     ("ready", info) | ("failed", message)             first, once: the core is up, or why it could not start
-    ("news", events, replies, (running, waiting), steps)
+    ("news", events, replies, (running, waiting))
         events:  (rid, "token", token, logprob, top) | (rid, "done", finish) | (rid, "error", message) | (rid, "dropped")
         replies: (cid, True, value) | (cid, False, (kind, message))    kind: "bad_checkpoint" | "superseded" | "failed"
     ("bye",)                                          last: the core stopped
@@ -82,7 +82,6 @@ class EngineCore:
         self.replies: list[tuple] = []
         self.pending_reload: Optional[tuple[GPT, str, int, dict]] = None  # loaded and checked, waiting for the rows
         self.loaded: "queue.Queue[tuple]" = queue.Queue()  # reload loader threads -> the loop
-        self.steps = 0
         self._said: Optional[tuple] = None  # the (running, waiting) last sent
 
     def _new_engine(self, model: GPT) -> Engine:
@@ -125,7 +124,7 @@ class EngineCore:
     def _send_news(self) -> None:
         load = self.load
         if self.events or self.replies or load != self._said:
-            self.conn.send(("news", self.events, self.replies, load, self.steps))
+            self.conn.send(("news", self.events, self.replies, load))
             self.events, self.replies, self._said = [], [], load
 
     def _handle(self, msg: tuple) -> None:
@@ -191,7 +190,6 @@ class EngineCore:
             for r in waiting:
                 self.engine.submit(r)
             return
-        self.steps += 1
         if finished:
             done = {id(r) for r in finished}
             for rid in [rid for rid, r in self.reqs.items() if id(r) in done]:

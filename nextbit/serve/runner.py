@@ -94,9 +94,6 @@ class ThreadPipe:
     def recv(self):
         return self._held.pop() if self._held else self._in.get()
 
-    def close(self) -> None:
-        pass
-
 
 def thread_pipe() -> tuple[ThreadPipe, ThreadPipe]:
     a, b = queue.Queue(), queue.Queue()
@@ -116,7 +113,7 @@ class EngineRunner:
         if model is not None:
             self._conn, theirs = thread_pipe()
             self.core = in_fresh_thread(lambda: EngineCore(theirs, model, tokenizer, checkpoint, slots=slots, max_len=max_len,
-                                                           device=model_device(model)))
+                                                           device=next(model.parameters()).device))
         self._held: dict[int, tuple[Request, Emit]] = {}  # every request in the server, by its id on the wire
         self._rid: dict[int, int] = {}  # id(request) -> its id on the wire
         self._calls: dict[int, Future] = {}
@@ -127,7 +124,6 @@ class EngineRunner:
         self._send_lock = threading.Lock()  # one writer at a time
         self._started = self._stopping = self._gone = False
         self.exit_reason = ""
-        self.steps = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -305,8 +301,8 @@ class EngineRunner:
         if self.on_step is not None:
             self.on_step(0, 0)
 
-    def _news(self, events: list[tuple], replies: list[tuple], load: tuple[int, int], steps: int) -> None:
-        self._running, self.steps = load[0], steps
+    def _news(self, events: list[tuple], replies: list[tuple], load: tuple[int, int]) -> None:
+        self._running = load[0]
         for ev in events:
             self._event(*ev)
         for cid, ok, value in replies:
@@ -366,10 +362,6 @@ class EngineRunner:
                 loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # that event loop is closed (the server is going away): nobody waits for these
                 pass
-
-
-def model_device(model: GPT):
-    return next(model.parameters()).device
 
 
 def _settle(fut: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
