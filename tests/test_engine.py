@@ -8,7 +8,7 @@ import torch
 from nextbit.core.errors import NextbitError
 from nextbit.infer.engine import Engine, Request, generate
 from nextbit.infer.reference import reference_generate
-from nextbit.infer.sampling import SamplingParams, counter_noise, row_seed, sample_tokens
+from nextbit.infer.sampling import SamplingParams, counter_uniform, draw, row_seed, sample_tokens
 
 from conftest import peaky_model
 
@@ -110,6 +110,7 @@ def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, token
         return spy
 
     eng._make_step = spying
+    eng.run_cost = 16  # this small cache saves at most 96 positions a row by a split: make splits pay here
     params = [SamplingParams(max_new_tokens=n, temperature=1.0, top_k=30, seed=s, stop_token_ids=[])
               for n, s in [(5, 1), (75, 2), (30, 3), (60, 4)]]
     qs = [prompts[0], prompts[1], prompts[2], prompts[3]]
@@ -265,17 +266,29 @@ def test_sampler_draws_from_the_filtered_distribution():
     assert (later != draw(0, 1.0, 0)).float().mean() == pytest.approx(1 - float((probs**2).sum()), abs=0.01)
 
 
-def test_counter_noise_is_uniform_and_independent_of_the_batch():
-    u = torch.exp(-counter_noise(torch.arange(64), torch.zeros(64, dtype=torch.long), torch.arange(4096)))
-    assert float(u.mean()) == pytest.approx(0.5, abs=0.005) and float(u.var()) == pytest.approx(1 / 12, abs=0.003)
-    row = counter_noise(torch.tensor([37]), torch.tensor([5]), torch.arange(100))
-    batch = counter_noise(torch.tensor([1, 37, 2]), torch.tensor([0, 5, 9]), torch.arange(100))
-    assert torch.equal(row[0], batch[1])
-    # no structure between neighbours: adjacent seeds, adjacent steps of one seed, adjacent ids
-    corr = lambda a, b: float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])  # noqa: E731
-    steps = torch.exp(-counter_noise(torch.zeros(64, dtype=torch.long), torch.arange(64), torch.arange(4096)))
-    for a, b in ((u[:-1], u[1:]), (steps[:-1], steps[1:]), (u[:, :-1], u[:, 1:])):
+def test_counter_uniform_is_uniform_and_independent_of_the_batch():
+    n = 1 << 16
+    u = counter_uniform(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.005) and float(u.var()) == pytest.approx(1 / 12, abs=0.002)
+    assert torch.equal(counter_uniform(torch.tensor([37]), torch.tensor([5]))[0],
+                       counter_uniform(torch.tensor([1, 37, 2]), torch.tensor([0, 5, 9]))[1])
+    # no structure between neighbours: adjacent seeds, adjacent steps of one seed, seeds apart in their high bits only
+    corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
+    steps = counter_uniform(torch.zeros(n, dtype=torch.long), torch.arange(n))
+    high = counter_uniform(torch.arange(n) << 32, torch.zeros(n, dtype=torch.long))
+    for a, b in ((u[:-1], u[1:]), (steps[:-1], steps[1:]), (u, high), (u, steps)):
         assert abs(corr(a, b)) < 0.02
+
+
+def test_draw_never_picks_a_zero_probability_entry():
+    """Inverse-transform sampling at the uniform's extremes (0 and its largest value, 1 - 2^-24), over rows whose
+    totals are not 1 and with zeros first, inside and last."""
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.0, 0.0, 0.0, 1e-8, 0.0], [2.0, 1.0, 0.0, 3.0, 0.0]])
+    for u in (0.0, 0.5, 1 - 2**-24):
+        got = draw(probs, torch.full((3,), u))
+        assert all(probs[i, j] > 0 for i, j in enumerate(got.tolist())), (u, got)
+    assert draw(probs, torch.zeros(3)).tolist() == [1, 3, 0] and draw(probs, torch.full((3,), 1 - 2**-24)).tolist() == [3, 3, 3]
 
 
 def test_unseeded_sampling_follows_torch_manual_seed(model, tokenizer, prompts):

@@ -27,7 +27,7 @@ def reference_generate(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
             logits = model(torch.tensor([seq], device=dev))[:, -1, :vocab]
             nxt = int(sample_tokens(logits, one(params.temperature), one(params.top_k, torch.long), one(params.top_p),
                                     one(row_seed(params.seed, i), torch.long), one(t, torch.long),
-                                    filter_width([params], vocab), params.temperature > 0)[0])
+                                    filter_width([params], vocab), params.temperature > 0, params.temperature == 0)[0])
             new.append(nxt)
             seq.append(nxt)
             if nxt in stop_ids:
