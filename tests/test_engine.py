@@ -8,7 +8,7 @@ import torch
 from nextbit.core.errors import NextbitError
 from nextbit.infer.engine import Engine, Request, generate
 from nextbit.infer.reference import reference_generate
-from nextbit.infer.sampling import SamplingParams, counter_uniform, draw, row_seed, sample_tokens
+from nextbit.infer.sampling import SamplingParams, counter_uniform, cut_at_stop, draw, row_seed, sample_tokens
 
 from conftest import peaky_model
 
@@ -279,6 +279,28 @@ def test_counter_uniform_is_uniform_and_independent_of_the_batch():
     high = counter_uniform(torch.arange(n) << 32, torch.zeros(n, dtype=torch.long))
     for a, b in ((u[:-1], u[1:]), (steps[:-1], steps[1:]), (u, high), (u, steps)):
         assert abs(corr(a, b)) < 0.02
+
+
+def test_stop_strings_are_found_in_the_tail_exactly_when_in_the_whole_text(tokenizer):
+    """The engine checks stop strings on the last few tokens only: random token ids (many of them pieces of UTF-8
+    characters) and stop strings cut from their text, some multi-byte, end a row at the same token as decoding the
+    whole text each time would."""
+    from nextbit.infer.engine import stop_in_tail
+
+    g = torch.Generator().manual_seed(0)
+    found = 0
+    for trial in range(60):
+        ids = torch.randint(0, tokenizer.vocab_size, (40,), generator=g).tolist()
+        if trial % 3 == 0:  # multi-byte characters, also split across tokens
+            ids[10:10] = tokenizer.encode("naïve → 日本 ✓ ok")
+        text = tokenizer.decode(ids)
+        a = int(torch.randint(0, max(1, len(text) - 4), (1,), generator=g))
+        stops = [s for s in (text[a : a + 1 + trial % 4], "→ 日", "zz\u00e9q") if s and "\ufffd" not in s]
+        whole = next((k for k in range(1, len(ids) + 1) if cut_at_stop(tokenizer.decode(ids[:k]), stops)[1]), None)
+        tail = next((k for k in range(1, len(ids) + 1) if stop_in_tail(tokenizer, ids[:k], stops)), None)
+        assert tail == whole, (ids, stops)
+        found += whole is not None
+    assert found > 30  # most trials do stop somewhere
 
 
 def test_draw_never_picks_a_zero_probability_entry():

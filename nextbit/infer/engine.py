@@ -77,6 +77,19 @@ def stop_ids_for(tokenizer, params: SamplingParams) -> list[int]:
     return list(params.stop_token_ids) if params.stop_token_ids is not None else [tokenizer.eot_id, tokenizer.end_id]
 
 
+def stop_in_tail(tokenizer, tokens: Sequence[int], stops: Sequence[str]) -> bool:
+    """Whether a stop string ends in the text that the last token completed, checked on the last few tokens only
+    (checking the whole text each token would cost the square of the output's length). Every token is at least
+    one byte, so the last (longest stop's bytes + 3) tokens hold any stop string that ends in the last token, and
+    up to 3 bytes of a character cut at the window's start. Those decode as U+FFFD, after which the window's text
+    is the whole text's end (UTF-8 finds its own character boundaries), so a stop string without U+FFFD is found
+    here exactly when the whole text has it."""
+    window = max(len(s.encode("utf-8")) for s in stops) + 3
+    if any("\ufffd" in s for s in stops):  # a cut character could fake one: read the whole text
+        window = len(tokens)
+    return cut_at_stop(tokenizer.decode(tokens[-window:]), stops)[1]
+
+
 @dataclass(eq=False)  # a request is itself: two alike requests are still two (cancel() finds the right one)
 class Request:
     prompt: list[int]
@@ -423,7 +436,7 @@ class Engine:
         p = req.params
         if t in stop_ids_for(self.tokenizer, p):
             req.finish = "token"
-        elif p.stop and cut_at_stop(self.tokenizer.decode(req.tokens), p.stop)[1]:
+        elif p.stop and stop_in_tail(self.tokenizer, req.tokens, p.stop):
             req.finish = "string"
         elif len(req.tokens) >= min(p.max_new_tokens, self.max_len - len(req.prompt)):
             req.finish = "length"
