@@ -110,3 +110,13 @@ def test_batch_invariance_compares_alone_and_busy_at_a_tiny_shape():
                          "--requests", "6", "--slots", "3", "--new-tokens", "24")
     assert [r["temperature"] for r in lines] == [1.0, 0.0]
     assert all(r["peak_running"] == 3 and r["differ"] == 0 for r in lines)
+
+
+def test_stop_strings_bench_runs_at_a_tiny_shape():
+    """bench/stop_strings.py times the engine with and without a stop string that never matches; every row still
+    runs to its length, so both sides count the same tokens."""
+    lines = _bench_lines("stop_strings.py", "--depth", "1", "--width", "64", "--ctx", "64", "--rows", "2",
+                         "--vocab-size", "300", "--repeats", "1")
+    runs, summary = lines[:-1], lines[-1]
+    assert [r["stop_strings"] for r in runs] == [0, 1] and all(r["tokens"] == 2 * 48 and r["tokens_per_s"] > 0 for r in runs)
+    assert summary["bench"] == "stop_strings_cost" and summary["nextbit_with_over_without"] > 0
