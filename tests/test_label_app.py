@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,6 +227,32 @@ def test_admin_routes_are_closed_to_labelers(site):
         assert counts == {name: len(labels_by(site["db"], name)) for name in counts}
     finally:
         root.close()
+
+
+def test_an_internal_error_tells_the_labeler_an_id_and_the_log_the_details(site, monkeypatch, capfd):
+    """A fault inside a route is a 500 in the error shape whose message holds no internals (a database error's text
+    can carry SQL and other labelers' data), only an id that the server's log prints beside the traceback."""
+    def boom(*a, **kw):
+        raise RuntimeError("SELECT token_sha256 FROM users -- secret")
+
+    dave = Labeler(site["url"], site["tokens"]["dave"])
+    try:
+        monkeypatch.setattr(store, "progress", boom)
+        r = dave.http.get("/api/next")
+        monkeypatch.undo()
+        err = error_of(r)
+        assert r.status_code == 500 and err["type"] == "server_error" and err["code"] == "internal"
+        assert "secret" not in r.text and "SELECT" not in r.text
+        ref = re.search(r"internal error ([0-9a-f]{12})", err["message"]).group(1)
+        log = capfd.readouterr().err
+        assert f"internal error {ref} on GET /api/next" in log and "RuntimeError: SELECT token_sha256" in log
+    finally:
+        dave.close()
+    again = Labeler(site["url"], site["tokens"]["dave"])  # Starlette closes the connection after a 500: a new one
+    try:
+        assert again.next()["pair_id"]  # and the server goes on
+    finally:
+        again.close()
 
 
 def test_bad_input_is_a_4xx_in_the_error_shape(site):

@@ -834,6 +834,24 @@ def test_metrics(server, http):
     assert metric(after, "nextbit_requests_running") == 0 and metric(after, "nextbit_requests_waiting") == 0
 
 
+def test_a_bug_in_a_route_is_a_500_with_an_id_and_its_details_only_in_the_log(server, monkeypatch, capfd):
+    from nextbit.serve.runner import EngineRunner
+
+    def boom(self):
+        raise RuntimeError("/home/secret/path exploded")
+
+    monkeypatch.setattr(EngineRunner, "load", property(boom))
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:  # a 500 ends its connection
+        r = c.get("/metrics")
+    monkeypatch.undo()
+    err = r.json()["error"]
+    assert r.status_code == 500 and err["type"] == "server_error" and "secret" not in r.text
+    ref = err["message"].split()[2].rstrip(";")
+    log = capfd.readouterr().err
+    assert f"internal error {ref} on GET /metrics" in log and "RuntimeError: /home/secret/path exploded" in log
+    assert httpx.get(server.url + "/metrics", headers=AUTH, timeout=60).status_code == 200
+
+
 # ---- Ctrl-C -----------------------------------------------------------------------------------------------------------
 def test_ctrl_c_stops_the_server_cleanly(ckpt):
     """`nextbit serve --port 0` announces the port it got; Ctrl-C finishes the stream in flight, then stops."""

@@ -22,8 +22,11 @@ import hashlib
 import hmac
 import json
 import re
+import sys
 import threading
 import time
+import traceback
+import uuid
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -239,7 +242,12 @@ def create_app(state: LabelState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error", "internal"), 500)
+        # The details go to the server's log only: a database error's text can hold its SQL and parameters (other
+        # labelers' data). The labeler gets an id to quote.
+        ref = uuid.uuid4().hex[:12]
+        print(f"nextbit label: internal error {ref} on {request.method} {request.url.path}:", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+        return JSONResponse(error_body(f"internal error {ref}; the server's log has the details", "server_error", "internal"), 500)
 
     async def body(request: Request, model: type[BaseModel]):
         """The JSON body, bounded in size and validated against `model` (400 malformed, 413 too big, 422 invalid)."""

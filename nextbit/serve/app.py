@@ -14,7 +14,9 @@ import hmac
 import json
 import random
 import re
+import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +89,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error", None, 500), 500)
+        # a bug's details (paths, request contents) go to the server's log, with an id the client can quote
+        ref = uuid.uuid4().hex[:12]
+        print(f"nextbit serve: internal error {ref} on {request.method} {request.url.path}:", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+        return JSONResponse(error_body(f"internal error {ref}; the server's log has the details", "server_error", None, 500), 500)
 
     def count(app_):
         """Requests by route and status, counted when the response starts. A plain ASGI wrapper: Starlette's
