@@ -699,6 +699,19 @@ def test_the_engine_loop_survives_callers_that_went_away(loaded, ckpt2):
         runner.stop()
 
 
+def test_a_fault_while_scoring_an_echo_is_a_500_that_says_so(small, monkeypatch):
+    """The engine's scoring pass fails: that request gets a 500 naming the fault, and the next echo is scored."""
+    engine = small.runner.core.engine
+    real = engine.score
+    monkeypatch.setattr(engine, "score", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("injected scoring fault")))
+    body = {"prompt": "def f", "max_tokens": 0, "echo": True, "logprobs": 1}
+    with httpx.Client(base_url=small.url, timeout=30) as c:  # a 500 ends its connection
+        err = assert_error(c.post("/v1/completions", json=body), 500)
+    assert err["type"] == "server_error" and "failed scoring the prompt" in err["message"] and "injected" in err["message"]
+    monkeypatch.setattr(engine, "score", real)
+    assert httpx.post(small.url + "/v1/completions", json=body, timeout=30).status_code == 200
+
+
 def test_a_reload_that_fails_to_build_its_engine_keeps_the_old_one_and_its_queue(small):
     """The new engine cannot be built (say, out of memory for its cache): the reload is a 500, the request queued
     behind it runs once on the old model (its tokens not doubled), and the next reload works."""

@@ -36,7 +36,7 @@ from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
 from nextbit.serve.core import ServeCheck
-from nextbit.serve.runner import EngineGone, EngineRunner, QueueFull, ReloadSuperseded, Sink
+from nextbit.serve.runner import EngineFailed, EngineGone, EngineRunner, QueueFull, ReloadSuperseded, Sink
 
 PAGE = Path(__file__).with_name("chat.html")
 DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
@@ -326,6 +326,8 @@ def create_app(state: ServerState) -> FastAPI:
                 scored = [await state.runner.score(ids, logprobs) for ids in prompts]
             except EngineGone:
                 raise engine_gone()
+            except EngineFailed as e:
+                raise APIError(500, f"the engine failed scoring the prompt: {e}", type_="server_error")
         n_prompt = sum(len(p) for p in prompts)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
@@ -492,6 +494,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(e), "checkpoint")
         except ReloadSuperseded as e:
             raise APIError(409, f"{req.checkpoint} was not loaded: {e}", "checkpoint", type_="conflict_error")
+        except EngineFailed as e:
+            raise APIError(500, f"{req.checkpoint} was not loaded: {e}", "checkpoint", type_="server_error")
         except EngineGone:
             raise engine_gone()
         return {"status": "ok", **info}

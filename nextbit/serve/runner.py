@@ -49,6 +49,10 @@ class EngineGone(RuntimeError):
     """The core has stopped (or its process went away): nothing submitted now would be answered."""
 
 
+class EngineFailed(RuntimeError):
+    """The core could not do what a call asked (a scoring pass or a new engine failed): the message says why."""
+
+
 class ReloadSuperseded(Exception):
     """A reload still waiting for the running rows to finish was replaced by a later one."""
 
@@ -350,7 +354,7 @@ class EngineRunner:
             _settle(fut, value)
             return
         kind, message = value
-        _settle(fut, error={"bad_checkpoint": NextbitError, "superseded": ReloadSuperseded}.get(kind, RuntimeError)(message))
+        _settle(fut, error={"bad_checkpoint": NextbitError, "superseded": ReloadSuperseded}.get(kind, EngineFailed)(message))
 
     def _flush(self) -> None:
         """Hand the posted events over: one thread-safe call per event loop."""
