@@ -45,6 +45,44 @@ def test_greedy_equals_the_reference_for_ragged_batches_stop_strings_and_stop_to
     assert got[0].finish_reason == "stop" and ref[0].text[6:8] not in got[0].text and ref[0].text.startswith(got[0].text)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_penalties_and_logit_bias_equal_the_reference_row_by_row(model, tokenizer, prompts, temperature):
+    """OpenAI's frequency and presence penalties and logit_bias, each row its own, in one batch of three slots that a
+    fourth request joins when the first row ends: every row's tokens are the plain reference's."""
+    plain = reference_generate(model, tokenizer, prompts, SamplingParams(24, 0, stop_token_ids=[], seed=0))
+    banned = {plain[3].tokens[0]: -100.0, plain[3].tokens[1]: -100.0}
+    plist = [SamplingParams(10, temperature, seed=1, frequency_penalty=1.5, stop_token_ids=[]),
+             SamplingParams(24, temperature, seed=2, presence_penalty=2.0, logit_bias={plain[1].tokens[2]: 3.0}, stop_token_ids=[]),
+             SamplingParams(24, temperature, seed=3, stop_token_ids=[]),
+             SamplingParams(24, temperature, seed=4, frequency_penalty=-0.5, logit_bias=banned, stop_token_ids=[])]
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=3, max_len=96)
+    reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(prompts, plist)]
+    for r in reqs:
+        eng.submit(r)
+    while eng.busy:
+        eng.step()
+    for r, q, p in zip(reqs, prompts, plist):
+        assert r.tokens == reference_generate(model, tokenizer, [q], p)[0].tokens
+    assert reqs[3].slot == 0 and not set(banned) & set(reqs[3].tokens)  # joined in the first row's slot; bans hold
+    if temperature == 0:  # the penalties change what the greedy rows pick
+        assert reqs[0].tokens != plain[0].tokens[:10] and reqs[1].tokens != plain[1].tokens
+        assert max(reqs[0].tokens.count(t) for t in reqs[0].tokens) < max(plain[0].tokens.count(t) for t in plain[0].tokens)
+
+
+def test_a_logit_bias_of_100_forces_its_token_and_bad_biases_are_refused(model, tokenizer, prompts):
+    forced = tokenizer.encode(" zebra")[0]
+    got = generate(model, tokenizer, prompts[:2], SamplingParams(6, 1.0, seed=0, logit_bias={forced: 100.0}, stop_token_ids=[]),
+                   compile=False)
+    assert [c.tokens for c in got.completions] == [[forced] * 6] * 2
+    eng = Engine(model, tokenizer, compile=False)
+    for p, msg in [(SamplingParams(5, logit_bias={tokenizer.vocab_size: 1.0}), "logit_bias token ids"),
+                   (SamplingParams(5, logit_bias={3: 101.0}), "logit_bias values"),
+                   (SamplingParams(5, frequency_penalty=2.5), "--frequency-penalty"), (SamplingParams(5, presence_penalty=-3), "--presence-penalty")]:
+        with pytest.raises(NextbitError, match=msg):
+            eng.generate([[1]], p)
+
+
 @pytest.mark.parametrize("sync_every", [1, 3, 16])
 def test_seeded_sampling_equals_the_reference_whatever_the_sync_interval(model, tokenizer, prompts, sync_every):
     p = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.9, stop=["\n\n"], seed=11)

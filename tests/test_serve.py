@@ -204,6 +204,25 @@ def test_completion_prompt_shapes(client, loaded):
     assert lists.usage == texts.usage
 
 
+def test_penalties_and_logit_bias_through_the_openai_client(client, loaded):
+    """OpenAI's frequency_penalty, presence_penalty and logit_bias reach the engine: a bias of 100 forces a token, and
+    the server's tokens equal the engine's own (`nextbit sample`'s) for the same parameters and seed."""
+    tok = loaded.tokenizer
+    forced = tok.encode(" zebra")[0]
+    r = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=5, temperature=0.8, seed=1,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == tok.decode([forced] * 5)
+    kw = dict(max_tokens=12, temperature=0.9, seed=4)
+    got = client.completions.create(model=MODEL, prompt="import os", frequency_penalty=1.2, presence_penalty=0.6,
+                                    logit_bias={str(forced): -100}, **kw).choices[0].text
+    p = SamplingParams(12, 0.9, seed=4, frequency_penalty=1.2, presence_penalty=0.6, logit_bias={forced: -100.0})
+    want = generate(loaded.model, tok, [ids_of(tok, "import os")], p, compile=False).completions[0].text
+    assert got == want and " zebra" not in got
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == tok.decode([forced] * 3)
+
+
 def test_chat(client, loaded):
     tok = loaded.tokenizer
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does zip do?"},
@@ -433,6 +452,14 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     ("/v1/completions", {"prompt": [0, 1, 10**6]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [-1]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, None),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -3}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1e3": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "stream_options": "yes"}, 400, None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),

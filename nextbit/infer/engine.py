@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.infer.sampling import SamplingParams, cut_at_stop, filter_width, row_seed, sample_tokens
+from nextbit.infer.sampling import SamplingParams, adjust_logits, cut_at_stop, filter_width, row_seed, sample_tokens
 
 STOP_WIDTH = 4  # stop-token ids per slot (padded with -1): a fixed width keeps one compiled step
 TOP_LOGPROBS = 5  # alternatives reported per token, at most (the OpenAI API's limit for completions)
@@ -234,6 +234,9 @@ class Engine:
         self.active = z(torch.bool)
         self.temperature, self.top_p, self.top_k = z(torch.float32), torch.ones(slots, device=self.device), z()
         self.stop_ids = torch.full((slots, STOP_WIDTH), -1, dtype=torch.long, device=self.device)
+        self.frequency, self.presence = z(torch.float32), z(torch.float32)
+        self.counts: Optional[torch.Tensor] = None  # (slots, vocab) tokens generated, once a penalized request came
+        self.bias: Optional[torch.Tensor] = None  # (slots, vocab) logit bias, once a request with one came
         self.running: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
 
@@ -249,6 +252,8 @@ class Engine:
             raise NextbitError(f"prompt of {n} tokens does not fit the context of {self.max_len}")
         if any(t < 0 or t >= self.vocab for t in req.prompt):
             raise NextbitError(f"prompt token ids must be in [0, {self.vocab})")
+        if any(not 0 <= t < self.vocab for t in req.params.logit_bias or {}):
+            raise NextbitError(f"logit_bias token ids must be in [0, {self.vocab})")
         if len(stop_ids_for(self.tokenizer, req.params)) > STOP_WIDTH:
             raise NextbitError(f"at most {STOP_WIDTH} stop token ids per request")
         self.waiting.append(req)
@@ -302,9 +307,13 @@ class Engine:
         h = h[torch.arange(len(reqs), device=dev), lens - 1]  # each prompt's last real token
         logits = self.model.logits(h)[:, : self.vocab]
         width = filter_width([r.params for r in reqs], self.vocab)
-        nxt = sample_tokens(logits, self.temperature[s], self.top_k[s], self.top_p[s], self.seeds[s], self.counters[s],
+        biased = any(r.params.logit_bias for r in reqs)  # no penalty yet: nothing generated
+        scores = adjust_logits(logits, None, self.frequency[s], self.presence[s], self.bias[s]) if biased else logits
+        nxt = sample_tokens(scores, self.temperature[s], self.top_k[s], self.top_p[s], self.seeds[s], self.counters[s],
                             width, any(r.params.temperature > 0 for r in reqs), any(r.params.temperature == 0 for r in reqs))
         lp = self._logprobs(logits, nxt) if any(r.logprobs >= 0 for r in reqs) else None
+        if self.counts is not None:
+            self.counts[s, nxt] += 1
         return self._advance(nxt, s, lens, lp)
 
     def _set_rows(self, reqs: list[Request], s: torch.Tensor, lens: torch.Tensor) -> None:
@@ -320,6 +329,27 @@ class Engine:
         self.counters[s] = 0
         self.lengths[s] = lens
         self.active[s] = True
+        self.frequency[s] = torch.tensor([x.frequency_penalty for x in p], device=dev, dtype=torch.float32)
+        self.presence[s] = torch.tensor([x.presence_penalty for x in p], device=dev, dtype=torch.float32)
+        if self.counts is None and any(x.penalized for x in p):
+            self.counts = self._row_table()
+        if self.counts is not None:
+            self.counts[s] = 0
+        if self.bias is None and any(x.logit_bias for x in p):
+            self.bias = self._row_table()
+        if self.bias is not None:
+            self.bias[s] = 0
+            for slot, x in zip(s.tolist(), p):
+                if x.logit_bias:
+                    ids = torch.tensor(list(x.logit_bias), device=dev, dtype=torch.long)
+                    self.bias[slot, ids] = torch.tensor(list(x.logit_bias.values()), device=dev, dtype=torch.float32)
+
+    def _row_table(self) -> torch.Tensor:
+        """A (slots, vocabulary) float table, made when the first request that needs one comes."""
+        t = torch.zeros((self.slots, self.vocab), device=self.device)
+        if self.compile:
+            torch._dynamo.mark_static_address(t)
+        return t
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, nxt: torch.Tensor):
@@ -356,9 +386,11 @@ class Engine:
         sampling = any(r.params.temperature > 0 for r in reqs)
         greedy = any(r.params.temperature == 0 for r in reqs)
         want_lp = any(r.logprobs >= 0 for r in reqs)
-        key = (self._shape, width, sampling, greedy, want_lp)
+        penalized = any(r.params.penalized for r in reqs)
+        biased = any(r.params.logit_bias for r in reqs)
+        key = (self._shape, width, sampling, greedy, want_lp, penalized, biased)
         if key not in self._steps:
-            self._steps[key] = self._make_step(width, sampling, greedy, want_lp)
+            self._steps[key] = self._make_step(width, sampling, greedy, want_lp, penalized, biased)
         if self.compile:
             hi, W, runs = self.slots, self.max_len, None
             if self.device.type == "cuda":
@@ -376,21 +408,27 @@ class Engine:
         nxt, lengths, counters, active, lp = self._steps[key](
             self.last[:hi], self.lengths[:hi], self.counters[:hi], self.active[:hi], self.max_new[:hi],
             self.temperature[:hi], self.top_k[:hi], self.top_p[:hi], self.seeds[:hi], self.stop_ids[:hi],
+            self.counts[:hi] if penalized else None, self.frequency[:hi], self.presence[:hi],
+            self.bias[:hi] if biased else None,
             [t[:hi, :, :W] for t in self.k] if not self.compile else self.k,
             [t[:hi, :, :W] for t in self.v] if not self.compile else self.v, runs)
         self.last[:hi].copy_(nxt)
         self.lengths[:hi].copy_(lengths)
         self.counters[:hi].copy_(counters)
         self.active[:hi].copy_(active)
+        if penalized:  # the rows that produced a token count it
+            self.counts[:hi].scatter_add_(1, nxt[:, None], live[:, None].float())
         return (nxt.clone(), live) + (tuple(x.clone() for x in lp) if lp is not None else (None, None, None))
 
-    def _make_step(self, width: int, sampling: bool, greedy: bool, want_lp: bool):
+    def _make_step(self, width: int, sampling: bool, greedy: bool, want_lp: bool, penalized: bool, biased: bool):
         model, vocab, pad = self.model, self.vocab, self.tokenizer.pad_id
 
-        def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, k, v, runs=None):
+        def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, counts, frequency,
+                 presence, bias, k, v, runs=None):
             h = model(last[:, None], cache=_Decode(k, v, lengths, runs), return_hidden=True)[:, -1]
             logits = model.logits(h)[:, :vocab]
-            nxt = sample_tokens(logits, temperature, top_k, top_p, seeds, counters, width, sampling, greedy)
+            scores = adjust_logits(logits, counts, frequency, presence, bias) if penalized or biased else logits
+            nxt = sample_tokens(scores, temperature, top_k, top_p, seeds, counters, width, sampling, greedy)
             nxt = torch.where(active, nxt, torch.full_like(nxt, pad))  # idle rows feed padding
             lp = Engine._logprobs(logits, nxt) if want_lp else None
             step_ = active.long()

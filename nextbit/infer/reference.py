@@ -10,7 +10,7 @@ import torch
 
 from nextbit.core.model import GPT
 from nextbit.infer.engine import Completion, completion, stop_ids_for
-from nextbit.infer.sampling import SamplingParams, cut_at_stop, filter_width, row_seed, sample_tokens
+from nextbit.infer.sampling import SamplingParams, adjust_logits, cut_at_stop, filter_width, row_seed, sample_tokens
 
 
 @torch.no_grad()
@@ -23,13 +23,20 @@ def reference_generate(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
     out = []
     for i, prompt in enumerate(prompts):
         seq, new, finish = list(prompt), [], None
+        counts, bias = torch.zeros(1, vocab, device=dev), torch.zeros(1, vocab, device=dev)
+        for tok_id, b in (params.logit_bias or {}).items():
+            bias[0, tok_id] = b
         for t in range(min(params.max_new_tokens, ctx - len(prompt))):
             logits = model(torch.tensor([seq], device=dev))[:, -1, :vocab]
+            if params.penalized or params.logit_bias:
+                logits = adjust_logits(logits, counts if params.penalized else None, one(params.frequency_penalty),
+                                       one(params.presence_penalty), bias if params.logit_bias else None)
             nxt = int(sample_tokens(logits, one(params.temperature), one(params.top_k, torch.long), one(params.top_p),
                                     one(row_seed(params.seed, i), torch.long), one(t, torch.long),
                                     filter_width([params], vocab), params.temperature > 0, params.temperature == 0)[0])
             new.append(nxt)
             seq.append(nxt)
+            counts[0, nxt] += 1
             if nxt in stop_ids:
                 finish = "token"
             elif params.stop and cut_at_stop(tokenizer.decode(new), params.stop)[1]:

@@ -31,6 +31,8 @@ class SampleConfig:
     top_k: int = 50  # 0 = off
     top_p: float = 0.95  # 1 = off
     stop: list[str] = field(default_factory=list)  # stop strings
+    frequency_penalty: float = 0.0  # in [-2, 2]: taken off a token's logit once per time it was generated
+    presence_penalty: float = 0.0  # in [-2, 2]: taken once off the logit of every token generated so far
     seed: Optional[int] = None
     device: str = "auto"  # auto | cpu | cuda
 
@@ -65,7 +67,8 @@ def sample(cfg: SampleConfig) -> list[Completion]:
     ck = load_checkpoint(cfg.checkpoint, pick_device(cfg.device))
     model, tok = ck.model.eval(), ck.tokenizer
     ids = prompt_ids(cfg, tok)
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, list(cfg.stop), seed=cfg.seed)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, list(cfg.stop), seed=cfg.seed,
+                            frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     return generate(model, tok, [ids] * cfg.num_samples, params).completions

@@ -31,12 +31,22 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output text)
     stop_token_ids: Optional[list[int]] = None  # default: <|endoftext|> and <|end|>
     seed: Optional[int] = None
+    frequency_penalty: float = 0.0  # taken off a token's logit once per time this row has generated it (OpenAI's)
+    presence_penalty: float = 0.0  # taken once off the logit of every token this row has generated
+    logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (-100 bans it, 100 all but forces it)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
     def validate(self) -> None:
         check(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        check(-2 <= self.frequency_penalty <= 2, f"--frequency-penalty must be in [-2, 2], got {self.frequency_penalty}")
+        check(-2 <= self.presence_penalty <= 2, f"--presence-penalty must be in [-2, 2], got {self.presence_penalty}")
+        check(all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]")
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -67,6 +77,18 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
+def adjust_logits(logits: torch.Tensor, counts: Optional[torch.Tensor], frequency: torch.Tensor, presence: torch.Tensor,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """OpenAI's penalties and logit bias on logits (B, V), in fp32: `counts` (B, V) is how often each row has generated
+    each token (None: no row is penalized), `frequency` and `presence` (B,) its penalties, `bias` (B, V) or None."""
+    out = logits.float()
+    if counts is not None:
+        out = out - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+    if bias is not None:
+        out = out + bias
+    return out
 
 
 def filter_width(params: Sequence[SamplingParams], vocab: int) -> int:

@@ -194,6 +194,8 @@ def create_app(state: ServerState) -> FastAPI:
     def check_n(req, n_prompts: int) -> None:
         if req.n > state.max_n:
             raise APIError(400, f"n must be at most {state.max_n}", "n")
+        if getattr(req, "best_of", None) not in (None, req.n):
+            raise APIError(400, f"best_of must equal n ({req.n}): this server returns every sample it draws", "best_of")
         room_ = state.runner.slots + state.runner.max_waiting
         if n_prompts * req.n > room_:  # it could never be admitted: not a 429 to retry forever
             raise APIError(400, f"{n_prompts} prompt(s) x n={req.n} choices is more than this server holds at once "
@@ -203,11 +205,16 @@ def create_app(state: ServerState) -> FastAPI:
         check_n(req, len(prompts))
         base = req.seed if req.seed is not None else random.getrandbits(62)
         top_k = req.top_k if 0 < req.top_k < tok.vocab_size else 0  # -1, 0 or past the vocabulary: every candidate
+        bias = req.token_bias()
+        if bias and max(bias) >= tok.vocab_size:
+            raise APIError(400, f"logit_bias token ids must be in [0, {tok.vocab_size})", "logit_bias")
         out = []
         for i, (ids, m) in enumerate(zip(prompts, max_new)):
             for j in range(req.n):
                 params = SamplingParams(max_new_tokens=max(1, m), temperature=req.temperature, top_k=top_k,
-                                        top_p=req.top_p, stop=req.stops(), stop_token_ids=stop_ids)
+                                        top_p=req.top_p, stop=req.stops(), stop_token_ids=stop_ids,
+                                        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                                        logit_bias=bias)
                 out.append(Choice(len(out), EngineRequest(ids, params, row_seed(base + i if req.seed is None else base, j),
                                                           logprobs=logprobs), tok, req.stops()))
         return out

@@ -27,9 +27,27 @@ class _Sampling(_Body):
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     n: int = Field(1, ge=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # token id (a JSON key, so a string) -> added to its logit
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        for key, bias in v.items():
+            if not key.isdigit() or len(key) > 12:
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:40]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return v
+
+    def token_bias(self) -> Optional[dict[int, float]]:
+        return {int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -42,6 +60,7 @@ class CompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: Optional[int] = Field(None, ge=1)  # only equal to n: nextbit returns the n samples it draws
 
     @field_validator("prompt")
     @classmethod
