@@ -45,17 +45,19 @@ def test_greedy_equals_the_reference_for_ragged_batches_stop_strings_and_stop_to
     assert got[0].finish_reason == "stop" and ref[0].text[6:8] not in got[0].text and ref[0].text.startswith(got[0].text)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_penalties_and_logit_bias_equal_the_reference_row_by_row(model, tokenizer, prompts, temperature):
+@pytest.mark.parametrize("temperature,sync_every", [(0.0, 1), (1.0, 1), (1.0, 3)])
+def test_penalties_and_logit_bias_equal_the_reference_row_by_row(model, tokenizer, prompts, temperature, sync_every):
     """OpenAI's frequency and presence penalties and logit_bias, each row its own, in one batch of three slots that a
-    fourth request joins when the first row ends: every row's tokens are the plain reference's."""
+    fourth request joins when the first row ends (its slot's counts and bias must start afresh): every row's tokens
+    are the plain reference's."""
     plain = reference_generate(model, tokenizer, prompts, SamplingParams(24, 0, stop_token_ids=[], seed=0))
     banned = {plain[3].tokens[0]: -100.0, plain[3].tokens[1]: -100.0}
-    plist = [SamplingParams(10, temperature, seed=1, frequency_penalty=1.5, stop_token_ids=[]),
+    pushed = {plain[3].tokens[2]: 8.0}  # the first row's bias, which the fourth row must not inherit
+    plist = [SamplingParams(10, temperature, seed=1, frequency_penalty=1.5, logit_bias=pushed, stop_token_ids=[]),
              SamplingParams(24, temperature, seed=2, presence_penalty=2.0, logit_bias={plain[1].tokens[2]: 3.0}, stop_token_ids=[]),
              SamplingParams(24, temperature, seed=3, stop_token_ids=[]),
-             SamplingParams(24, temperature, seed=4, frequency_penalty=-0.5, logit_bias=banned, stop_token_ids=[])]
-    eng = Engine(model, tokenizer, compile=False)
+             SamplingParams(24, temperature, seed=4, frequency_penalty=-0.5, stop_token_ids=[])]
+    eng = Engine(model, tokenizer, compile=False, sync_every=sync_every)
     eng.start(slots=3, max_len=96)
     reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(prompts, plist)]
     for r in reqs:
@@ -64,10 +66,39 @@ def test_penalties_and_logit_bias_equal_the_reference_row_by_row(model, tokenize
         eng.step()
     for r, q, p in zip(reqs, prompts, plist):
         assert r.tokens == reference_generate(model, tokenizer, [q], p)[0].tokens
-    assert reqs[3].slot == 0 and not set(banned) & set(reqs[3].tokens)  # joined in the first row's slot; bans hold
+    assert reqs[3].slot == 0  # joined in the first row's slot
+    assert reqs[3].tokens != reference_generate(model, tokenizer, [prompts[3]], SamplingParams(
+        24, temperature, seed=4, frequency_penalty=-0.5, logit_bias=pushed, stop_token_ids=[]))[0].tokens  # it would show
+    banned_run = generate(model, tokenizer, prompts[3:], SamplingParams(24, temperature, seed=4, logit_bias=banned,
+                                                                        stop_token_ids=[]), compile=False)
+    assert not set(banned) & set(banned_run.completions[0].tokens)
     if temperature == 0:  # the penalties change what the greedy rows pick
         assert reqs[0].tokens != plain[0].tokens[:10] and reqs[1].tokens != plain[1].tokens
         assert max(reqs[0].tokens.count(t) for t in reqs[0].tokens) < max(plain[0].tokens.count(t) for t in plain[0].tokens)
+
+
+def test_a_row_draws_the_same_token_whatever_the_rows_beside_it_filter():
+    """A row's draw depends on its own logits, parameters and stream only: an unfiltered row alone (the plain softmax)
+    and beside a top-p or a top-k row (the sorted path over the whole vocabulary) draws the same token, and so does a
+    top-k row alone and beside a row that needs the whole vocabulary. A tiny temperature samples, without NaN."""
+    g = torch.Generator().manual_seed(0)
+    V = 300
+    logits = torch.randn(2, V, generator=g) * 3
+    one, t = torch.ones(2), torch.ones(2)
+    for seed in range(200):
+        seeds, ctr = torch.tensor([seed, 7]), torch.tensor([3, 3])
+        alone = sample_tokens(logits[:1], t[:1], torch.zeros(1, dtype=torch.long), one[:1], seeds[:1], ctr[:1], 0)
+        for k, p in ((0, 0.9), (20, 1.0)):
+            mixed = sample_tokens(logits, t, torch.tensor([0, k]), torch.tensor([1.0, p]), seeds, ctr, V)
+            assert mixed[0] == alone[0], (seed, k, p)
+        k_alone = sample_tokens(logits[1:], t[:1], torch.tensor([20]), one[:1], seeds[1:], ctr[1:], 20)
+        k_mixed = sample_tokens(logits, t, torch.tensor([0, 20]), one, seeds, ctr, V)
+        assert k_mixed[1] == k_alone[0]
+    tiny = torch.tensor([1e-39, 1e-39])
+    for width, top_p in ((0, 1.0), (V, 0.9)):
+        got = sample_tokens(logits, tiny, torch.zeros(2, dtype=torch.long), torch.full((2,), top_p), torch.tensor([1, 2]),
+                            torch.zeros(2, dtype=torch.long), width)
+        assert torch.equal(got, logits.argmax(-1))
 
 
 def test_a_logit_bias_of_100_forces_its_token_and_bad_biases_are_refused(model, tokenizer, prompts):
@@ -81,6 +112,9 @@ def test_a_logit_bias_of_100_forces_its_token_and_bad_biases_are_refused(model, 
                    (SamplingParams(5, frequency_penalty=2.5), "--frequency-penalty"), (SamplingParams(5, presence_penalty=-3), "--presence-penalty")]:
         with pytest.raises(NextbitError, match=msg):
             eng.generate([[1]], p)
+    import torch._dynamo.config as dynamo
+    Engine(model, tokenizer, compile=True)  # compiles only when it steps; its variants must not hit dynamo's limit of 8
+    assert dynamo.recompile_limit >= 64
 
 
 @pytest.mark.parametrize("sync_every", [1, 3, 16])

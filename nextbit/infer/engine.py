@@ -200,6 +200,8 @@ class Engine:
         self.sync_every = sync_every or (16 if self.device.type == "cuda" else 1)  # host reads per this many steps
         self.precision = precision
         self.run_cost = RUN_COST  # see attention_runs
+        if self.compile:  # one compiled step per (width, sampling, greedy, logprobs, penalties, bias) seen, not 8 at most
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.vocab = tokenizer.vocab_size  # the model's embedding may be padded past the tokenizer's vocabulary
         self._steps: dict[tuple, Callable] = {}
         self._shape: Optional[tuple] = None
@@ -408,8 +410,8 @@ class Engine:
         nxt, lengths, counters, active, lp = self._steps[key](
             self.last[:hi], self.lengths[:hi], self.counters[:hi], self.active[:hi], self.max_new[:hi],
             self.temperature[:hi], self.top_k[:hi], self.top_p[:hi], self.seeds[:hi], self.stop_ids[:hi],
-            self.counts[:hi] if penalized else None, self.frequency[:hi], self.presence[:hi],
-            self.bias[:hi] if biased else None,
+            (self.counts if self.compile else self.counts[:hi]) if penalized else None, self.frequency[:hi], self.presence[:hi],
+            (self.bias if self.compile else self.bias[:hi]) if biased else None,  # compiled: the static tables themselves
             [t[:hi, :, :W] for t in self.k] if not self.compile else self.k,
             [t[:hi, :, :W] for t in self.v] if not self.compile else self.v, runs)
         self.last[:hi].copy_(nxt)

@@ -72,11 +72,16 @@ def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The index each row of `probs` (B, K; non-negative, any positive total) draws with its uniform `u` (B,): the
-    first whose cumulative probability passes u x the row's total. An entry of probability 0 is never drawn."""
+    first whose cumulative probability passes u x the row's total. An entry of probability 0 is never drawn (on CPU
+    the cumulative sum is sequential, so it does not rise across one; elsewhere a drawn zero gives way to the row's
+    most likely entry). A row that is not a distribution (NaN) still gets an index in range."""
     cdf = probs.cumsum(-1)  # non-decreasing: the sums of non-negative numbers
     total = cdf[:, -1:]
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    pick = torch.searchsorted(cdf, x, right=True).clamp_(max=probs.size(-1) - 1)
+    if probs.device.type != "cpu":  # a parallel scan need not repeat a sum exactly across a zero entry
+        pick = torch.where(probs.gather(-1, pick) > 0, pick, probs.argmax(-1, keepdim=True))
+    return pick.squeeze(-1)
 
 
 def adjust_logits(logits: torch.Tensor, counts: Optional[torch.Tensor], frequency: torch.Tensor, presence: torch.Tensor,
@@ -110,18 +115,24 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     False that every row does (the argmax is then skipped)."""
     if not sampling:
         return logits.argmax(-1)
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    # a temperature below 1e-5 samples as 1e-5 does (all but greedy): logits / 1e-39 would overflow to NaN
+    t = torch.where(temperature > 0, temperature.clamp(min=1e-5), torch.ones_like(temperature))
     scaled = logits.float() / t[:, None]
     u = counter_uniform(seeds, counters)
     if width == 0:
-        choice = draw(scaled.softmax(-1), u)
+        probs = scaled.softmax(-1)
     else:
         vals, ids = torch.topk(scaled, width, dim=-1)  # sorted, descending
         k = torch.where(top_k > 0, top_k.clamp(max=width), torch.full_like(top_k, width))
         vals = vals.masked_fill(torch.arange(width, device=logits.device)[None] >= k[:, None], float("-inf"))
         probs = vals.softmax(-1)
         drop = (probs.cumsum(-1) - probs > top_p[:, None]) & (top_p < 1)[:, None]  # keep the smallest prefix reaching top_p
-        choice = ids.gather(-1, draw(probs.masked_fill(drop, 0.0), u)[:, None]).squeeze(-1)
+        # back in vocabulary order: a row's draw never depends on the sort, nor so on the rows beside it
+        probs = torch.zeros_like(scaled).scatter_(-1, ids, probs.masked_fill(drop, 0.0))
+        if width == logits.size(-1):  # a row that filters nothing draws from the plain softmax, as it would alone
+            plain = ((top_k <= 0) | (top_k >= width)) & (top_p >= 1)
+            probs = torch.where(plain[:, None], scaled.softmax(-1), probs)
+    choice = draw(probs, u)
     return torch.where(temperature > 0, choice, logits.argmax(-1)) if greedy else choice
 
 

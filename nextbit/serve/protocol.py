@@ -40,7 +40,7 @@ class _Sampling(_Body):
         if v is None:
             return v
         for key, bias in v.items():
-            if not key.isdigit() or len(key) > 12:
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:
                 raise ValueError(f"logit_bias keys must be token ids, got {key[:40]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
