@@ -25,6 +25,20 @@ def prompts(tokenizer):
             tokenizer.encode("class A:\n    pass\n\n\nclass B(A):")]
 
 
+def run_against_the_reference(eng, slots, prompts, plist, max_len=96) -> list[Request]:
+    """One request per (prompt, params) into `slots` slots (later ones join as rows end), stepped to the end; each
+    row's tokens must be the plain reference's."""
+    eng.start(slots=slots, max_len=max_len)
+    reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(prompts, plist)]
+    for r in reqs:
+        eng.submit(r)
+    while eng.busy:
+        eng.step()
+    for r, q, p in zip(reqs, prompts, plist):
+        assert r.tokens == reference_generate(eng.model, eng.tokenizer, [q], p)[0].tokens
+    return reqs
+
+
 def _same(got, ref):
     assert [(c.tokens, c.text, c.finish_reason) for c in got] == [(c.tokens, c.text, c.finish_reason) for c in ref]
 
@@ -57,15 +71,7 @@ def test_penalties_and_logit_bias_equal_the_reference_row_by_row(model, tokenize
              SamplingParams(24, temperature, seed=2, presence_penalty=2.0, logit_bias={plain[1].tokens[2]: 3.0}, stop_token_ids=[]),
              SamplingParams(24, temperature, seed=3, stop_token_ids=[]),
              SamplingParams(24, temperature, seed=4, frequency_penalty=-0.5, stop_token_ids=[])]
-    eng = Engine(model, tokenizer, compile=False, sync_every=sync_every)
-    eng.start(slots=3, max_len=96)
-    reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(prompts, plist)]
-    for r in reqs:
-        eng.submit(r)
-    while eng.busy:
-        eng.step()
-    for r, q, p in zip(reqs, prompts, plist):
-        assert r.tokens == reference_generate(model, tokenizer, [q], p)[0].tokens
+    reqs = run_against_the_reference(Engine(model, tokenizer, compile=False, sync_every=sync_every), 3, prompts, plist)
     assert reqs[3].slot == 0  # joined in the first row's slot
     assert reqs[3].tokens != reference_generate(model, tokenizer, [prompts[3]], SamplingParams(
         24, temperature, seed=4, frequency_penalty=-0.5, logit_bias=pushed, stop_token_ids=[]))[0].tokens  # it would show
@@ -187,14 +193,7 @@ def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, token
               for n, s in [(5, 1), (75, 2), (30, 3), (60, 4)]]
     qs = [prompts[0], prompts[1], prompts[2], prompts[3]]
     assert all(len(q) + p.max_new_tokens <= 96 for q, p in zip(qs, params))
-    eng.start(slots=4, max_len=96)
-    reqs = [Request(list(q), p, row_seed(p.seed, 0)) for q, p in zip(qs, params)]
-    for r in reqs:
-        eng.submit(r)
-    while eng.busy:
-        eng.step()
-    for r, q, p in zip(reqs, qs, params):
-        assert r.tokens == reference_generate(model, tokenizer, [q], p)[0].tokens
+    reqs = run_against_the_reference(eng, 4, qs, params)
     longest, total = max(len(q) for q in qs) + 1, max(len(q) + p.max_new_tokens for q, p in zip(qs, params))
     assert shapes[0] == (4, longest)  # all four rows, over what the longest needs (not the whole cache), growing to
     assert total <= max(w for _, w in shapes) <= min(96, total + sync_every - 1)  # what the longest row needs at its end
