@@ -28,7 +28,7 @@ from nextbit.train.pretrain import TrainConfig, train
 class DemoConfig:
     out: str = "runs/demo"
     minutes: float = 5.0  # wall-time budget for the whole demo; training gets what preparing and reporting leave
-    reserve: float = 25.0  # seconds kept back for the final evaluation, the compressors and the samples
+    reserve: float = 25.0  # seconds kept back for the compressors and the samples (the final evaluation is inside the training budget)
     train_seconds: float = 0  # train for exactly this long instead of what --minutes leaves; 0 = off
     depth: int = 4  # the one dial (width = 64 x depth)
     vocab_size: int = 4096

@@ -28,7 +28,7 @@ from nextbit.core.tokenizer import Tokenizer
 from nextbit.train import schedule
 from nextbit.train.distributed import Dist, any_flag
 from nextbit.train.interrupt import CtrlC
-from nextbit.train.metrics import OVERFIT_PATIENCE, MetricsLog, overfitting, plot_losses
+from nextbit.train.metrics import OVERFIT_PATIENCE, MetricsLog, overfitting, plot_losses, pyplot
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LoopConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
-    time_budget: float = 0  # seconds: fit the schedule to this wall time (steps becomes a cap); 0 = off
+    time_budget: float = 0  # seconds of wall time for the whole run, its evaluations and checkpoints included: the schedule is fitted to it (steps becomes a cap); 0 = off
     resume: bool = False
     quiet: bool = False
 
@@ -106,11 +106,13 @@ class TrainLoop:
         wrap: Optional[Callable[[GPT], torch.nn.Module]] = None,
         title: str = "training",
         data_tokens: int = 0,
+        started: Optional[float] = None,
     ):
         cfg.validate()
         self.cfg, self.d, self.objective, self.accum = cfg, dist_info, objective, accum
         self.tokenizer, self.evaluate, self.title = tokenizer, evaluate, title
         self.run_dir = Path(run_dir)
+        self.started = started or time.time()  # when the command started: --time-budget counts from here
         self.ckpt_dir = self.run_dir / "checkpoint"
         self.run_config = run_config or {}
         self.model = model.to(dist_info.device)
@@ -157,6 +159,8 @@ class TrainLoop:
         self._warned_overfit = False
         self._warned_warmup = False
         self.total = cfg.steps  # the run's length: --steps, or what --time-budget will reach (re-estimated each step)
+        self.clock: Optional[schedule.BudgetClock] = None
+        self._planned = False  # --time-budget: the evaluations' size and cost have been planned
 
     def _shard(self, model: GPT) -> None:
         pass  # replicated: nothing to shard
@@ -176,6 +180,7 @@ class TrainLoop:
     def save(self, step: int, finished: bool = False) -> None:
         """Checkpoint after `step`; `finished` marks the run's last step (a stage that is done, not one to resume).
         A write that fails on rank 0 (a full disk) fails on every rank, so none is left waiting for it."""
+        t0 = time.time()
         seconds = round(self.seconds_before + time.time() - getattr(self, "_t_run", time.time()), 2)
         state = self._full_state()
         opt_state = self._full_optimizer_state()
@@ -197,6 +202,8 @@ class TrainLoop:
                 failed = e
         if any_flag(failed is not None, self.d):
             raise failed or NextbitError(f"rank 0 could not write the checkpoint {self.ckpt_dir}")
+        if self.clock:
+            self.clock.saved(time.time() - t0)
 
     def _full_state(self):
         return None  # replicated (DDP / single process): the model's own state dict
@@ -215,7 +222,11 @@ class TrainLoop:
         steps_this_run = 0
         t_run = self._t_run = time.time()
         log_every = cfg.log_every or (10 if d.device.type == "cuda" else 1)
-        clock = schedule.BudgetClock(cfg.time_budget, cfg.steps) if cfg.time_budget else None
+        clock = self.clock = None
+        if cfg.time_budget:
+            clock = self.clock = schedule.BudgetClock(cfg.time_budget, cfg.steps, cfg.eval_every,
+                                                      evaluates=self.evaluate is not None, save_every=cfg.save_every)
+            clock.expect_save(self._save_estimate())
         try:
             self.train_model.train()
             while step < self.total:
@@ -228,7 +239,11 @@ class TrainLoop:
                 self.tokens_seen += tokens * d.world
                 dt = time.time() - t0
                 if clock:
-                    self._fit_to_budget(clock.total(step, dt, time.time() - t_run))
+                    total = clock.total(step, dt, time.time() - self.started)
+                    if clock.step_time is not None and not self._planned:
+                        self._plan_evaluations(clock, step, tokens)
+                        total = clock.total(step, dt, time.time() - self.started)  # with the evaluations kept back
+                    self._fit_to_budget(total)
                     bar.total = self.total
                 if step % log_every == 0 or step >= self.total:  # the only place the host waits for the device
                     metrics = self._host_metrics(metrics, step)
@@ -315,6 +330,7 @@ class TrainLoop:
 
     def _evaluate(self, step: int) -> dict:
         ev: dict = {}
+        t0 = time.time()
         if self.d.main:
             self.model.eval()
             with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
@@ -323,7 +339,52 @@ class TrainLoop:
             self._log_eval(step, ev)
         if self.d.enabled:
             torch.distributed.barrier()
+        if self.clock:
+            self.clock.evaluated(time.time() - t0)
         return ev
+
+    def _plan_evaluations(self, clock: schedule.BudgetClock, step: int, tokens: int) -> None:
+        """--time-budget, once the step time is known: what the loss curve and the evaluations still to come will cost (timed on a small
+        cut where the evaluation can `probe`, else estimated from the step time), so that the clock keeps their time
+        back. An evaluation that reads a number of tokens (`evaluate.tokens`) and that would
+        take more than a quarter of the budget, counted over all the evaluations the run will make, is cut to fit
+        (`evaluate.limit`), unless its size was given."""
+        self._planned = True
+        ev, cfg = self.evaluate, self.cfg
+        if self.d.main:  # the loss curve so far (once matplotlib is loaded): what drawing the last one will cost
+            pyplot()
+            t0 = time.time()
+            plot_losses(self.log.records(), self.run_dir / "loss.png", self.title)
+            clock.plotted(time.time() - t0)
+        n = getattr(ev, "tokens", 0)
+        if not n or not self.d.main:
+            return
+        per_token = self._probe_seconds_per_token(ev) or schedule.FORWARD_COST * clock.step_time / max(1, tokens)
+        left = cfg.time_budget - (time.time() - self.started)
+        steps_left = max(0.0, left * (1 - schedule.EVAL_SHARE) / clock.step_time)
+        count = 1 + (int((step + steps_left) // cfg.eval_every) - step // cfg.eval_every if cfg.eval_every else 0)
+        fit = int(schedule.EVAL_SHARE * max(0.0, left) / count / per_token)
+        if n > fit and hasattr(ev, "limit") and ev.limit(fit):
+            if not cfg.quiet:
+                tqdm.write(f"note: --time-budget {cfg.time_budget:g}: each of the run's about {count} evaluations reads the "
+                           f"first {ev.tokens:,} of the {n:,} held-out tokens, so that they take about "
+                           f"{schedule.EVAL_SHARE:.0%} of the budget (--eval-tokens sets the number)")
+        clock.expect_eval(ev.tokens * per_token)
+
+    def _probe_seconds_per_token(self, ev) -> Optional[float]:
+        """Seconds an evaluated token costs, timed on a small cut of the evaluation (`evaluate.probe`), if it has one."""
+        if not hasattr(ev, "probe"):
+            return None
+        self.model.eval()
+        t0 = time.time()
+        with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
+            n = ev.probe(self.model)
+        self.model.train()
+        return (time.time() - t0) / max(1, n)
+
+    def _save_estimate(self) -> float:
+        """Seconds a checkpoint should take before one is timed: the weights and two optimizer moments at 200 MB/s."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 200e6
 
     def _log_eval(self, step: int, ev: dict) -> None:
         # wall time since this invocation started, taken after the evaluation: time-to-quality reads it

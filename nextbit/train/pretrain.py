@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -29,7 +30,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from a checkpoint's weights (continued pretraining)
     batch_tokens: int = 0  # tokens per optimizer step; 0 = derived from depth
     micro_batch: int = 0  # sequences per forward pass per process; 0 = derived (<= 16k tokens)
-    eval_tokens: int = 0  # held-out tokens per evaluation; 0 = the whole val split
+    eval_tokens: int = 0  # held-out tokens per evaluation; 0 = the whole val split (under --time-budget: as much of it as lets the evaluations take a quarter of the budget)
     force: bool = False  # start over in an existing run folder
     fsdp: bool = False  # shard weights, grads and AdamW state over the processes (FSDP2; bf16 params / fp32 reduce on CUDA)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: far less memory, ~1/3 more compute
@@ -101,8 +102,33 @@ class PretrainObjective:
         return model(x, y, loss_chunk=self.loss_chunk), {}, x.numel()
 
 
+class HeldOut:
+    """Pretraining's evaluation: loss and bits per byte on the first `tokens` tokens of the held-out split. Its size
+    is the given --eval-tokens, or the whole split until a --time-budget `limit`s it."""
+
+    def __init__(self, split, seq_len: int, max_tokens: int = 0):
+        self.split, self.seq_len, self.given = split, seq_len, bool(max_tokens)
+        self.tokens = min(max_tokens or split.tokens, split.tokens)
+
+    def limit(self, tokens: int) -> bool:
+        """Read at most `tokens` (at least one window) unless the size was given; True when that shrinks it."""
+        tokens = max(self.seq_len, tokens)
+        if self.given or tokens >= self.tokens:
+            return False
+        self.tokens = tokens
+        return True
+
+    def probe(self, model: GPT) -> int:
+        """Evaluate a small cut (16 windows) to time it; the number of tokens read."""
+        return evaluate_split(model, self.split, self.seq_len, min(self.tokens, 16 * self.seq_len))["val_tokens"]
+
+    def __call__(self, model: GPT) -> dict:
+        return evaluate_split(model, self.split, self.seq_len, self.tokens if self.tokens < self.split.tokens else None)
+
+
 def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     """Pretrain as `cfg` says. `cfg` is not changed: the run's resolved settings go to <out>/config.json."""
+    started = time.time()
     cfg.loop.validate()
     for name in ("batch_tokens", "micro_batch", "eval_tokens", "loss_chunk"):
         if getattr(cfg, name) < 0:
@@ -128,7 +154,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     sampler = BatchSampler(train_split, mcfg.seq_len, run.loop.seed)
     evaluate = None
     if val_split is not None and val_split.tokens > 1:
-        evaluate = lambda m: evaluate_split(m, val_split, mcfg.seq_len, run.eval_tokens or None)
+        evaluate = HeldOut(val_split, mcfg.seq_len, run.eval_tokens)
     loop_cls = TrainLoop
     if run.fsdp:
         from nextbit.train.fsdp import FSDPTrainLoop as loop_cls
@@ -136,6 +162,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     loop = loop_cls(
         model, ds.tokenizer, run.loop, out, d, PretrainObjective(sampler, run.micro_batch, accum, run.loss_chunk),
         accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
+        started=started,
     )
     start_run_dir(out, run.loop.resume, run.force, d.main)
     if d.main:

@@ -61,22 +61,64 @@ def resume_note(saved: Optional[dict], cfg, step: int) -> Optional[str]:
             f"from a checkpoint saved before its decay began (--stop-after, --save-every or Ctrl-C)")
 
 
+EVAL_SHARE = 0.25  # under a budget, evaluations that would read the whole held-out split are cut to this share of it
+FORWARD_COST = 0.5  # an evaluated token's cost as a fraction of a trained token's, until one is measured (about a
+# third, as a forward pass without the backward; the estimate errs long)
+
+
 class BudgetClock:
     """--time-budget: how many steps the run will reach, re-estimated after each step from a moving average of the
-    step time. The first step of an invocation (allocation, compilation) is not taken as typical: until a second
-    one is timed the estimate stays at the cap, unless the budget is already spent."""
+    step time. The budget is the wall time of the whole command, so what the run still has to do besides its steps
+    is kept back from it: the evaluations every `eval_every` steps, the final evaluation, the checkpoints every
+    `save_every` steps and the final one, and the loss curve. An evaluation's and a checkpoint's cost is the last one measured, and before
+    the first, what `expect_eval` and `expect_save` say.
 
-    def __init__(self, budget: float, cap: int):
+    The first step of an invocation (allocation, compilation) is not taken as typical: until a second one is timed
+    the estimate stays at the cap, unless the budget is already spent."""
+
+    def __init__(self, budget: float, cap: int, eval_every: int = 0, evaluates: bool = False, save_every: int = 0):
         self.budget, self.cap = budget, cap
+        self.eval_every, self.evaluates, self.save_every = eval_every, evaluates, save_every
         self.step_time: Optional[float] = None
         self.timed = 0
+        self.eval_seconds = 0.0  # one evaluation
+        self.eval_measured = False
+        self.save_seconds = 0.0  # one checkpoint
+        self.plot_seconds = 0.0  # the loss curve drawn at the end
+
+    def expect_eval(self, seconds: float) -> None:
+        """An estimate of one evaluation's cost, used until one is measured."""
+        if not self.eval_measured:
+            self.eval_seconds = seconds
+
+    def expect_save(self, seconds: float) -> None:
+        self.save_seconds = max(self.save_seconds, seconds)
+
+    def evaluated(self, seconds: float) -> None:
+        """One evaluation took `seconds`."""
+        self.eval_seconds, self.eval_measured = seconds, True
+
+    def saved(self, seconds: float) -> None:
+        self.save_seconds = seconds
+
+    def plotted(self, seconds: float) -> None:
+        self.plot_seconds = seconds
+
+    def finish_seconds(self) -> float:
+        """What the run does after its last step: the final evaluation, the final checkpoint and the loss curve."""
+        return (self.eval_seconds if self.evaluates else 0.0) + self.save_seconds + self.plot_seconds
 
     def total(self, step: int, dt: float, elapsed: float) -> int:
         """The estimated length of the run in steps, after `step` steps, the last taking `dt` seconds, with `elapsed`
         seconds of the budget gone."""
         self.timed += 1
-        left = self.budget - elapsed
+        left = self.budget - elapsed - self.finish_seconds()
         if self.timed == 1:
             return step if left <= 0 else self.cap
         self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
-        return max(step, min(self.cap, step + int(left / self.step_time)))
+        per_step = self.step_time  # a step, and its share of the evaluations and checkpoints on the way
+        if self.evaluates and self.eval_every:
+            per_step += self.eval_seconds / self.eval_every
+        if self.save_every:
+            per_step += self.save_seconds / self.save_every
+        return max(step, min(self.cap, step + int(left / per_step)))
