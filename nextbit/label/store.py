@@ -245,6 +245,8 @@ def check_pair(rec: Any, where: str) -> tuple[Any, str, str, dict]:
         check_text(text, where, "'prompt'")
     check_text(rec["a"], where, "'a'")
     check_text(rec["b"], where, "'b'")
+    if rec["a"] == rec["b"]:  # as `nextbit reward` and `dpo` see it: chosen == rejected states no preference
+        raise NextbitError(f"{where}: 'a' and 'b' are the same response; a pair needs two different responses to compare")
     return p, rec["a"], rec["b"], {k: v for k, v in rec.items() if k not in ("prompt", "a", "b")}
 
 
