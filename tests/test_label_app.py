@@ -229,6 +229,37 @@ def test_admin_routes_are_closed_to_labelers(site):
         root.close()
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+def test_a_labeler_who_opens_the_admin_page_in_a_browser_gets_a_page_saying_so(site):
+    name = '<i>mal</i> & "lory"'
+    token = store.add_user(site["db"], name)
+    mal = Labeler(site["url"], token)
+    try:
+        r = mal.http.get("/admin", headers={"Accept": BROWSER_ACCEPT})
+        assert r.status_code == 403 and r.headers["content-type"].startswith("text/html")
+        assert "<title>nextbit label: not an admin</title>" in r.text
+        assert "You are signed in as <b>&lt;i&gt;mal&lt;/i&gt; &amp; &quot;lory&quot;</b>, who is not an admin." in r.text
+        assert name not in r.text and "{{name}}" not in r.text
+        assert "script-src 'none'" in r.headers["content-security-policy"]
+        for accept in ("application/json", "*/*", "application/json, text/html;q=0.5"):  # API clients: the JSON error
+            r = mal.http.get("/admin", headers={"Accept": accept})
+            assert r.status_code == 403 and error_of(r)["code"] == "admin_only", accept
+        r = httpx.get(site["url"] + "/api/admin/stats", headers={"Accept": BROWSER_ACCEPT, "Authorization": f"Bearer {token}"})
+        assert r.status_code == 403 and error_of(r)["code"] == "admin_only"  # the API stays JSON
+    finally:
+        mal.close()
+    r = httpx.get(site["url"] + "/admin", headers={"Accept": BROWSER_ACCEPT})  # logged out: to the login page
+    assert r.status_code == 303 and r.headers["location"] == "/?next=admin"
+    root = Labeler(site["url"], site["tokens"]["root"])
+    try:
+        r = root.http.get("/admin", headers={"Accept": BROWSER_ACCEPT})
+        assert r.status_code == 200 and "<title>nextbit label: admin</title>" in r.text
+    finally:
+        root.close()
+
+
 def test_an_internal_error_tells_the_labeler_an_id_and_the_log_the_details(site, monkeypatch, capfd):
     """A fault inside a route is a 500 in the error shape whose message holds no internals (a database error's text
     can carry SQL and other labelers' data), only an id that the server's log prints beside the traceback."""
