@@ -260,6 +260,39 @@ def test_a_labeler_who_opens_the_admin_page_in_a_browser_gets_a_page_saying_so(s
         root.close()
 
 
+def test_a_reset_token_ends_the_old_token_and_its_sessions(site, capsys):
+    from nextbit.cli import main
+
+    old = store.add_user(site["db"], "erin")
+    browser = Labeler(site["url"], old)  # a session made with the old token
+    other = Labeler(site["url"], site["tokens"]["carol"])  # someone else's session, which must live on
+    try:
+        assert browser.http.get("/api/me").status_code == 200
+        capsys.readouterr()
+        main(["label", "reset-token", "erin", "--db", site["db"].url])
+        new = capsys.readouterr().out.strip()
+        assert new and new != old and len(new.split()) == 1
+        r = browser.http.get("/api/me")
+        assert r.status_code == 401 and error_of(r)["code"] == "session_expired"
+        r = browser.post("/api/answer", json={"pair_id": 1, "side": "left", "idempotency_key": "reset-key-1"})
+        assert r.status_code == 401 and not labels_by(site["db"], "erin")
+        r = httpx.post(site["url"] + "/api/login", json={"token": old})
+        assert r.status_code == 401 and error_of(r)["code"] == "bad_token"
+        r = httpx.get(site["url"] + "/api/me", headers={"Authorization": f"Bearer {old}"})
+        assert r.status_code == 401 and error_of(r)["code"] == "bad_token"
+        assert other.http.get("/api/me").status_code == 200
+        again = Labeler(site["url"], new)
+        try:
+            assert again.me["name"] == "erin" and again.http.get("/api/me").status_code == 200
+            shown = again.next()
+            assert again.answer(shown["pair_id"], "left").status_code == 200
+        finally:
+            again.close()
+    finally:
+        browser.close()
+        other.close()
+
+
 def test_an_internal_error_tells_the_labeler_an_id_and_the_log_the_details(site, monkeypatch, capfd):
     """A fault inside a route is a 500 in the error shape whose message holds no internals (a database error's text
     can carry SQL and other labelers' data), only an id that the server's log prints beside the traceback."""

@@ -194,7 +194,9 @@ def test_label_serve_refuses_a_database_that_is_not_there_unless_create(tmp_path
     ran = no_server(monkeypatch)
     typo = tmp_path / "mistyped.db"
     for args in (["label", "serve", "--port", "0", "--db", f"sqlite:///{typo}"],
-                 ["label", "export", "--out", tmp_path / "p.jsonl", "--db", f"sqlite:///{typo}"]):
+                 ["label", "export", "--out", tmp_path / "p.jsonl", "--db", f"sqlite:///{typo}"],
+                 ["label", "users", "--db", f"sqlite:///{typo}"],
+                 ["label", "reset-token", "ann", "--db", f"sqlite:///{typo}"]):
         code, out, err = cli(capsys, *args)
         one_line_error(code, err, f"--db: no labels database at sqlite:///{typo}", "`nextbit label import`", "`label sample`",
                        "`label add-user`")
@@ -219,3 +221,47 @@ def test_label_serve_on_postgresql_wants_the_nextbit_tables(tmp_path, capsys, mo
     assert code == 0 and ran == [True], err
     with open_db(url, create=False) as db:
         assert store.list_users(db) == []
+
+
+def test_users_lists_names_roles_and_label_counts_and_reset_token_replaces_a_token(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/labels.db"
+    code, out, _ = cli(capsys, "label", "add-user", "ann", "--admin", "--db", url)
+    ann = out.strip()
+    bob = cli(capsys, "label", "add-user", "Bob the long-named labeler", "--db", url)[1].strip()
+    cli(capsys, "label", "add-user", "cy", "--db", url)
+    with open_db(url) as db:
+        store.import_pairs(db, [{"prompt": f"p{i}", "a": f"x{i}", "b": f"y{i}"} for i in range(3)])
+        for token, n in ((ann, 1), (bob, 3)):
+            uid = store.user_for_token(db, token).id
+            for k in range(n):
+                s = store.next_pair(db, uid, overlap=2, timeout_s=60)
+                store.answer(db, uid, s.pair_id, "left", idempotency_key=f"k{k}")
+    code, out, _ = cli(capsys, "label", "users", "--db", url)
+    assert code == 0
+    assert [line.rsplit(None, 2) for line in out.splitlines()] == [
+        ["NAME", "ROLE", "LABELS"], ["ann", "admin", "1"], ["Bob the long-named labeler", "labeler", "3"], ["cy", "labeler", "0"]]
+    assert len({len(line.rstrip()) for line in out.splitlines()}) == 1  # columns line up
+    code, out, _ = cli(capsys, "label", "users", "--json", "--db", url)
+    assert code == 0 and json.loads(out) == [{"name": "ann", "role": "admin", "labels": 1},
+                                             {"name": "Bob the long-named labeler", "role": "labeler", "labels": 3},
+                                             {"name": "cy", "role": "labeler", "labels": 0}]
+
+    with open_db(url) as db:
+        uid = store.user_for_token(db, bob).id
+        sid, _ = store.create_session(db, uid)
+    code, out, err = cli(capsys, "label", "reset-token", "Bob the long-named labeler", "--db", url)
+    assert code == 0 and len(out.splitlines()) == 1 and "new token" in err
+    new = out.strip()
+    with open_db(url) as db:
+        assert store.user_for_token(db, bob) is None and store.session_user(db, sid) is None
+        assert store.user_for_token(db, new).name == "Bob the long-named labeler"
+        assert store.user_for_token(db, ann).name == "ann"  # the others keep theirs
+        assert len(store.labels_of(db, uid)) == 3  # and Bob keeps his labels
+    one_line_error(*cli(capsys, "label", "reset-token", "dan", "--db", url)[::2], "NAME: no user named 'dan'", "label users")
+    one_line_error(*cli(capsys, "label", "reset-token", " ", "--db", url)[::2], "NAME: a user needs a non-empty name")
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    open_db(empty).close()
+    code, out, _ = cli(capsys, "label", "users", "--db", empty)
+    assert code == 0 and "no users" in out and "label add-user" in out
+    code, out, _ = cli(capsys, "label", "users", "--json", "--db", empty)
+    assert code == 0 and json.loads(out) == []

@@ -377,10 +377,10 @@ def create_app(state: LabelState) -> FastAPI:
         req = await body(request, LoginBody)
 
         def run():
-            user = store.user_for_token(db, req.token.strip())
-            if user is None:
+            got = store.login(db, req.token.strip(), ttl_s=state.session_ttl_s)
+            if got is None:
                 raise ApiError(401, "unknown token", "bad_token", "authentication_error")
-            sid, csrf = store.create_session(db, user.id, ttl_s=state.session_ttl_s)
+            user, sid, csrf = got
             return sid, me(Who(user, csrf, sid))
 
         sid, out = await run_in_threadpool(run)
