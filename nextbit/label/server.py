@@ -58,7 +58,7 @@ def check_config(cfg: LabelServeConfig) -> None:
 def priority_ranker(cfg: LabelServeConfig):
     """With --select disagreement: what re-ranks the queue from an ensemble fitted on the labels so far
     (nextbit.label.select.Ranker; it loads the backbone on its first run, in the refresher's background thread).
-    Its path is checked here, before the database is opened (and, on first use, made)."""
+    Its path is checked here, before the database is opened (and, with --create, made)."""
     from nextbit.core.checkpoint import resolve
     from nextbit.label.select import Ranker
 
