@@ -21,8 +21,9 @@ from nextbit.evals.humaneval import HumanEvalConfig, humaneval
 from nextbit.evals.lm import EvalLMConfig, eval_lm
 from nextbit.export.convert import ExportConfig, ImportConfig, export_hf, import_hf
 from nextbit.infer.sample import SampleConfig, print_samples, sample
-from nextbit.label.manage import (AddUserConfig, LabelExportConfig, LabelImportConfig, LabelSampleConfig, label_add_user,
-                                  label_export, label_import, label_sample)
+from nextbit.label.manage import (AddUserConfig, LabelExportConfig, LabelImportConfig, LabelSampleConfig, LabelUsersConfig,
+                                  ResetTokenConfig, label_add_user, label_export, label_import, label_reset_token, label_sample,
+                                  label_users)
 from nextbit.label.server import LabelServeConfig, label_serve
 from nextbit.recipes.demo import DemoConfig, demo
 from nextbit.recipes.loop import LoopConfig, loop
@@ -82,6 +83,9 @@ COMMANDS: dict[str, Command] = {
                       "a local Hugging Face model folder"),
     "label add-user": Command(AddUserConfig, label_add_user, "add a labeler (or, with --admin, an admin); prints their login token",
                               "name", "the user's name"),
+    "label users": Command(LabelUsersConfig, label_users, "list the users: name, role (admin or labeler) and how many labels each gave"),
+    "label reset-token": Command(ResetTokenConfig, label_reset_token, "give a user a new login token (printed once); the old one "
+                                 "and the user's sessions stop working", "name", "the user's name"),
     "label import": Command(LabelImportConfig, label_import, "import pairs to label from JSONL {prompt, a, b} (compare's .pairs.jsonl)",
                             "file", "the pairs file"),
     "label sample": Command(LabelSampleConfig, label_sample, "sample pairs of responses from a policy (the compare engine) into the labels database"),

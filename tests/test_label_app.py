@@ -229,6 +229,70 @@ def test_admin_routes_are_closed_to_labelers(site):
         root.close()
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+def test_a_labeler_who_opens_the_admin_page_in_a_browser_gets_a_page_saying_so(site):
+    name = '<i>mal</i> & "lory"'
+    token = store.add_user(site["db"], name)
+    mal = Labeler(site["url"], token)
+    try:
+        r = mal.http.get("/admin", headers={"Accept": BROWSER_ACCEPT})
+        assert r.status_code == 403 and r.headers["content-type"].startswith("text/html")
+        assert "<title>nextbit label: not an admin</title>" in r.text
+        assert "You are signed in as <b>&lt;i&gt;mal&lt;/i&gt; &amp; &quot;lory&quot;</b>, who is not an admin." in r.text
+        assert name not in r.text and "{{name}}" not in r.text
+        assert "script-src 'none'" in r.headers["content-security-policy"]
+        for accept in ("application/json", "*/*", "application/json, text/html;q=0.5"):  # API clients: the JSON error
+            r = mal.http.get("/admin", headers={"Accept": accept})
+            assert r.status_code == 403 and error_of(r)["code"] == "admin_only", accept
+        r = httpx.get(site["url"] + "/api/admin/stats", headers={"Accept": BROWSER_ACCEPT, "Authorization": f"Bearer {token}"})
+        assert r.status_code == 403 and error_of(r)["code"] == "admin_only"  # the API stays JSON
+    finally:
+        mal.close()
+    r = httpx.get(site["url"] + "/admin", headers={"Accept": BROWSER_ACCEPT})  # logged out: to the login page
+    assert r.status_code == 303 and r.headers["location"] == "/?next=admin"
+    root = Labeler(site["url"], site["tokens"]["root"])
+    try:
+        r = root.http.get("/admin", headers={"Accept": BROWSER_ACCEPT})
+        assert r.status_code == 200 and "<title>nextbit label: admin</title>" in r.text
+    finally:
+        root.close()
+
+
+def test_a_reset_token_ends_the_old_token_and_its_sessions(site, capsys):
+    from nextbit.cli import main
+
+    old = store.add_user(site["db"], "erin")
+    browser = Labeler(site["url"], old)  # a session made with the old token
+    other = Labeler(site["url"], site["tokens"]["carol"])  # someone else's session, which must live on
+    try:
+        assert browser.http.get("/api/me").status_code == 200
+        capsys.readouterr()
+        main(["label", "reset-token", "erin", "--db", site["db"].url])
+        new = capsys.readouterr().out.strip()
+        assert new and new != old and len(new.split()) == 1
+        r = browser.http.get("/api/me")
+        assert r.status_code == 401 and error_of(r)["code"] == "session_expired"
+        r = browser.post("/api/answer", json={"pair_id": 1, "side": "left", "idempotency_key": "reset-key-1"})
+        assert r.status_code == 401 and not labels_by(site["db"], "erin")
+        r = httpx.post(site["url"] + "/api/login", json={"token": old})
+        assert r.status_code == 401 and error_of(r)["code"] == "bad_token"
+        r = httpx.get(site["url"] + "/api/me", headers={"Authorization": f"Bearer {old}"})
+        assert r.status_code == 401 and error_of(r)["code"] == "bad_token"
+        assert other.http.get("/api/me").status_code == 200
+        again = Labeler(site["url"], new)
+        try:
+            assert again.me["name"] == "erin" and again.http.get("/api/me").status_code == 200
+            shown = again.next()
+            assert again.answer(shown["pair_id"], "left").status_code == 200
+        finally:
+            again.close()
+    finally:
+        browser.close()
+        other.close()
+
+
 def test_an_internal_error_tells_the_labeler_an_id_and_the_log_the_details(site, monkeypatch, capfd):
     """A fault inside a route is a 500 in the error shape whose message holds no internals (a database error's text
     can carry SQL and other labelers' data), only an id that the server's log prints beside the traceback."""

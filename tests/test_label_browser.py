@@ -27,7 +27,7 @@ from test_label_app import live
 from live import CHROMEDRIVER, CHROMIUM, chromium, wait_for  # noqa: E402
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()),
                                 reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
-PAGES = [ROOT / "nextbit" / "label" / "page.html", ROOT / "nextbit" / "label" / "admin.html"]
+PAGES = [ROOT / "nextbit" / "label" / name for name in ("page.html", "admin.html", "not_admin.html")]
 
 REVIEWS = [("The pacing drags, but the lead carries every scene.", "A triumph: warm, funny and honest from start to end."),
            ("I walked out after twenty minutes.", "Flawed, yet I keep thinking about its final shot."),
@@ -198,7 +198,8 @@ def test_label_five_with_the_keyboard_undo_one_then_the_admin_page(site, browser
 
     # A labeler's session cannot open the admin page; an admin's can.
     d.get(site["url"] + "/admin")
-    assert "admins only" in d.find_element("tag name", "body").text
+    assert "You are signed in as lena, who is not an admin." in d.find_element("tag name", "body").text
+    assert d.title == "nextbit label: not an admin"
     d.get(site["url"] + "/")
     wait_for(lambda: d.find_element("id", "logout").is_displayed(), what="the page")
     d.find_element("id", "logout").click()

@@ -12,6 +12,7 @@ from nextbit.align.reward import read_preferences
 from nextbit import cli as nextbit_cli
 from nextbit.cli import main
 from nextbit.core.checkpoint import save_checkpoint
+from nextbit.core.errors import NextbitError
 from nextbit.label import store
 from nextbit.label.db import open_db
 
@@ -166,3 +167,101 @@ def test_the_commands_on_postgresql(tmp_path, capsys):
     code, _, err = cli(capsys, "label", "add-user", "bob", "--db", secret)
     one_line_error(code, err, "--db: cannot open", "***")
     assert "s3cret-pw" not in err
+
+
+def test_import_refuses_a_pair_whose_two_responses_are_the_same(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/labels.db"
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"prompt": "p", "a": "x", "b": "y"}\n{"prompt": "q", "a": "same text", "b": "same text"}\n')
+    one_line_error(*cli(capsys, "label", "import", same, "--db", url)[::2], f"{same}:2:", "'a' and 'b' are the same response")
+    assert not (tmp_path / "labels.db").exists()  # refused before anything is written
+    with open_db(url) as db:  # the store refuses them too, naming the pair
+        with pytest.raises(NextbitError, match=r"^pair 2: 'a' and 'b' are the same response"):
+            store.import_pairs(db, [{"prompt": "p", "a": "x", "b": "y"}, {"prompt": "p", "a": "z", "b": "z"}])
+        assert store.pairs(db) == []
+
+
+def no_server(monkeypatch) -> list:
+    """uvicorn.Server.run as a no-op that records it was reached: `label serve` starts, prints and stops at once."""
+    import uvicorn
+
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.append(True))
+    return ran
+
+
+def test_label_serve_refuses_a_database_that_is_not_there_unless_create(tmp_path, capsys, monkeypatch):
+    ran = no_server(monkeypatch)
+    typo = tmp_path / "mistyped.db"
+    for args in (["label", "serve", "--port", "0", "--db", f"sqlite:///{typo}"],
+                 ["label", "export", "--out", tmp_path / "p.jsonl", "--db", f"sqlite:///{typo}"],
+                 ["label", "users", "--db", f"sqlite:///{typo}"],
+                 ["label", "reset-token", "ann", "--db", f"sqlite:///{typo}"]):
+        code, out, err = cli(capsys, *args)
+        one_line_error(code, err, f"--db: no labels database at sqlite:///{typo}", "`nextbit label import`", "`label sample`",
+                       "`label add-user`")
+        assert ("--create" in err) == (args[1] == "serve"), err
+        assert not typo.exists() and not ran
+    code, out, err = cli(capsys, "label", "serve", "--port", "0", "--create", "--db", f"sqlite:///{typo}")
+    assert code == 0 and ran == [True] and "nextbit label serve: sqlite:///" in out, err
+    with open_db(f"sqlite:///{typo}", create=False) as db:  # a labels database, empty
+        assert store.list_users(db) == [] and store.pairs(db) == []
+    code, _, err = cli(capsys, "label", "serve", "--port", "0", "--db", f"sqlite:///{typo}")  # now it is there
+    assert code == 0 and ran == [True, True], err
+
+
+def test_label_serve_on_postgresql_wants_the_nextbit_tables(tmp_path, capsys, monkeypatch):
+    ran = no_server(monkeypatch)
+    url = fresh_schema(shared_postgres(), "serve_missing")  # a database that holds no tables
+    code, _, err = cli(capsys, "label", "serve", "--port", "0", "--db", url)
+    one_line_error(code, err, "--db: no labels database at postgresql+psycopg://", "`label add-user`", "--create")
+    one_line_error(*cli(capsys, "label", "export", "--db", url, "--out", tmp_path / "p.jsonl")[::2], "--db: no labels database at")
+    assert not ran
+    code, _, err = cli(capsys, "label", "serve", "--port", "0", "--create", "--db", url)
+    assert code == 0 and ran == [True], err
+    with open_db(url, create=False) as db:
+        assert store.list_users(db) == []
+
+
+def test_users_lists_names_roles_and_label_counts_and_reset_token_replaces_a_token(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/labels.db"
+    code, out, _ = cli(capsys, "label", "add-user", "ann", "--admin", "--db", url)
+    ann = out.strip()
+    bob = cli(capsys, "label", "add-user", "Bob the long-named labeler", "--db", url)[1].strip()
+    cli(capsys, "label", "add-user", "cy", "--db", url)
+    with open_db(url) as db:
+        store.import_pairs(db, [{"prompt": f"p{i}", "a": f"x{i}", "b": f"y{i}"} for i in range(3)])
+        for token, n in ((ann, 1), (bob, 3)):
+            uid = store.user_for_token(db, token).id
+            for k in range(n):
+                s = store.next_pair(db, uid, overlap=2, timeout_s=60)
+                store.answer(db, uid, s.pair_id, "left", idempotency_key=f"k{k}")
+    code, out, _ = cli(capsys, "label", "users", "--db", url)
+    assert code == 0
+    assert [line.rsplit(None, 2) for line in out.splitlines()] == [
+        ["NAME", "ROLE", "LABELS"], ["ann", "admin", "1"], ["Bob the long-named labeler", "labeler", "3"], ["cy", "labeler", "0"]]
+    assert len({len(line.rstrip()) for line in out.splitlines()}) == 1  # columns line up
+    code, out, _ = cli(capsys, "label", "users", "--json", "--db", url)
+    assert code == 0 and json.loads(out) == [{"name": "ann", "role": "admin", "labels": 1},
+                                             {"name": "Bob the long-named labeler", "role": "labeler", "labels": 3},
+                                             {"name": "cy", "role": "labeler", "labels": 0}]
+
+    with open_db(url) as db:
+        uid = store.user_for_token(db, bob).id
+        sid, _ = store.create_session(db, uid)
+    code, out, err = cli(capsys, "label", "reset-token", "Bob the long-named labeler", "--db", url)
+    assert code == 0 and len(out.splitlines()) == 1 and "new token" in err
+    new = out.strip()
+    with open_db(url) as db:
+        assert store.user_for_token(db, bob) is None and store.session_user(db, sid) is None
+        assert store.user_for_token(db, new).name == "Bob the long-named labeler"
+        assert store.user_for_token(db, ann).name == "ann"  # the others keep theirs
+        assert len(store.labels_of(db, uid)) == 3  # and Bob keeps his labels
+    one_line_error(*cli(capsys, "label", "reset-token", "dan", "--db", url)[::2], "NAME: no user named 'dan'", "label users")
+    one_line_error(*cli(capsys, "label", "reset-token", " ", "--db", url)[::2], "NAME: a user needs a non-empty name")
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    open_db(empty).close()
+    code, out, _ = cli(capsys, "label", "users", "--db", empty)
+    assert code == 0 and "no users" in out and "label add-user" in out
+    code, out, _ = cli(capsys, "label", "users", "--json", "--db", empty)
+    assert code == 0 and json.loads(out) == []

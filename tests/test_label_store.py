@@ -92,6 +92,25 @@ def test_sessions_expire_and_carry_a_csrf_token(db):
         assert conn.execute(text("SELECT count(*) FROM sessions WHERE id_hash = :s"), {"s": sid}).scalar_one() == 0
 
 
+def test_reset_token_replaces_the_token_and_ends_only_that_users_sessions(db):
+    ann, bob = store.add_user(db, "ann"), store.add_user(db, "bob")
+    user, sid, csrf = store.login(db, ann, ttl_s=60)
+    assert user.name == "ann" and store.session_user(db, sid)[0].name == "ann" and store.csrf_ok(sid, csrf)
+    _, bob_sid, _ = store.login(db, bob)
+    assert store.login(db, ann + "x") is None and store.login(db, "") is None
+    new = store.reset_token(db, " ann ")
+    assert new != ann and store.user_for_token(db, ann) is None and store.login(db, ann) is None
+    assert store.session_user(db, sid) is None and store.session_user(db, bob_sid)[0].name == "bob"
+    assert store.login(db, new)[0].name == "ann" and store.user_for_token(db, bob).name == "bob"
+    with pytest.raises(NextbitError, match="^NAME: no user named 'cy'"):
+        store.reset_token(db, "cy")
+    store.import_pairs(db, some_pairs(2))
+    uid = store.user_for_token(db, new).id
+    for k in range(2):
+        store.answer(db, uid, store.next_pair(db, uid, overlap=1, timeout_s=60).pair_id, "tie", idempotency_key=str(k))
+    assert [(u.name, u.is_admin, u.labels) for u in store.user_summaries(db)] == [("ann", False, 2), ("bob", False, 0)]
+
+
 # ---- pairs --------------------------------------------------------------------------------------------------------
 def test_import_skips_duplicates_and_keeps_meta(db):
     recs = some_pairs(3) + [some_pairs(1)[0]]

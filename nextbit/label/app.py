@@ -2,7 +2,9 @@
 
 Auth. POST /api/login with a token from `nextbit label add-user` sets the session cookie (HttpOnly, SameSite=Strict);
 a script can instead send `Authorization: Bearer TOKEN` on every request. A labeler sees only their own labels;
-/admin and /api/admin/* need an admin (403 for anyone else, 401 when logged out).
+/admin and /api/admin/* need an admin (403 for anyone else, 401 when logged out). A browser (Accept: text/html) that
+opens /admin logged out is sent to the login page; logged in as a labeler it gets a 403 page saying who they are
+signed in as and that this user is not an admin; any other client gets the JSON error.
 
 Cross-site requests. Every state-changing request (POST) made with the session cookie must carry the session's CSRF
 token in X-CSRF-Token (GET /api/me and the login answer hand it to the page) and, when the browser sends an Origin
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import re
 import sys
@@ -45,6 +48,7 @@ COOKIE = "nextbit_label_session"
 CSRF_HEADER = "x-csrf-token"
 PAGE = Path(__file__).with_name("page.html")
 ADMIN_PAGE = Path(__file__).with_name("admin.html")
+NOT_ADMIN_PAGE = Path(__file__).with_name("not_admin.html")  # {{name}}: the signed-in user, HTML-escaped
 SIDES = ("left", "right", "tie", "cant_tell")
 # the status of each store.LabelError code; anything else the store refuses is a 400
 LABEL_ERRORS = {"bad_side": 422, "bad_key": 422, "bad_comment": 422, "unknown_user": 404, "unknown_pair": 404,
@@ -180,20 +184,52 @@ def plain(x: Any) -> Any:
     return x
 
 
-def page_response(path: Path) -> Callable[[], HTMLResponse]:
-    """The page, with a Content-Security-Policy that lets only its own inline script run (by hash) and reach nothing
-    but this origin: markup that got into the page by mistake still could not run or load anything."""
-    html = path.read_text(encoding="utf-8")
-    scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
+def page_headers(page: str) -> dict:
+    """A Content-Security-Policy that lets only the page's own inline scripts run (by hash; none if it has none) and
+    reach nothing but this origin: markup that got into the page by mistake still could not run or load anything."""
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
-    headers = {
-        "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
-                                   "img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    hashes = hashes or "'none'"
+    return {
+        "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; "
+                                   "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; form-action 'self'; "
+                                   "base-uri 'none'; frame-ancestors 'none'",
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "same-origin",
         "Cache-Control": "no-store",
     }
-    return lambda: HTMLResponse(html, headers=headers)
+
+
+def page_response(path: Path) -> Callable[[], HTMLResponse]:
+    """The page, with page_headers."""
+    page = path.read_text(encoding="utf-8")
+    headers = page_headers(page)
+    return lambda: HTMLResponse(page, headers=headers)
+
+
+def not_admin_response(name: str) -> HTMLResponse:
+    """403: the page that tells a signed-in labeler who they are and that /admin is not for them (name escaped)."""
+    page = NOT_ADMIN_PAGE.read_text(encoding="utf-8").replace("{{name}}", html.escape(name, quote=True))
+    return HTMLResponse(page, status_code=403, headers=page_headers(page))
+
+
+def wants_html(request: Request) -> bool:
+    """Whether the client asked for a page rather than JSON: text/html listed in Accept with a higher weight than
+    application/json (a browser's navigation does; `*/*`, JSON clients and scripts get JSON)."""
+    weights: dict[str, float] = {}
+    for part in request.headers.get("accept", "").split(","):
+        media, *params = [x.strip() for x in part.split(";")]
+        q = 1.0
+        for prm in params:
+            k, _, v = prm.partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        weights[media] = max(weights.get(media, 0.0), q)
+    return weights.get("text/html", 0.0) > weights.get("application/json", 0.0)
 
 
 def same_origin(request: Request) -> bool:
@@ -318,11 +354,15 @@ def create_app(state: LabelState) -> FastAPI:
     @app.get("/admin")
     async def admin(request: Request):
         try:
-            await who(request, admin=True)
+            w = await who(request)
         except ApiError as e:
             if e.status == 401:  # log in on the labeling page first; it links here for admins
                 return RedirectResponse("/?next=admin", status_code=303)
             raise
+        if not w.user.is_admin:
+            if wants_html(request):  # a browser: a page that says so; a script: the JSON error
+                return not_admin_response(w.user.name)
+            raise ApiError(403, "admins only", "admin_only", "permission_error")
         return admin_page()
 
     @app.get("/health")
@@ -337,10 +377,10 @@ def create_app(state: LabelState) -> FastAPI:
         req = await body(request, LoginBody)
 
         def run():
-            user = store.user_for_token(db, req.token.strip())
-            if user is None:
+            got = store.login(db, req.token.strip(), ttl_s=state.session_ttl_s)
+            if got is None:
                 raise ApiError(401, "unknown token", "bad_token", "authentication_error")
-            sid, csrf = store.create_session(db, user.id, ttl_s=state.session_ttl_s)
+            user, sid, csrf = got
             return sid, me(Who(user, csrf, sid))
 
         sid, out = await run_in_threadpool(run)

@@ -20,7 +20,9 @@ Times are UTC epoch seconds (floats) in every table, the same on both backends. 
 stored, only their sha256 (store.py).
 
 Schema versions. The `schema_version` table holds one row (app, version). Opening a database
-    - with no tables at all: creates the current schema (unless create=False);
+    - with no tables at all (or, for SQLite, no file): creates the current schema; with create=False it is refused
+      as MissingDatabase, one line naming the URL and the commands that make one (`label import`, `label sample`,
+      `label add-user`). This is the one rule of "the database is missing" (`label export`, `loop`, `label serve`);
     - of this app at an older version: upgrades it, one migration at a time, in the same transaction (all or nothing);
     - of this app at a newer version: refused ("written by a newer nextbit ... upgrade nextbit");
     - with tables but no nextbit schema_version (another program's database), or a file that is not a database:
@@ -208,6 +210,16 @@ class Database:
         self.close()
 
 
+class MissingDatabase(NextbitError):
+    """open_db(..., create=False) found no labels database: no SQLite file, or a PostgreSQL database without tables.
+    `where` is the URL (password hidden); `also` adds another way to make one to the message."""
+
+    def __init__(self, where: str, also: str = ""):
+        super().__init__(f"--db: no labels database at {where} (make one with `nextbit label import`, `label sample` or "
+                         f"`label add-user`{also})")
+        self.where = where
+
+
 def _engine(url: str, create: bool) -> Engine:
     try:
         u = make_url(url)
@@ -218,7 +230,7 @@ def _engine(url: str, create: bool) -> Engine:
     backend = u.get_backend_name()
     if backend == "sqlite":
         if u.database and not create and not Path(u.database).is_file():
-            raise NextbitError(f"--db: no labels database at {u.database} (create one with `nextbit label import` or `label add-user`)")
+            raise MissingDatabase(u.render_as_string(hide_password=True))
         if u.database and u.database != ":memory:" and not Path(u.database).parent.is_dir():
             raise NextbitError(f"--db: the folder of {u.database} does not exist")
         return _sqlite_engine(u)
@@ -237,7 +249,7 @@ def _check_schema(conn: Connection, where: str, create: bool) -> None:
     names = set(inspect(conn).get_table_names())
     if not names:
         if not create:
-            raise NextbitError(f"--db: {where} is an empty database, not a nextbit labels database yet")
+            raise MissingDatabase(where)
         metadata.create_all(conn)
         conn.execute(schema_version.insert().values(app=APP, version=SCHEMA_VERSION, updated_at=time.time()))
         return

@@ -1,6 +1,9 @@
 """The labeling stage's housekeeping commands: users, pairs in, preferences out (`nextbit label serve` is server.py).
 
     nextbit label add-user NAME [--admin] --db URL       prints the new login token alone on stdout (shown once)
+    nextbit label users --db URL [--json]                every user: name, role (admin or labeler), labels given
+    nextbit label reset-token NAME --db URL              prints a new login token for NAME alone on stdout; the old
+                                                         token and every session of NAME stop working
     nextbit label import FILE --db URL                   {"prompt", "a", "b"} JSONL (compare's .pairs.jsonl); other
                                                          fields are kept as the pair's meta; duplicates are skipped
     nextbit label sample --policy CKPT --prompts F --db URL   two responses per pair from a policy, through the same
@@ -8,11 +11,13 @@
                                                          align/sampling -> the one engine), then imported
     nextbit label export --db URL --out prefs.jsonl [--aggregate none|majority]   TRL preference JSONL (export.py)
 Every command opens the database with db.open_db, so a bad URL, a newer or foreign database is one line and exit 1.
+Only add-user, import and sample make a database that is not there; the others refuse it (db.MissingDatabase).
 A command that fails leaves no database behind that it created itself (a new SQLite file is removed again).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from nextbit.align.formats import parse_prompt, read_jsonl
 from nextbit.core.errors import NextbitError
 from nextbit.label.db import DEFAULT_URL, Database, open_db
 from nextbit.label.export import AGGREGATES, export_preferences
-from nextbit.label.store import add_user, check_name, check_pair, import_pairs
+from nextbit.label.store import add_user, check_name, check_pair, import_pairs, reset_token, user_summaries
 
 
 def sqlite_file(url: str) -> Optional[Path]:
@@ -72,6 +77,45 @@ def label_add_user(cfg: AddUserConfig) -> str:
     print(token, flush=True)
     print(f"label add-user: {cfg.name.strip()!r}{' (admin)' if cfg.admin else ''} added to {db.url}; the token above is "
           "its login and is not stored, keep it", file=sys.stderr)
+    return token
+
+
+@dataclass
+class LabelUsersConfig:
+    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+    json: bool = False  # print a JSON list of {"name", "role", "labels"} instead of a table
+
+
+def label_users(cfg: LabelUsersConfig) -> list[dict]:
+    with open_db(cfg.db, create=False) as db:
+        rows = [{"name": u.name, "role": "admin" if u.is_admin else "labeler", "labels": u.labels}
+                for u in user_summaries(db)]
+    if cfg.json:
+        print(json.dumps(rows, ensure_ascii=False), flush=True)
+        return rows
+    if not rows:
+        print(f"no users in {db.url} yet (add one with `nextbit label add-user NAME`)", flush=True)
+        return rows
+    w = max(4, *(len(r["name"]) for r in rows))
+    lines = [f"{'NAME':<{w}}  {'ROLE':<7}  {'LABELS':>6}"]
+    lines += [f"{r['name']:<{w}}  {r['role']:<7}  {r['labels']:>6}" for r in rows]
+    print("\n".join(lines), flush=True)
+    return rows
+
+
+@dataclass
+class ResetTokenConfig:
+    name: str = ""  # the user whose token is replaced (`nextbit label users` lists them)
+    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+
+
+def label_reset_token(cfg: ResetTokenConfig) -> str:
+    check_name(cfg.name)
+    with open_db(cfg.db, create=False) as db:
+        token = reset_token(db, cfg.name)
+    print(token, flush=True)
+    print(f"label reset-token: {cfg.name.strip()!r} in {db.url} has a new token (above, not stored: keep it); the old "
+          "token and its sessions no longer work", file=sys.stderr)
     return token
 
 

@@ -5,6 +5,7 @@
     nextbit label serve --db sqlite:///labels.db --port 8001 --overlap 2
 
 Labelers open the URL it prints and log in with their token; admins also get /admin (counts, rates, agreement).
+The database must exist (the commands above make it; a mistyped --db is one line naming it), unless --create is given.
 Ctrl-C stops accepting connections, lets the requests in flight finish, closes the database and exits.
 """
 
@@ -23,6 +24,7 @@ SELECTS = ("random", "disagreement")
 @dataclass
 class LabelServeConfig:
     db: str = "sqlite:///labels.db"  # the labels database: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB
+    create: bool = False  # make the database when --db names none (else it must exist: `label import`, `label sample` or `label add-user` make it)
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for every interface)
     port: int = 8001  # port to listen on (0: any free port; the printed URL says which)
     overlap: int = 1  # labelers per pair (k): a pair leaves the queue once k people have answered it
@@ -56,7 +58,7 @@ def check_config(cfg: LabelServeConfig) -> None:
 def priority_ranker(cfg: LabelServeConfig):
     """With --select disagreement: what re-ranks the queue from an ensemble fitted on the labels so far
     (nextbit.label.select.Ranker; it loads the backbone on its first run, in the refresher's background thread).
-    Its path is checked here, before the database is opened (and, on first use, made)."""
+    Its path is checked here, before the database is opened (and, with --create, made)."""
     from nextbit.core.checkpoint import resolve
     from nextbit.label.select import Ranker
 
@@ -72,7 +74,7 @@ def priority_ranker(cfg: LabelServeConfig):
 def build_label_app(cfg: LabelServeConfig):
     """The app and its open database, from the config: what `label serve` runs and tests start."""
     from nextbit.label.app import LabelState, Refresher, create_app
-    from nextbit.label.db import open_db
+    from nextbit.label.db import MissingDatabase, open_db
 
     check_config(cfg)
     ranker = priority_ranker(cfg) if cfg.select == "disagreement" else None
@@ -81,7 +83,10 @@ def build_label_app(cfg: LabelServeConfig):
         from nextbit.label.reward_probs import RewardProbs
 
         reward = RewardProbs(cfg.reward)
-    db = open_db(cfg.db)
+    try:
+        db = open_db(cfg.db, create=cfg.create)  # a mistyped --db is an error, not a new empty database
+    except MissingDatabase as e:
+        raise MissingDatabase(e.where, ", or pass --create to start with an empty one")
     state = LabelState(db=db, overlap=cfg.overlap, timeout_s=cfg.timeout, select=cfg.select, seed=cfg.seed,
                        session_ttl_s=cfg.session_days * 24 * 3600, secure_cookie=cfg.secure_cookie,
                        max_body=cfg.max_body_bytes, reward=reward)

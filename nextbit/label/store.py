@@ -4,7 +4,8 @@ Every function takes the open Database first (db.py) and runs as one transaction
 `now` can be passed in (tests step the clock). The web app (server.py) is a thin layer over these functions.
 
 Users and sessions. `add_user` returns a login token (`secrets.token_urlsafe(32)`); only its sha256 is stored, so a
-lost token is replaced, never recovered. A session id (the cookie) is stored the same way. The CSRF token of a session
+lost token is replaced, never recovered: `reset_token` stores a new one and deletes the user's sessions, so the old
+token and every browser logged in with it are refused from then on. `user_summaries` lists users with their counts. A session id (the cookie) is stored the same way. The CSRF token of a session
 is derived from the session id (sha256 of a fixed label + id), so nothing secret is stored for it either; the server
 compares it with `csrf_ok` (constant time).
 
@@ -155,6 +156,40 @@ def list_users(db: Database) -> list[User]:
     return [User(r.id, r.name, bool(r.is_admin)) for r in rows]
 
 
+@dataclass
+class UserSummary:
+    name: str
+    is_admin: bool
+    labels: int  # answers given (every choice, "can't tell" included)
+    created_at: float
+
+
+def user_summaries(db: Database) -> list[UserSummary]:
+    """Every user with the number of labels they gave, in the order they were added."""
+    n = (sa.select(labels.c.user_id, func.count().label("n")).group_by(labels.c.user_id).subquery())
+    with db.session() as conn:
+        rows = conn.execute(sa.select(users.c.name, users.c.is_admin, users.c.created_at, func.coalesce(n.c.n, 0).label("n"))
+                            .select_from(users.outerjoin(n, n.c.user_id == users.c.id)).order_by(users.c.id)).all()
+    return [UserSummary(r.name, bool(r.is_admin), int(r.n), float(r.created_at)) for r in rows]
+
+
+def reset_token(db: Database, name: str) -> str:
+    """Give the user named `name` a new login token and return it; the old token stops working and every session of
+    the user is ended (their browsers must log in again). An unknown name is a NextbitError."""
+    name = check_name(name)
+    token = secrets.token_urlsafe(32)
+
+    def tx(conn: Connection) -> None:
+        row = conn.execute(select(users.c.id).where(users.c.name == name).with_for_update()).first()
+        if row is None:
+            raise NextbitError(f"NAME: no user named {name!r} (`nextbit label users` lists them)")
+        conn.execute(update(users).where(users.c.id == row.id).values(token_hash=_sha(token)))
+        conn.execute(delete(sessions).where(sessions.c.user_id == row.id))
+
+    db.transact(tx)
+    return token
+
+
 def user_for_token(db: Database, token: str) -> Optional[User]:
     """The user whose login token this is, or None."""
     if not isinstance(token, str) or not token or len(token) > 512:
@@ -193,6 +228,30 @@ def create_session(db: Database, user_id: int, *, ttl_s: float = 7 * 24 * 3600, 
 
     db.transact(tx)
     return sid, csrf_for(sid)
+
+
+def login(db: Database, token: str, *, ttl_s: float = 7 * 24 * 3600, now: Optional[float] = None
+          ) -> Optional[tuple[User, str, str]]:
+    """(user, session id, CSRF token) of a new session for this login token, or None when no user has it. One
+    transaction with the user's row locked, so a login racing `reset_token` either ends before it (its session is
+    deleted by the reset) or sees the new token (and fails)."""
+    if not isinstance(token, str) or not token or len(token) > 512:
+        return None
+    h = _sha(token)
+    sid = secrets.token_urlsafe(32)
+    t = _now(now)
+
+    def tx(conn: Connection) -> Optional[User]:
+        r = conn.execute(select(users.c.id, users.c.name, users.c.is_admin, users.c.token_hash)
+                         .where(users.c.token_hash == h).with_for_update(key_share=True)).first()
+        if r is None or not hmac.compare_digest(r.token_hash, h):
+            return None
+        conn.execute(delete(sessions).where(sessions.c.expires_at <= t))
+        conn.execute(insert(sessions).values(id_hash=_sha(sid), user_id=r.id, created_at=t, expires_at=t + ttl_s))
+        return User(r.id, r.name, bool(r.is_admin))
+
+    user = db.transact(tx)
+    return None if user is None else (user, sid, csrf_for(sid))
 
 
 def session_user(db: Database, session_id: Optional[str], *, now: Optional[float] = None) -> Optional[tuple[User, str]]:
@@ -245,6 +304,8 @@ def check_pair(rec: Any, where: str) -> tuple[Any, str, str, dict]:
         check_text(text, where, "'prompt'")
     check_text(rec["a"], where, "'a'")
     check_text(rec["b"], where, "'b'")
+    if rec["a"] == rec["b"]:  # as `nextbit reward` and `dpo` see it: chosen == rejected states no preference
+        raise NextbitError(f"{where}: 'a' and 'b' are the same response; a pair needs two different responses to compare")
     return p, rec["a"], rec["b"], {k: v for k, v in rec.items() if k not in ("prompt", "a", "b")}
 
 
