@@ -131,3 +131,12 @@ def test_lm_eval_settings_set_the_key_for_one_run_and_skip_git(tmp_path, monkeyp
         assert LocalCompletionsAPI.api_key.fget(None) == ""  # a key for another service is never sent to this server
     assert os.environ["OPENAI_API_KEY"] == "sk-for-another-service" and evaluator.get_git_commit_hash is hash_before
     assert "not a git repository" not in capfd.readouterr().err
+
+
+def test_eval_lm_needs_an_lm_eval_with_the_remote_tokenizer(tmp_path, monkeypatch):
+    import lm_eval.utils
+
+    from test_cli import assert_one_line_error
+
+    monkeypatch.delattr(lm_eval.utils, "RemoteTokenizer")  # as in lm-eval 0.4.8 to 0.4.9.1
+    assert_one_line_error(run_main("eval", "lm", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o"), "needs lm-eval 0.4.9.2")

@@ -105,6 +105,15 @@ def _remote_model(url: str, api_key: Optional[str]) -> tuple[str, int]:
     return m["id"], int(m.get("max_model_len") or 2048)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "an unknown version"
+
+
 def task_manager(tasks: list[str], task_dir: Path):
     """lm-eval's task registry with nextbit's tasks added (its own ~thousands only when a task needs them: indexing
     them takes a while); a name in neither is one line."""
@@ -169,6 +178,11 @@ def eval_lm(cfg: EvalLMConfig) -> dict:
         import uvicorn  # noqa: F401
     except ImportError:
         raise NextbitError('nextbit eval lm needs lm-eval and the server: pip install -e ".[serve,eval]"')
+    import lm_eval.utils
+
+    if not hasattr(lm_eval.utils, "RemoteTokenizer"):  # before 0.4.9.2 local-completions loads a Hugging Face tokenizer
+        raise NextbitError(f"nextbit eval lm needs lm-eval 0.4.9.2 or newer (its remote tokenizer), found {_version()}: "
+                           'pip install -U "lm-eval[api]"')
     if not cfg.tasks:
         raise NextbitError("--tasks: give at least one task")
     if cfg.limit < 0:
