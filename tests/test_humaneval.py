@@ -159,7 +159,7 @@ def test_the_sandbox_says_what_it_has(box):
 
 # ---- the command against a server (a fake one that answers with the canonical solutions) ------------------------
 class FakeServer:
-    def __init__(self, problems, hang: bool = False):
+    def __init__(self, problems, hang: bool = False, key: str = ""):
         self.answers = {p["prompt"]: p["canonical_solution"] for p in problems}
         self.tokenized = {}
         self.lock = threading.Lock()
@@ -182,6 +182,8 @@ class FakeServer:
                 if hang:
                     time.sleep(30)
                 fake.headers.append(dict(self.headers))
+                if key and self.headers.get("Authorization") != f"Bearer {key}":
+                    return self.reply(401, {"error": {"message": "invalid or missing API key", "code": 401}})
                 self.reply(200, {"data": [{"id": "fake", "max_model_len": 4096}]})
 
             def do_POST(self):
@@ -230,6 +232,25 @@ def test_server_mode_sends_the_api_request_and_scores(problems, tmp_path, capsys
     assert len(rows) == 51 and all(r["passed"] for r in rows)
     assert not any("def extra" in r["completion"] for r in rows)  # cut at the stop sequence on our side too
     assert "pass@100 needs at least 100 samples" in capsys.readouterr().err
+
+
+def test_server_mode_reads_the_key_from_a_file_and_a_refused_key_is_one_line(problems, tmp_path):
+    fake = FakeServer(problems[:1], key="sk-file")
+    (tmp_path / "key.txt").write_text("sk-file\n")
+    (tmp_path / "wrong.txt").write_text("sk-wrong\n")
+    common = dict(server=fake.url, limit=1, n=1, k="1", quiet=True)
+    try:
+        s = humaneval(HumanEvalConfig(api_key_file=str(tmp_path / "key.txt"), out=str(tmp_path / "he"), **common))
+        assert s["pass@1"] == 1.0 and fake.headers[0]["Authorization"] == "Bearer sk-file"
+        assert json.loads((tmp_path / "he" / "summary.json").read_text())["settings"]["api_key"] is True
+        for kw, msg in ((dict(api_key_file=str(tmp_path / "wrong.txt")), "refused the API key (401)"), ({}, "needs an API key (401)"),
+                        (dict(api_key="sk-file", api_key_file=str(tmp_path / "key.txt")), "not both")):
+            with pytest.raises(NextbitError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+                humaneval(HumanEvalConfig(out=str(tmp_path / "he2"), **kw, **common))
+    finally:
+        fake.close()
+    with pytest.raises(NextbitError, match="are for --server"):
+        humaneval(HumanEvalConfig(checkpoint=str(tmp_path / "ck"), api_key="sk-file", out=str(tmp_path / "he3"), limit=1, n=1, k="1"))
 
 
 def test_a_server_that_does_not_answer_is_one_quick_line(problems, tmp_path, monkeypatch):

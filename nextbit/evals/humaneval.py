@@ -56,6 +56,7 @@ class HumanEvalConfig:
     checkpoint: str = ""  # a checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo, unless --server)
     server: str = ""  # evaluate a running `nextbit serve` (any OpenAI-compatible /v1/completions) at this URL instead of a checkpoint
     api_key: str = ""  # with --server: sent as "Authorization: Bearer KEY"
+    api_key_file: str = ""  # with --server: read the key from this file instead (kept out of the process list, which samples can read)
     limit: int = 0  # evaluate only the first N problems (0 = all 164)
     n: int = 10  # samples per problem
     k: str = "1,10,100"  # pass@k for these k, comma-separated (a k above --n is skipped, with a note)
@@ -247,8 +248,10 @@ def server_model(client: Client) -> dict:
     try:
         models = client.call("/v1/models", timeout=CONNECT_TIMEOUT)
     except ServerError as e:
-        if e.code == 401:
-            raise NextbitError(f"the server at {client.url} needs an API key (--api-key): {e.message}")
+        if e.code in (401, 403):
+            if "Authorization" in client.headers:
+                raise NextbitError(f"the server at {client.url} refused the API key ({e.code}): check --api-key / --api-key-file")
+            raise NextbitError(f"the server at {client.url} needs an API key ({e.code}): give --api-key or --api-key-file")
         raise
     data = models.get("data") if isinstance(models, dict) else None
     if not data:
@@ -333,9 +336,13 @@ def humaneval(cfg: HumanEvalConfig) -> dict:
     t0 = time.perf_counter()
     ks, skipped = check_options(cfg)
     stops = [unescape(s) for s in cfg.stop if s]
+    from nextbit.serve.server import ServeConfig, read_key
+
     ck = client = model = None
+    api_key = read_key(ServeConfig(api_key=cfg.api_key or None, api_key_file=cfg.api_key_file or None))  # as serve reads its own
+    check(not api_key or bool(cfg.server), "--api-key / --api-key-file are for --server")
     if cfg.server:
-        client = Client(cfg.server, cfg.api_key)
+        client = Client(cfg.server, api_key or "")
         checkpoint_path = None
     else:
         from nextbit.core.checkpoint import resolve
@@ -409,7 +416,7 @@ def humaneval(cfg: HumanEvalConfig) -> dict:
     counts = [(len(ss), sum(s.result == "passed" for s in ss)) for ss in per_problem]
     scores = mean_pass_at_k(counts, ks)
     settings = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
-    settings.update(max_new_tokens=max_new, stop=stops, api_key=bool(cfg.api_key))
+    settings.update(max_new_tokens=max_new, stop=stops, api_key=bool(client and "Authorization" in client.headers))
     summary = {
         "benchmark": "humaneval",
         **scores,

@@ -8,10 +8,18 @@ generations from greedy completions, and tokenization from the server's /tokeniz
 local copy of the tokenizer is needed. The two nextbit tasks (evals/lm_tasks.py) are written offline into the
 results folder; any other task name passes through to lm-eval's own registry (which may need the internet).
 Results: lm-eval's results JSON (results.json) and its table (results.md) in --out.
+
+A server that needs a key: --api-key KEY or --api-key-file FILE (read the way `nextbit serve` reads it). The key is
+checked first with one request to /v1/models (a refused key is one line, not lm-eval's retries), then handed to
+lm-eval the one way its `local-completions` sends it in every version: the OPENAI_API_KEY environment variable,
+set for the run only (and unset when no key is given, so a key for another service is never sent to this server).
+lm-eval's `git describe` for its results' git hash is skipped (its "fatal: not a git repository" outside a checkout).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
@@ -28,7 +36,8 @@ from nextbit.evals.lm_tasks import TASKS, write_tasks
 class EvalLMConfig:
     checkpoint: str = "runs/demo"  # the checkpoint to serve and evaluate (ignored with --server)
     server: Optional[str] = None  # evaluate a running `nextbit serve` at this URL (http://host:port) instead
-    api_key: Optional[str] = None  # with --server: its API key
+    api_key: Optional[str] = None  # with --server: its API key (sent as `Authorization: Bearer KEY`)
+    api_key_file: Optional[str] = None  # with --server: read its API key from this file instead (kept out of the process list)
     tasks: list[str] = field(default_factory=lambda: ["imdb_sentiment", "stdlib_next_line"])  # nextbit's tasks or any lm-eval task name
     limit: int = 0  # documents per task at most (0 = all)
     num_fewshot: Optional[int] = None  # few-shot examples (default: the task's own)
@@ -86,10 +95,23 @@ def _remote_model(url: str, api_key: Optional[str]) -> tuple[str, int]:
         r = httpx.get(f"{url}/v1/models", headers=headers, timeout=5.0)
     except httpx.HTTPError as e:
         raise NextbitError(f"--server {url} is not answering ({type(e).__name__}: {e})")
+    if r.status_code in (401, 403):
+        if api_key:
+            raise NextbitError(f"--server {url} refused the API key ({r.status_code}): check --api-key / --api-key-file")
+        raise NextbitError(f"--server {url} needs an API key ({r.status_code}): give --api-key or --api-key-file")
     if r.status_code != 200:
         raise NextbitError(f"--server {url}/v1/models answered {r.status_code}: {r.text[:200]}")
     m = r.json()["data"][0]
     return m["id"], int(m.get("max_model_len") or 2048)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "an unknown version"
 
 
 def task_manager(tasks: list[str], task_dir: Path):
@@ -104,16 +126,50 @@ def task_manager(tasks: list[str], task_dir: Path):
     return manager
 
 
-def run_lm_eval(url: str, name: str, max_len: int, cfg: EvalLMConfig, manager) -> dict:
+def read_api_key(cfg: EvalLMConfig) -> Optional[str]:
+    """--api-key or --api-key-file, read as `nextbit serve` reads its own (one line if both, or the file is missing or empty)."""
+    from nextbit.serve.server import ServeConfig, read_key
+
+    return read_key(ServeConfig(api_key=cfg.api_key, api_key_file=cfg.api_key_file))
+
+
+@contextlib.contextmanager
+def lm_eval_settings(api_key: Optional[str]):
+    """For one lm-eval run: OPENAI_API_KEY is the key (`local-completions` sends `Bearer $OPENAI_API_KEY` on every
+    request; its `auth_token` reaches only the remote tokenizer) or unset, and lm-eval's git hash is None instead of
+    a `git describe` whose stderr reaches the terminal. Both are put back afterwards."""
+    from lm_eval import evaluator
+
+    old_key = os.environ.get("OPENAI_API_KEY")
+    old_hash = getattr(evaluator, "get_git_commit_hash", None)
+    if api_key:
+        os.environ["OPENAI_API_KEY"] = api_key
+    else:
+        os.environ.pop("OPENAI_API_KEY", None)
+    if old_hash is not None:
+        evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        if old_key is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = old_key
+        if old_hash is not None:
+            evaluator.get_git_commit_hash = old_hash
+
+
+def run_lm_eval(url: str, name: str, max_len: int, cfg: EvalLMConfig, manager, api_key: Optional[str] = None) -> dict:
     from lm_eval import simple_evaluate
 
     args = {"model": name, "base_url": f"{url}/v1/completions", "num_concurrent": cfg.concurrency, "max_retries": 2,
             "tokenized_requests": True, "max_length": max_len, "timeout": 300}
-    if cfg.api_key:
-        args["auth_token"] = cfg.api_key
-    return simple_evaluate(model="local-completions", model_args=args, tasks=list(cfg.tasks), task_manager=manager,
-                           limit=cfg.limit or None, num_fewshot=cfg.num_fewshot, bootstrap_iters=0, random_seed=cfg.seed,
-                           numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed)
+    if api_key:
+        args["auth_token"] = api_key  # the remote tokenizer's (/tokenizer_info, /tokenize, /detokenize) key
+    with lm_eval_settings(api_key):
+        return simple_evaluate(model="local-completions", model_args=args, tasks=list(cfg.tasks), task_manager=manager,
+                               limit=cfg.limit or None, num_fewshot=cfg.num_fewshot, bootstrap_iters=0, random_seed=cfg.seed,
+                               numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed)
 
 
 def eval_lm(cfg: EvalLMConfig) -> dict:
@@ -122,13 +178,21 @@ def eval_lm(cfg: EvalLMConfig) -> dict:
         import uvicorn  # noqa: F401
     except ImportError:
         raise NextbitError('nextbit eval lm needs lm-eval and the server: pip install -e ".[serve,eval]"')
+    import lm_eval.utils
+
+    if not hasattr(lm_eval.utils, "RemoteTokenizer"):  # before 0.4.9.2 local-completions loads a Hugging Face tokenizer
+        raise NextbitError(f"nextbit eval lm needs lm-eval 0.4.9.2 or newer (its remote tokenizer), found {_version()}: "
+                           'pip install -U "lm-eval[api]"')
     if not cfg.tasks:
         raise NextbitError("--tasks: give at least one task")
     if cfg.limit < 0:
         raise NextbitError(f"--limit must be >= 0, got {cfg.limit}")
+    api_key = read_api_key(cfg)
+    if api_key and not cfg.server:
+        raise NextbitError("--api-key / --api-key-file are for --server (the in-process server needs no key)")
     if cfg.server:
         url = cfg.server.rstrip("/").removesuffix("/v1")
-        name, max_len = _remote_model(url, cfg.api_key)
+        name, max_len = _remote_model(url, api_key)
         out = Path(cfg.out or "lm_eval")
     else:
         from nextbit.core.checkpoint import resolve
@@ -139,7 +203,7 @@ def eval_lm(cfg: EvalLMConfig) -> dict:
     write_tasks(list(cfg.tasks), task_dir)
     manager = task_manager(list(cfg.tasks), task_dir)
     if cfg.server:
-        results = run_lm_eval(url, name, max_len, cfg, manager)
+        results = run_lm_eval(url, name, max_len, cfg, manager, api_key)
     else:
         srv = InProcessServer(cfg)
         with srv as srv_url:
@@ -152,7 +216,10 @@ def _report(results: dict, cfg: EvalLMConfig, out: Path) -> dict:
 
     table = make_table(results)
     keep = {k: results[k] for k in ("results", "versions", "n-shot", "config") if k in results}
-    keep["nextbit"] = {"settings": asdict(cfg)}
+    model_args = keep.get("config", {}).get("model_args")
+    if isinstance(model_args, dict) and "auth_token" in model_args:  # the API key: written as given or not, never itself
+        keep["config"] = {**keep["config"], "model_args": {**model_args, "auth_token": bool(model_args["auth_token"])}}
+    keep["nextbit"] = {"settings": {**asdict(cfg), "api_key": bool(cfg.api_key)}}  # never the key itself
     write_json(out / "results.json", keep)
     write_text(out / "results.md", table)
     print(table, flush=True)
