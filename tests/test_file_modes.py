@@ -35,9 +35,15 @@ def assert_created_modes(root, mask):
     assert got == want, {k: (oct(got[k]), oct(want[k])) for k in got if got[k] != want[k]}
 
 
-def test_umask_is_read_without_changing_it(mask):
+def test_umask_is_read_without_changing_it(mask, monkeypatch):
     assert atomic.umask() == mask and atomic.file_mode() == 0o666 & ~mask and atomic.dir_mode() == 0o777 & ~mask
     assert os.umask(mask) == mask  # still what it was
+
+    def no_proc(*a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(atomic, "open", no_proc, raising=False)  # a system without /proc/self/status
+    assert atomic.umask() == mask and os.umask(mask) == mask
 
 
 def test_training_checkpoint_and_hf_export_have_the_umasks_modes(tokenizer, tmp_path, mask):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -116,13 +116,12 @@ def locate(recorded: Any, near: Optional[Path]) -> Optional[Path]:
 class Stage:
     """One step of the lineage: a checkpoint and the run that wrote it."""
 
-    command: str  # train | sft | dpo | reward | ppo | import | loop's ppo is "ppo" | "unknown"
+    command: str  # train | sft | dpo | reward | ppo (a loop round's too) | import | unknown
     ckpt: Path
     meta: dict
     config: dict  # the run's config.json (meta.run_config)
     run: Optional[Path]  # the run folder, when the checkpoint is in one
     parent: Optional[str] = None  # the checkpoint it started from, as recorded
-    facts: list[str] = field(default_factory=list)
 
 
 def read_stage(ckpt: Path, info: dict) -> Stage:
