@@ -169,7 +169,9 @@ def test_card_of_dpo_on_simulated_comparisons_and_a_chat_sft(tokenizer, tmp_path
                 sft, meta={"step": 5, "finished": True}, pairs=7, train=6, val=1, dropped_identical=0)
     (dpo / "eval.json").write_text(json.dumps({"val_loss": 0.6, "val_margin": 0.2, "val_chosen_reward": 0.1,
                                                "val_rejected_reward": -0.1, "val_accuracy": 1.0, "steps": 5}))
+    (dpo / "metrics.jsonl").write_text(json.dumps({"step": 5, "val_loss": 0.6, "val_accuracy": 1.0}) + "\n")
     card = export(dpo, tmp_path / "hf")
+    assert "nats/token" not in card  # DPO's loss is not a language-model loss
     intro = card.split("## Lineage")[0]
     assert "pretrained on `reviews` and continues movie reviews" in intro
     assert "fine-tuned with SFT on" in intro and "1 example" in intro

@@ -46,7 +46,7 @@ MAX_PROMPT_CHARS = 120
 SOURCE_KINDS = {"stdlib": "Python code", "reviews": "movie reviews", "imdb": "movie reviews",
                 "rotten_tomatoes": "movie reviews"}
 KIND_PROMPTS = {"Python code": "def fibonacci(n):", "movie reviews": "I watched this movie last night and"}
-STAGE_NAMES = {"train": "pretraining", "sft": "supervised fine-tuning (SFT)", "dpo": "preference tuning (DPO)",
+STAGE_NAMES = {"train": "pretraining", "sft": "supervised fine-tuning", "dpo": "preference tuning with DPO",
                "ppo": "RLHF with PPO", "reward": "reward model training", "import": "import"}
 
 
@@ -589,7 +589,9 @@ def model_card(*, name: str, ckpt: Path, info: dict, cfg: ModelConfig, tok: Toke
                dtype: str, dropped_heads: list[str]) -> str:
     stages, lost = lineage(ckpt, info)
     this = stages[-1]
-    val = val_figures(this.run)
+    # metrics.jsonl's val_loss is a language-model loss in train and sft runs only (DPO's and the reward model's are
+    # their own objectives, whose figures come from their eval.json)
+    val = val_figures(this.run) if this.command in ("train", "sft", "unknown") else {}
     evals = eval_figures(this.run)
     qk = "with QK-norm" if cfg.qk_norm else "without QK-norm"
     tied = "tied" if cfg.tie_embeddings else "untied"
