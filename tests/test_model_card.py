@@ -224,3 +224,13 @@ def test_card_of_a_model_pretrained_on_a_folder_of_files(tokenizer, dataset, cor
     assert f"It was pretrained on `{corpus_dir}` and continues text like its training data" in card
     prompt = json.loads(re.search(r"^prompt = (\".*\")   # the opening of a document of", card, re.M).group(1))
     assert len(prompt.split()) == 8 and any(" ".join(f.read_text().split()).startswith(prompt) for f in corpus_dir.iterdir())
+
+
+def test_relative_paths_are_found_from_the_folders_above_the_run(tokenizer, tmp_path, monkeypatch):
+    """Runs record paths as they were given (`--data data`, relative to where the command ran); an export from
+    another folder still finds them."""
+    proj = tmp_path / "proj"
+    data_folder(proj, ["stdlib"])
+    run = pretrain(proj, tokenizer, Path("data"))
+    monkeypatch.chdir(tmp_path)
+    assert "It was pretrained on `stdlib` and continues Python code" in export(run, tmp_path / "hf")
