@@ -234,3 +234,13 @@ def test_relative_paths_are_found_from_the_folders_above_the_run(tokenizer, tmp_
     run = pretrain(proj, tokenizer, Path("data"))
     monkeypatch.chdir(tmp_path)
     assert "It was pretrained on `stdlib` and continues Python code" in export(run, tmp_path / "hf")
+
+
+def test_lm_eval_results_give_their_scores_only():
+    from nextbit.export.card import figures_of
+    results = {"results": {"imdb_sentiment": {"alias": "imdb_sentiment", "acc,none": 0.5, "acc_stderr,none": 0.0158,
+                                              "acc_norm,none": 0.51, "acc_norm_stderr,none": 0.0158}},
+               "versions": {"imdb_sentiment": 1}, "n-shot": {"imdb_sentiment": 0}, "config": {"model": "local"},
+               "nextbit": {"settings": {"limit": 100}}}
+    assert figures_of("lm_eval/results.json", results) == [("imdb_sentiment acc", "0.5000 ± 0.0158"),
+                                                           ("imdb_sentiment acc_norm", "0.5100 ± 0.0158")]
