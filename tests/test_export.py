@@ -198,12 +198,13 @@ def test_model_card_reports_the_run(tokenizer, tmp_path):
         {"step": 100, "loss": 3.0}, {"step": 200, "val_loss": 2.5, "val_bpb": 1.9876, "val_tokens": 5000},
         {"step": 300, "val_loss": 2.6, "val_bpb": 2.0123, "val_tokens": 5000}]) + "\n{torn")
     (run / "humaneval").mkdir()
-    (run / "humaneval" / "summary.json").write_text(json.dumps({"pass@1": 0.0123, "pass@10": 0.05, "n": 10}))
+    (run / "humaneval" / "summary.json").write_text(json.dumps({"benchmark": "humaneval", "pass@1": 0.0123,
+                                                                           "pass@10": 0.05, "n": 10, "problems": 164}))
     export_hf(ExportConfig(checkpoint=str(run), out=str(tmp_path / "hf"), name="code-tiny", quiet=True))
     card = (tmp_path / "hf" / "README.md").read_text()
     for needle in ("# code-tiny", "nextbit train", "`stdlib`", "123,456 tokens", "tokens seen: 1,228,800",
-                   "2.0123 bits per byte", "1.9876 bits per byte", "at step 200", "humaneval/summary.json | pass@1 | 0.0123",
-                   "pass@10", "LlamaForCausalLM"):
+                   "2.0123 bits per byte", "1.9876 bits per byte", "at step 200",
+                   "| HumanEval pass@1 (n = 10, 164 problems) | 1.23% | humaneval/summary.json |", "pass@10", "LlamaForCausalLM"):
         assert needle in card, needle
 
 

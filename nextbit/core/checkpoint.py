@@ -6,7 +6,8 @@
     <ckpt>/optimizer.safetensors + train_state.json   (training checkpoints only) optimizer tensors,
                                  param groups, step, RNG states: everything needed to resume exactly
 
-No pickles: tensors go to safetensors, everything else to JSON.
+No pickles: tensors go to safetensors, everything else to JSON. Every file, weights included, gets the mode plain
+creation gives under the umask (0644 under 022), so other users read a checkpoint like any other file.
 """
 
 from __future__ import annotations
