@@ -1,10 +1,13 @@
-"""The `nextbit` command. Every failure is one line on stderr and a non-zero exit (NEXTBIT_DEBUG=1 for tracebacks)."""
+"""The `nextbit` command. A user's mistake (NextbitError) or a file system error (OSError) is one line on stderr and
+exit 1; anything else is a bug, printed with its traceback and "internal error", exit 70. NEXTBIT_DEBUG=1 lets every
+exception through."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 
 from nextbit import __version__
 from nextbit.args import add_dataclass_args, build_dataclass
@@ -60,12 +63,21 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("nextbit: interrupted", file=sys.stderr)
         raise SystemExit(130)
-    except (OSError, ValueError, RuntimeError) as e:
+    except OSError as e:  # a file, a disk, a network: the user's to fix
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"nextbit: error: {msg}", file=sys.stderr)
         raise SystemExit(1)
+    except Exception as e:  # anything else is a bug: it keeps its traceback, and says so
+        if debug:
+            raise
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"nextbit: internal error: {type(e).__name__}{': ' + first if first else ''}\n"
+              f"(a bug in nextbit, not in what you gave it: the traceback above shows where; "
+              f"NEXTBIT_DEBUG=1 lets the exception through to a debugger)", file=sys.stderr)
+        raise SystemExit(70)  # EX_SOFTWARE
 
 
 if __name__ == "__main__":
