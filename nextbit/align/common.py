@@ -71,6 +71,12 @@ def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -
     return start_run_dir(check_run_dir(out, resume, force), resume, force, main)
 
 
+def run_title(command: str, out: Path) -> str:
+    """The title of a stage's progress bar and loss plot: the command and its run folder's name, once when they are
+    the same (`nextbit reward --out runs/reward` reads "reward", not "reward reward")."""
+    return command if out.name in ("", command) else f"{command} {out.name}"
+
+
 def config_record(command: str, cfg, **extra) -> dict:
     """What config.json holds: the command, every field of its (resolved) config, and `extra` facts about the run.
     Stages write it once their inputs are checked (a --resume checkpoint included), so a failed command leaves the
@@ -247,7 +253,7 @@ def run_loop(stage: Stage, objective: Objective, evaluate: Optional[Callable[[GP
     torch.manual_seed(stage.loop.seed)
     loop = TrainLoop(stage.model, stage.tok, stage.loop, stage.out, stage.d, objective, accum=stage.accum,
                      evaluate=evaluate if stage.val else None, run_config=stage.run_config,
-                     title=f"{stage.command} {stage.out.name}")
+                     title=run_title(stage.command, stage.out))
     write_config(stage.out, stage.run_config, stage.d.main)
     if not stage.loop.quiet and stage.d.main:
         print(stage.summary, flush=True)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextbit.align.batching import device_of
-from nextbit.align.common import config_record, prepare_out, single_process, stage_lr, write_config
+from nextbit.align.common import config_record, prepare_out, run_title, single_process, stage_lr, write_config
 from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
@@ -424,7 +424,7 @@ def ppo(cfg: PPOConfig) -> dict:
                               "finished": finished})
 
     last: dict = {}
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"ppo {out.name}", unit="step", disable=cfg.quiet, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=run_title("ppo", out), unit="step", disable=cfg.quiet, dynamic_ncols=True)
     with CtrlC(say=not cfg.quiet) as ctrl_c, bar:
         if resumed is None:
             run_eval(0)
