@@ -89,10 +89,11 @@ def write_config(out: Path, rec: dict, main: bool = True) -> None:
         write_json(out / "config.json", rec)
 
 
-def split_holdout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], list[T]]:
-    """(train, held out): a seeded random `frac` of the items is held out (at least one when frac > 0 and n > 1)."""
+def split_holdout(items: Sequence[T], frac: float, seed: int, flag: str = "--val-frac") -> tuple[list[T], list[T]]:
+    """(train, held out): a seeded random `frac` of the items is held out (at least one when frac > 0 and n > 1).
+    `flag`: the caller's flag that gave `frac`, named in the error."""
     if not 0 <= frac < 1:
-        raise NextbitError(f"--val-frac must be in [0, 1), got {frac}")
+        raise NextbitError(f"{flag} must be in [0, 1), got {frac}")
     n = len(items)
     k = 0 if frac == 0 or n < 2 else max(1, int(round(frac * n)))
     order = np.random.default_rng(seed).permutation(n)
