@@ -397,3 +397,23 @@ def test_option_errors_name_the_flag(work, tmp_path, capsys, command, flags, say
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith(f"nextbit: error: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_progress_bars_do_not_repeat_the_command(work, sft_run, rm_run, tmp_path, capsys):
+    """A run folder named like its command (`--out runs/reward`, `runs/ppo`, what `nextbit loop` writes) titles its
+    progress bar once: "reward: ...", not "reward reward: ..."; another folder's name is shown beside the command."""
+    import re
+
+    def bars():
+        err = capsys.readouterr().err
+        return set(re.findall(r"(?:^|\r)([a-z][\w ]*?):\s+\d+%", err, re.M)), err
+
+    capsys.readouterr()
+    stage_run("reward", work, tmp_path / "reward", few_rows("reward"), steps=1, val_frac=0.0, quiet=False)
+    assert bars()[0] == {"reward"}
+    stage_run("reward", work, tmp_path / "rm1", few_rows("reward"), steps=1, val_frac=0.0, quiet=False)
+    assert bars()[0] == {"reward rm1"}
+    ppo(PPOConfig(policy=str(sft_run[0]), reward_model=str(rm_run[0]), prompts=work["prompts"], out=str(tmp_path / "ppo"),
+                  steps=1, batch_size=4, minibatch=4, ppo_epochs=1, max_new_tokens=4, eval_size=4, device="cpu"))
+    titles, err = bars()
+    assert "ppo" in titles and "ppo ppo" not in err, titles

@@ -1,5 +1,7 @@
 """The `nextbit` command end to end: happy paths and one-line errors (no tracebacks, non-zero exit)."""
 
+import argparse
+import re
 import shutil
 
 import pytest
@@ -105,3 +107,45 @@ def test_out_of_range_options(dataset, trained, tmp_path):
     assert_one_line_error(run_main("prepare", "--out", tmp_path / "d", "--vocab-size", "10"), "vocab-size")
     r = run_main("train", "--steps", "abc")
     assert r.returncode == 2 and "Traceback" not in r.stderr  # argparse's own one-line usage error
+
+
+# ---- every flag an error suggests is one of the command's own ------------------------------------------------------
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def flags_of(command: str) -> set[str]:
+    """Every flag of `nextbit COMMAND`, from the parser the CLI builds."""
+    from nextbit.cli import build_parser
+    from nextbit.commands import COMMANDS
+
+    parser = build_parser({command: COMMANDS[command]})
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+@pytest.fixture(scope="module")
+def reward_ckpt(trained, tmp_path_factory):
+    """The trained model with a reward head: what `nextbit reward` writes."""
+    from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(trained)
+    ck.model.add_scalar_head("reward")
+    return save_checkpoint(tmp_path_factory.mktemp("cli-rm") / "checkpoint", ck.model, ck.tokenizer, meta={"kind": "reward_model"})
+
+
+@pytest.mark.parametrize("command, args, says", [
+    # the policy check ppo and loop share: ppo takes the reward model as --reward-model, loop trains its own
+    ("ppo", ["--policy", "RM", "--reward-model", "RM"], "is a reward model"),
+    ("loop", ["--policy", "RM"], "is a reward model"),
+    ("ppo", ["--policy", "LM", "--reward-model", "LM"], "has no 'reward' head"),
+])
+def test_errors_suggest_only_flags_of_their_command(trained, reward_ckpt, tmp_path, command, args, says):
+    """A check shared by several commands names the flag of the command that ran it (`loop --policy RM` used to
+    suggest --reward-model, which loop does not have)."""
+    paths = {"RM": reward_ckpt, "LM": trained / "checkpoint"}
+    r = run_main(command, *[paths.get(a, a) for a in args], "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o",
+                 "--device", "cpu")
+    assert_one_line_error(r, says)
+    suggested = set(FLAG.findall(r.stderr))
+    assert suggested and suggested <= flags_of(command), (suggested - flags_of(command), r.stderr)
+    assert not (tmp_path / "o").exists()

@@ -13,6 +13,7 @@ import contextlib
 import io
 import itertools
 import json
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -38,7 +39,8 @@ from nextbit.infer.sampling import SamplingParams  # noqa: E402
 from nextbit.label import store  # noqa: E402
 from nextbit.label.db import open_db  # noqa: E402
 from nextbit.label.server import LabelServeConfig, build_label_app  # noqa: E402
-from nextbit.recipes.loop import labeler_wins, wins  # noqa: E402
+from nextbit.align.stats import wilson  # noqa: E402
+from nextbit.recipes.loop import labeler_wins, small_number_warnings, summary_lines, wins  # noqa: E402
 from nextbit.serve.server import ServeConfig, build_app  # noqa: E402
 from nextbit.train.loop import LoopConfig  # noqa: E402
 
@@ -240,6 +242,18 @@ def test_people_label_one_round_runs_and_the_served_model_is_the_new_one(work, l
     assert ev["labeler"]["win_rate"] == pytest.approx(sum(by_vader) / held)
     assert 0 <= ev["reward_model"]["win_rate"] <= 1 and r["ppo"]["steps"] == 3 and r["ppo"]["final"]["kl"] >= 0
     assert 0 <= r["reward_model"]["val_accuracy"] <= 1
+    # every rate comes with its count and 95% interval; a handful of items is said to be too few (stderr, even --quiet)
+    rm = r["reward_model"]
+    assert rm["val_accuracy_interval95"] == pytest.approx(wilson(rm["val_accuracy"] * rm["val_pairs"], rm["val_pairs"]))
+    for w in (ev["reward_model"], ev["labeler"]):
+        assert w["interval95"] == pytest.approx(wilson(w["win_rate"] * held, held))
+    warned = [l for l in err.splitlines() if l.startswith("loop: warning:")]
+    assert warned == [f"loop: warning: {w}" for w in r["warnings"]]
+    assert sum(f"comes from {held} held-out prompts (95% interval" in w for w in warned) == 2, warned
+    said = "\n".join(summary_lines(r))
+    lo, hi = ev["reward_model"]["interval95"]
+    assert f"{ev['reward_model']['win_rate']:.3f} on {held} held-out prompts (95% interval {lo:.2f}-{hi:.2f}) by the reward model" in said
+    assert f"held-out pairwise accuracy {rm['val_accuracy']:.3f} on {rm['val_pairs']} pairs (95% interval" in said
 
     # a second round into the same folder is refused (one line, the round untouched); --force replaces it
     stamp = (out / "round.json").stat().st_mtime_ns
@@ -273,11 +287,15 @@ def test_bad_input_is_one_line_and_writes_nothing(work, labelled, tmp_path, caps
     labelled = labelled["url"]
     once = tmp_path / "once.txt"
     once.write_text("the film was\nthe film was\n")
+    ck = load_checkpoint(work["policy"])
+    ck.model.add_scalar_head("reward")
+    reward = save_checkpoint(tmp_path / "reward", ck.model, ck.tokenizer, meta={"kind": "reward_model"})
     base = ["--policy", work["policy"], "--prompts", work["prompts"], *ROUND]
     cases = [
         (["--db", empty, *base], "no labels to learn from"),
         (["--db", f"sqlite:///{tmp_path / 'nothing.db'}", *base], "--db: no labels database at"),
         (["--db", labelled, *base, "--policy", tmp_path / "no-policy"], "--policy: checkpoint not found"),
+        (["--db", labelled, *base, "--policy", reward], "is a reward model (it has a 'reward' head)"),
         (["--db", labelled, *base, "--serve", f"http://127.0.0.1:{free_port()}"], "the server does not answer"),
         (["--db", labelled, *base, "--prompts", tmp_path / "none.jsonl"], "--prompts: file not found"),
         (["--db", labelled, *base, "--aggregate", "mean"], "--aggregate must be one of none, majority"),
@@ -290,7 +308,40 @@ def test_bad_input_is_one_line_and_writes_nothing(work, labelled, tmp_path, caps
         out = tmp_path / f"out{i}"
         code, err = run_loop(capsys, *args, "--out", out)
         assert code == 1 and err.count("\n") == 1 and says in err, (args, err)
+        assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", err)) <= loop_flags(), err  # it suggests loop's flags only
         assert not out.exists(), args
+
+
+def loop_flags() -> set[str]:
+    """Every flag `nextbit loop` has, from the parser the CLI builds."""
+    import argparse
+
+    from nextbit import commands
+    from nextbit.cli import build_parser
+
+    parser = build_parser({"loop": commands.COMMANDS["loop"]})
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["loop"]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+@pytest.mark.parametrize("stage, flags, says", [
+    ("reward", ["--reward-steps", "3"], "lower --reward-lr"),  # its loss made NaN below, as too high an LR makes it
+    ("ppo", ["--ppo-lr", "1e30", "--ppo-epochs", "2", "--reward-steps", "1"], "lower --ppo-lr"),
+])
+def test_a_stage_that_fails_names_the_rounds_flags(work, labelled, tmp_path, capsys, monkeypatch, stage, flags, says):
+    """A stage's error suggests the flag of `nextbit loop` that sets it (--reward-lr, not `nextbit reward`'s --lr),
+    and every flag it names is one of loop's."""
+    import nextbit.align.reward as R
+
+    if stage == "reward":
+        real = R.bradley_terry_loss
+        monkeypatch.setattr(R, "bradley_terry_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    out = tmp_path / "out"
+    code, err = run_loop(capsys, "--db", labelled["url"], "--policy", work["policy"], "--prompts", work["prompts"],
+                         "--out", out, *ROUND, "--ppo-steps", "1", *flags)
+    assert code == 1 and err.count("\n") == 1 and f"the {stage} stage:" in err and says in err, err
+    assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", err)) <= loop_flags(), err
+    assert not out.exists()
 
 
 def test_a_server_that_refuses_the_key_is_refused_before_the_round(work, labelled, tmp_path, capsys):
@@ -322,7 +373,8 @@ def test_a_server_gone_by_the_end_of_the_round_is_one_line_and_the_round_is_kept
         monkeypatch.setattr(L, "run_round", then_the_server_goes)
         code, err = run_loop(capsys, "--db", labelled, "--policy", work["policy"], "--prompts", work["prompts"], "--out", out,
                              "--serve", live.url, "--serve-key", ADMIN, *ROUND, "--ppo-steps", "1", "--reward-steps", "1")
-    assert code == 1 and err.count("\n") == 1 and "the server does not answer" in err, err
+    errors = [l for l in err.splitlines() if not l.startswith("loop: warning:")]  # the round's figures' caveats
+    assert code == 1 and len(errors) == 1 and "the server does not answer" in err, err
     r = json.loads((out / "round.json").read_text())
     assert f"the new policy is written: {r['checkpoint']}" in err
     assert r["served"]["reloaded"] is False and (Path(r["checkpoint"]) / "model.safetensors").is_file()
@@ -331,9 +383,24 @@ def test_a_server_gone_by_the_end_of_the_round_is_one_line_and_the_round_is_kept
 
 def test_win_rates_count_ties_half():
     assert wins([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 5.0, -1.0]) == {
-        "win_rate": 0.625, "wins": 0.5, "ties": 0.25, "losses": 0.25, "n": 4, "mean_new": 1.5, "mean_old": 1.5}
+        "win_rate": 0.625, "wins": 0.5, "ties": 0.25, "losses": 0.25, "n": 4, "interval95": list(wilson(2.5, 4)),
+        "mean_new": 1.5, "mean_old": 1.5}
     judge = OracleLabeler(VaderScorer(), bt_scale=0.0, random_frac=0.0)
     same, _ = labeler_wins(judge, ["p"] * 2, ["good fun", "awful"], ["good fun", "awful"])
     assert same["win_rate"] == 0.5 and same["ties"] == 1.0
     better, js = labeler_wins(judge, ["p"] * 2, ["a wonderful film", "great"], ["a dreadful film", "the"])
     assert better["win_rate"] == 1.0 and [j.preferred for j in js] == [0, 0]
+
+
+def test_only_rates_from_too_few_items_are_warned_about():
+    """A 95% interval wider than 0.3 is warned about, whatever the rate; enough items are not."""
+    def result(pairs, prompts):
+        acc, win = 0.75, 0.6
+        return {"reward_model": {"val_accuracy": acc, "val_pairs": pairs, "val_accuracy_interval95": list(wilson(acc * pairs, pairs))},
+                "eval": {"reward_model": {"win_rate": win, "n": prompts, "interval95": list(wilson(win * prompts, prompts))}}}
+
+    assert small_number_warnings(result(400, 400)) == []
+    few = small_number_warnings(result(3, 6))
+    assert len(few) == 2 and "from 3 pairs" in few[0] and "--reward-val-frac" in few[0]
+    assert "from 6 held-out prompts" in few[1] and "--heldout-frac" in few[1]
+    assert len(small_number_warnings(result(400, 20))) == 1  # 0.6 on 20: 0.39-0.78

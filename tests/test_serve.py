@@ -793,7 +793,9 @@ def ckpt2(loaded, tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("serve2") / "checkpoint", m, loaded.tokenizer)
 
 
-def test_hot_reload(ckpt, ckpt2, loaded, tmp_path):
+def test_hot_reload(ckpt, ckpt2, loaded, tmp_path, capfd, monkeypatch):
+    """A reload swaps the model between engine steps (no stream fails or mixes models), /v1/models names the
+    checkpoint served as an absolute path before and after it (however the path was given), and the swap is logged."""
     tok = loaded.tokenizer
     prompt, n = "def f(x):", 24
     new = load_checkpoint(ckpt2).model.eval()
@@ -802,8 +804,13 @@ def test_hot_reload(ckpt, ckpt2, loaded, tmp_path):
     reward.add_scalar_head("reward")
     reward_ck = save_checkpoint(tmp_path / "reward", reward, tok, meta={"kind": "reward_model"})
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0}
-    with live_server(ckpt, admin_key=ADMIN) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+    monkeypatch.chdir(ckpt.parent.parent)  # both checkpoints given relative to the server's working folder
+    rel1, rel2 = os.path.relpath(ckpt), os.path.relpath(ckpt2)
+    assert not Path(rel1).is_absolute() and not Path(rel2).is_absolute()
+    with live_server(rel1, admin_key=ADMIN) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         adm = {"Authorization": f"Bearer {ADMIN}"}
+        assert c.get("/v1/models").json()["data"][0]["root"] == str(ckpt.resolve())
+        capfd.readouterr()
         old = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
         assert old != want_new  # the two models are told apart by this prompt
         assert_error(c.post("/admin/reload", json={"checkpoint": str(ckpt2)}), 401)
@@ -812,19 +819,23 @@ def test_hot_reload(ckpt, ckpt2, loaded, tmp_path):
         with slowed(s.runner, 0.01), ThreadPoolExecutor(6) as ex:
             streams = [ex.submit(c.post, "/v1/completions", json={**body, "stream": True}) for _ in range(4)]
             wait_for(lambda: s.runner.load[0] == 4, 5, "four running streams")
-            reload = ex.submit(c.post, "/admin/reload", json={"checkpoint": str(ckpt2)}, headers=adm)
+            reload = ex.submit(c.post, "/admin/reload", json={"checkpoint": rel2}, headers=adm)
             wait_for(lambda: s.runner.core.pending_reload is not None, 10, "the reload to reach the engine")
             during = ex.submit(c.post, "/v1/completions", json=body)  # queued while the old model drains
             r = reload.result(timeout=30)
-            assert r.status_code == 200 and r.json()["checkpoint"] == str(ckpt2), r.text
+            assert r.status_code == 200 and r.json()["checkpoint"] == str(ckpt2.resolve()), r.text
             for f in streams:  # every stream started before the reload finished on the old model, whole
                 resp = f.result(timeout=30)
                 assert resp.status_code == 200
                 lines = sse_lines(resp.text)
                 assert "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1]) == old
             assert during.result(timeout=30).json()["choices"][0]["text"] == want_new
-        assert c.get("/v1/models").json()["data"][0]["root"] == str(ckpt2)
+        assert c.get("/v1/models").json()["data"][0]["root"] == str(ckpt2.resolve())
         assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == want_new
+    # one line for the one swap (the refused reloads swapped nothing): old -> new, the new weights' hash
+    logged = [l for l in capfd.readouterr().err.splitlines() if "reloaded" in l]
+    sha = load_checkpoint(ckpt2).info["weights_sha256"]
+    assert logged == [f"nextbit serve: reloaded {ckpt.resolve()} -> {ckpt2.resolve()} (weights sha256 {sha[:12]})"], logged
 
 
 def test_a_reload_superseded_by_a_later_one_is_a_409(small, ckpt):
@@ -1078,7 +1089,7 @@ def test_a_cancel_queued_in_the_pipe_frees_its_place(proc):
     assert len(choices_of(httpx.post(proc.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30))) == 1
 
 
-def test_hot_reload_in_the_engine_process(proc, ckpt, ckpt2, loaded, tmp_path):
+def test_hot_reload_in_the_engine_process(proc, ckpt, ckpt2, loaded, tmp_path, capfd):
     """The engine process loads and checks the new checkpoint itself; what it refuses is a 400 in one line."""
     tok = loaded.tokenizer
     body = {"prompt": "def f(x):", "max_tokens": 24, "temperature": 0}
@@ -1100,8 +1111,13 @@ def test_hot_reload_in_the_engine_process(proc, ckpt, ckpt2, loaded, tmp_path):
             assert c.get("/v1/models").json()["data"][0]["root"] == str(ckpt2)
             assert choices_of(c.post("/v1/completions", json=body))[0]["text"] == want_new != old
         finally:
+            capfd.readouterr()
             assert c.post("/admin/reload", json={"checkpoint": str(ckpt)}, headers=adm).status_code == 200
         assert choices_of(c.post("/v1/completions", json=body))[0]["text"] == old
+    # the swap back is logged by the server's process, with the trained checkpoint's step
+    sha, step = load_checkpoint(ckpt).info["weights_sha256"], load_checkpoint(ckpt).info["meta"]["step"]
+    assert f"nextbit serve: reloaded {ckpt2.resolve()} -> {ckpt.resolve()} (weights sha256 {sha[:12]}, step {step})" \
+        in capfd.readouterr().err
 
 
 def test_a_killed_engine_process_fails_what_it_held_and_the_server_says_503(ckpt):

@@ -71,6 +71,12 @@ def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -
     return start_run_dir(check_run_dir(out, resume, force), resume, force, main)
 
 
+def run_title(command: str, out: Path) -> str:
+    """The title of a stage's progress bar and loss plot: the command and its run folder's name, once when they are
+    the same (`nextbit reward --out runs/reward` reads "reward", not "reward reward")."""
+    return command if out.name in ("", command) else f"{command} {out.name}"
+
+
 def config_record(command: str, cfg, **extra) -> dict:
     """What config.json holds: the command, every field of its (resolved) config, and `extra` facts about the run.
     Stages write it once their inputs are checked (a --resume checkpoint included), so a failed command leaves the
@@ -83,10 +89,11 @@ def write_config(out: Path, rec: dict, main: bool = True) -> None:
         write_json(out / "config.json", rec)
 
 
-def split_holdout(items: Sequence[T], frac: float, seed: int) -> tuple[list[T], list[T]]:
-    """(train, held out): a seeded random `frac` of the items is held out (at least one when frac > 0 and n > 1)."""
+def split_holdout(items: Sequence[T], frac: float, seed: int, flag: str = "--val-frac") -> tuple[list[T], list[T]]:
+    """(train, held out): a seeded random `frac` of the items is held out (at least one when frac > 0 and n > 1).
+    `flag`: the caller's flag that gave `frac`, named in the error."""
     if not 0 <= frac < 1:
-        raise NextbitError(f"--val-frac must be in [0, 1), got {frac}")
+        raise NextbitError(f"{flag} must be in [0, 1), got {frac}")
     n = len(items)
     k = 0 if frac == 0 or n < 2 else max(1, int(round(frac * n)))
     order = np.random.default_rng(seed).permutation(n)
@@ -247,7 +254,7 @@ def run_loop(stage: Stage, objective: Objective, evaluate: Optional[Callable[[GP
     torch.manual_seed(stage.loop.seed)
     loop = TrainLoop(stage.model, stage.tok, stage.loop, stage.out, stage.d, objective, accum=stage.accum,
                      evaluate=evaluate if stage.val else None, run_config=stage.run_config,
-                     title=f"{stage.command} {stage.out.name}")
+                     title=run_title(stage.command, stage.out))
     write_config(stage.out, stage.run_config, stage.d.main)
     if not stage.loop.quiet and stage.d.main:
         print(stage.summary, flush=True)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextbit.align.batching import device_of
-from nextbit.align.common import config_record, prepare_out, single_process, stage_lr, write_config
+from nextbit.align.common import config_record, prepare_out, run_title, single_process, stage_lr, write_config
 from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
@@ -326,22 +326,25 @@ def is_reward_model(ck: Checkpoint) -> bool:
     return ck.info.get("meta", {}).get("kind") == "reward_model" or REWARD_HEAD in ck.model.heads
 
 
-def load_policy(path: str, device) -> Checkpoint:
-    """The starting policy (--policy): a language model, not a reward model."""
+def load_policy(path: str, device, flag: str = "--policy", reward_flag: Optional[str] = "--reward-model") -> Checkpoint:
+    """The starting policy: a language model, not a reward model. `flag` is the caller's flag that named `path`, and
+    `reward_flag` the caller's flag that takes a reward model (None: the caller has none; it trains its own), so
+    the error suggests only flags of the command that raised it."""
     ck = load_checkpoint(path, device)
     if is_reward_model(ck):
-        raise NextbitError(f"--policy {path} is a reward model (it has a '{REWARD_HEAD}' head); give the language model "
-                           "to train (from nextbit train, sft or dpo), and the reward model as --reward-model")
+        where = f"and the reward model as {reward_flag}" if reward_flag else "this command trains its own reward model"
+        raise NextbitError(f"{flag} {path} is a reward model (it has a '{REWARD_HEAD}' head); give the language model "
+                           f"to train (from nextbit train, sft, dpo or ppo), {where}")
     return ck
 
 
-def load_reward_model(path: str, device, tok: Tokenizer) -> RewardModel:
-    """The reward model (--reward-model) with the pooling its checkpoint records, frozen, checked against the policy's
-    tokenizer `tok`."""
+def load_reward_model(path: str, device, tok: Tokenizer, what: str = "--reward-model") -> RewardModel:
+    """The reward model with the pooling its checkpoint records, frozen, checked against the policy's tokenizer `tok`.
+    `what` names it in errors: the caller's flag (ppo's --reward-model), or words where no flag gave it."""
     ck = load_checkpoint(path, device)
     if REWARD_HEAD not in ck.model.heads:
-        raise NextbitError(f"--reward-model {path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
-    tok.check_hash(ck.tokenizer.hash, f"--reward-model {path}", "the policy's tokenizer")
+        raise NextbitError(f"{what} {path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
+    tok.check_hash(ck.tokenizer.hash, f"{what} {path}", "the policy's tokenizer")
     if not ck.info.get("meta", {}).get("normalized", False):
         print(f"note: reward model {path} is not normalised; its raw scores are used", flush=True)
     ck.model.eval().requires_grad_(False)
@@ -424,7 +427,7 @@ def ppo(cfg: PPOConfig) -> dict:
                               "finished": finished})
 
     last: dict = {}
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"ppo {out.name}", unit="step", disable=cfg.quiet, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=run_title("ppo", out), unit="step", disable=cfg.quiet, dynamic_ncols=True)
     with CtrlC(say=not cfg.quiet) as ctrl_c, bar:
         if resumed is None:
             run_eval(0)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from nextbit.align.batching import Batch, collate, device_of, read_reward
 from nextbit.align.common import Shuffler, open_base, prepare_stage, run_loop, say, shard_rows, share
 from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, load_preferences
+from nextbit.align.stats import rate_note
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import Checkpoint, save_checkpoint
 from nextbit.core.errors import NextbitError
@@ -228,7 +229,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     summary = {**final, "raw_reward_mean": mean, "raw_reward_std": std, "steps": result["step"]}
     write_json(stage.out / "eval.json", summary)
     if not cfg.loop.quiet and final:
-        msg = f"held-out pairwise accuracy {final['val_accuracy']:.3f} on {final['val_pairs']} pairs"
+        msg = f"held-out pairwise accuracy {rate_note(final['val_accuracy'], final['val_pairs'], 'pairs')}"
         if "val_oracle_agreement" in final:
             msg += f"; agreement with the oracle's noiseless judgement {final['val_oracle_agreement']:.3f}"
         msg += (f"; mean margin {final['val_margin_normalised']:.4f} normalised (std of the training rewards = 1), "

@@ -14,6 +14,12 @@
      counted apart). Ties count half. A policy that did not move gives the same texts, so exactly 0.5;
   5. with --serve: POST {serve}/admin/reload with the new checkpoint, then GET /v1/models must show it live.
 
+Every rate the round reports (the reward model's held-out pairwise accuracy, both win rates) is printed and recorded
+beside the count it comes from and its Wilson 95% interval (align/stats.py); a rate whose interval is wider than 0.3
+(fewer than about 40 items at a rate near 0.5) gets a warning on stderr, even with --quiet, and in round.json's "warnings".
+Errors suggest loop's own flags: a stage's error (`nextbit reward`'s, `nextbit ppo`'s) names the round's flag that
+sets it (--reward-lr, not --lr).
+
 Everything goes under --out: config.json (this round's full config), prefs.jsonl, prompts.jsonl (PPO's prompt file:
 training prompts, then the held-out ones), reward/, ppo/ (the new policy: ppo/checkpoint), samples.jsonl (the
 held-out continuations, old and new, with their judgements) and round.json (the figures). A round is all or nothing:
@@ -25,8 +31,10 @@ The next round starts from this one: `--policy DIR/ppo`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -45,6 +53,7 @@ from nextbit.align.labelers import Labeler, Query, make_labeler
 from nextbit.align.ppo import PPOConfig, load_policy, load_reward_model, ppo
 from nextbit.align.reward import RewardConfig, train_reward
 from nextbit.align.sampling import sample_responses
+from nextbit.align.stats import WIDE, rate_interval, rate_note, too_few
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
@@ -194,7 +203,7 @@ def wins(new: Sequence[float], old: Sequence[float]) -> dict:
     a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
     w, t, l = float((a > b).mean()), float((a == b).mean()), float((a < b).mean())
     return {"win_rate": w + 0.5 * t, "wins": w, "ties": t, "losses": l, "n": int(a.size),
-            "mean_new": float(a.mean()), "mean_old": float(b.mean())}
+            "interval95": list(rate_interval(w + 0.5 * t, int(a.size))), "mean_new": float(a.mean()), "mean_old": float(b.mean())}
 
 
 def labeler_wins(labeler: Labeler, prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[str]) -> tuple[dict, list]:
@@ -207,7 +216,8 @@ def labeler_wins(labeler: Labeler, prompts: Sequence[Prompt], new: Sequence[str]
     t = sum(j.preferred is None for j in answered)
     out = {"labeler": labeler.name, "n": n, "unanswered": len(js) - n}
     if n:
-        out.update(win_rate=(w + 0.5 * t) / n, wins=w / n, ties=t / n, losses=(n - w - t) / n)
+        out.update(win_rate=(w + 0.5 * t) / n, wins=w / n, ties=t / n, losses=(n - w - t) / n,
+                   interval95=list(rate_interval((w + 0.5 * t) / n, n)))
     else:
         out["win_rate"] = None
     return out, js
@@ -218,7 +228,7 @@ def evaluate_round(cfg: LoopConfig, old_path: str, new_path: Path, reward_path: 
     old = load_checkpoint(old_path, device)
     new = load_checkpoint(new_path, device)
     tok = old.tokenizer
-    rm = load_reward_model(str(reward_path), device, tok)
+    rm = load_reward_model(str(reward_path), device, tok, what="the round's reward model")
     params = SamplingParams(cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 7)  # the same draws for both
     texts = {}
     for name, ck in (("old", old), ("new", new)):
@@ -282,6 +292,36 @@ def naming(flag: str, e: NextbitError) -> NextbitError:
     return e if str(e).startswith(flag) else NextbitError(f"{flag}: {e}")
 
 
+# The flags of `nextbit reward` and `nextbit ppo` that this round sets, as this command spells them: an error a stage
+# raises names the round's flag (a stage's flag the round does not have is left out of a "(or --x)" hint, or named
+# as the stage's own).
+STAGE_FLAGS = {
+    "reward": {"--lr": "--reward-lr", "--steps": "--reward-steps", "--epochs": "--reward-epochs", "--batch-size": "--reward-batch",
+               "--val-frac": "--reward-val-frac", "--append-eot": "--append-eot", "--seed": "--seed", "--device": "--device"},
+    "ppo": {"--lr": "--ppo-lr", "--steps": "--ppo-steps", "--batch-size": "--ppo-batch", "--minibatch": "--ppo-minibatch",
+            "--ppo-epochs": "--ppo-epochs", "--max-new-tokens": "--max-new-tokens", "--init-kl-coef": "--init-kl-coef",
+            "--target-kl": "--target-kl", "--append-eot": "--append-eot", "--seed": "--seed", "--device": "--device"},
+}
+
+
+def loop_flags_message(stage: str, msg: str) -> str:
+    """A stage's error message with its flags turned into this command's: `--lr` of the reward stage is --reward-lr;
+    a "(or --x)" hint for a flag the round does not set goes; any other flag is named as the stage command's own."""
+    flags = STAGE_FLAGS[stage]
+    msg = re.sub(r" \(or (--[a-z][a-z0-9-]*)\)", lambda m: m[0] if m[1] in flags else "", msg)
+    msg = re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda m: flags.get(m[0], f"`nextbit {stage} {m[0]}`"), msg)
+    return f"the {stage} stage: {msg}"
+
+
+@contextlib.contextmanager
+def as_loop_flags(stage: str):
+    """Errors of a stage the round runs (`nextbit reward`, `nextbit ppo`) suggest this command's flags, not the stage's."""
+    try:
+        yield
+    except NextbitError as e:
+        raise NextbitError(loop_flags_message(stage, str(e))) from e
+
+
 def read_prompts(cfg: LoopConfig) -> tuple[list[Prompt], list[Prompt]]:
     """(PPO's prompts, the held-out ones): --prompts without repeats (so no held-out prompt is also trained on),
     split by --heldout-frac."""
@@ -291,7 +331,7 @@ def read_prompts(cfg: LoopConfig) -> tuple[list[Prompt], list[Prompt]]:
         raise naming("--prompts", e)
     prompts = list({prompt_key(p): p for p in prompts}.values())
     check(len(prompts) >= 2, f"--prompts {cfg.prompts}: {len(prompts)} distinct prompt; a round needs at least 2 (to train on and to hold out)")
-    train, heldout = split_holdout(prompts, cfg.heldout_frac, cfg.seed)
+    train, heldout = split_holdout(prompts, cfg.heldout_frac, cfg.seed, flag="--heldout-frac")
     check(bool(train), f"--heldout-frac {cfg.heldout_frac} holds out all {len(prompts)} prompts of --prompts; PPO needs some")
     return train, heldout
 
@@ -309,7 +349,7 @@ def loop(cfg: LoopConfig) -> dict:
     key = read_serve_key(cfg)
     device = pick_device(cfg.device)
     try:
-        policy = load_policy(cfg.policy, "cpu").path  # a language model, readable, not a reward model
+        policy = load_policy(cfg.policy, "cpu", reward_flag=None).path  # a language model, readable, not a reward model
     except NextbitError as e:
         raise naming("--policy", e)
     check(out.resolve() not in policy.resolve().parents,
@@ -323,11 +363,15 @@ def loop(cfg: LoopConfig) -> dict:
     try:
         result = run_round(cfg, out, policy, records, train_prompts, heldout, labeler, device)
         result["seconds"] = round(time.time() - t0, 1)
+        result["warnings"] = small_number_warnings(result)
         write_json(out / "round.json", result)
     except BaseException:
         remove_round(out, new)
         raise
-    say(cfg, summary_line(result))
+    for line in summary_lines(result):
+        say(cfg, line)
+    for w in result["warnings"]:  # to stderr, even with --quiet: the figures above mean less than they seem to
+        print(f"loop: warning: {w}", file=sys.stderr, flush=True)
     if root:  # last: the checkpoint and round.json are written whatever the server says
         try:
             result["served"] = reload_server(root, key, Path(result["checkpoint"]))
@@ -354,23 +398,25 @@ def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], tra
 
     say(cfg, "loop: [1/3] reward model")
     rm_dir = out / "reward"
-    rm = train_reward(RewardConfig(
-        init_from=str(policy), data=str(prefs), out=str(rm_dir), batch_size=cfg.reward_batch, epochs=cfg.reward_epochs,
-        val_frac=cfg.reward_val_frac, append_eot=cfg.append_eot, force=True,
-        loop=TrainLoopConfig(steps=cfg.reward_steps, lr=cfg.reward_lr, weight_decay=0.0, seed=cfg.seed, device=cfg.device,
-                             quiet=cfg.quiet)))
+    with as_loop_flags("reward"):
+        rm = train_reward(RewardConfig(
+            init_from=str(policy), data=str(prefs), out=str(rm_dir), batch_size=cfg.reward_batch, epochs=cfg.reward_epochs,
+            val_frac=cfg.reward_val_frac, append_eot=cfg.append_eot, force=True,
+            loop=TrainLoopConfig(steps=cfg.reward_steps, lr=cfg.reward_lr, weight_decay=0.0, seed=cfg.seed, device=cfg.device,
+                                 quiet=cfg.quiet)))
     stopped(rm, "reward model")
 
     say(cfg, "loop: [2/3] PPO")
     # the KL controller's horizon is a tenth of the round's rollouts, so beta can move up to e^+-2 within a round
     ppo_dir = out / "ppo"
     oracles = [s for s in [oracle_scorer(cfg.labeler)] if s]  # PPO logs the labeler's scores beside the proxy reward
-    pp = ppo(PPOConfig(
-        policy=str(policy), reward_model=str(rm_dir), prompts=str(prompts_file), out=str(ppo_dir), oracles=oracles,
-        steps=cfg.ppo_steps, batch_size=cfg.ppo_batch, minibatch=cfg.ppo_minibatch, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
-        max_new_tokens=cfg.max_new_tokens, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
-        horizon=max(1, cfg.ppo_steps * cfg.ppo_batch // 10), append_eot=cfg.append_eot, eval_every=0, eval_size=len(heldout),
-        seed=cfg.seed, device=cfg.device, force=True, quiet=cfg.quiet))
+    with as_loop_flags("ppo"):
+        pp = ppo(PPOConfig(
+            policy=str(policy), reward_model=str(rm_dir), prompts=str(prompts_file), out=str(ppo_dir), oracles=oracles,
+            steps=cfg.ppo_steps, batch_size=cfg.ppo_batch, minibatch=cfg.ppo_minibatch, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+            max_new_tokens=cfg.max_new_tokens, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
+            horizon=max(1, cfg.ppo_steps * cfg.ppo_batch // 10), append_eot=cfg.append_eot, eval_every=0, eval_size=len(heldout),
+            seed=cfg.seed, device=cfg.device, force=True, quiet=cfg.quiet))
     stopped(pp, "PPO")
 
     say(cfg, f"loop: [3/3] the new policy against the old one on {len(heldout)} held-out prompts")
@@ -380,7 +426,7 @@ def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], tra
         "policy": str(policy), "checkpoint": str((ppo_dir / "checkpoint").resolve()),
         "labels": {"preferences": len(records), "labelers": labelers, "ties": sum(bool(r.get("tie")) for r in records),
                    "pairs": len({r.get("pair_id") for r in records}), "aggregate": cfg.aggregate},
-        "reward_model": {k: rm[k] for k in ("val_accuracy", "val_pairs", "val_margin_normalised", "steps") if k in rm},
+        "reward_model": reward_figures(rm),
         "ppo": {"steps": pp["steps"], "kl_coef": pp["kl_coef"], "start": pp.get("start", {}), "final": pp.get("final", {})},
         "eval": ev,
     }
@@ -393,11 +439,44 @@ def stopped(result: dict, stage: str) -> None:
         raise SystemExit(130)
 
 
-def summary_line(r: dict) -> str:
-    ev = r["eval"]
-    msg = (f"loop: new policy {r['checkpoint']}; win rate over the old one on {ev['prompts']} held-out prompts: "
-           f"{ev['reward_model']['win_rate']:.3f} by the reward model")
+def reward_figures(rm: dict) -> dict:
+    """The reward model's figures in round.json: its held-out pairwise accuracy with the count and 95% interval."""
+    out = {k: rm[k] for k in ("val_accuracy", "val_pairs", "val_margin_normalised", "steps") if k in rm}
+    if "val_accuracy" in out:
+        out["val_accuracy_interval95"] = list(rate_interval(out["val_accuracy"], out["val_pairs"]))
+    return out
+
+
+def summary_lines(r: dict) -> list[str]:
+    """What the round prints at the end: every rate beside the count it comes from and its 95% interval."""
+    rm, ev = r["reward_model"], r["eval"]
+    lines = []
+    if "val_accuracy" in rm:
+        lines.append(f"loop: reward model: held-out pairwise accuracy {rate_note(rm['val_accuracy'], rm['val_pairs'], 'pairs')}")
+    msg = (f"loop: new policy {r['checkpoint']}; win rate over the old one "
+           f"{rate_note(ev['reward_model']['win_rate'], ev['reward_model']['n'], 'held-out prompts')} by the reward model")
     lab = ev.get("labeler")
     if lab:
-        msg += f", {lab['win_rate']:.3f} by {lab['labeler']}" if lab["win_rate"] is not None else f", none answered by {lab['labeler']}"
-    return msg
+        msg += (f", {rate_note(lab['win_rate'], lab['n'], 'answered prompts')} by {lab['labeler']}" if lab["win_rate"] is not None
+                else f", none answered by {lab['labeler']}")
+    return lines + [msg]
+
+
+def small_number_warnings(r: dict) -> list[str]:
+    """One warning for each rate too coarse to mean much (a 95% interval wider than stats.WIDE), saying what helps."""
+    out = []
+    rm, ev = r["reward_model"], r["eval"]
+    if "val_accuracy" in rm and too_few(rm["val_accuracy"], rm["val_pairs"]):
+        lo, hi = rm["val_accuracy_interval95"]
+        out.append(f"the reward model's held-out accuracy comes from {rm['val_pairs']} pairs (95% interval {lo:.2f}-{hi:.2f}, "
+                   f"wider than {WIDE:g}): "
+                   "too few to tell a good reward model from a coin; label more pairs (or raise --reward-val-frac)")
+    rates = [("the reward model", ev["reward_model"])]
+    if ev.get("labeler") and ev["labeler"]["win_rate"] is not None:
+        rates.append((ev["labeler"]["labeler"], ev["labeler"]))
+    for who, w in rates:
+        if too_few(w["win_rate"], w["n"]):
+            lo, hi = w["interval95"]
+            out.append(f"the win rate by {who} comes from {w['n']} held-out prompts (95% interval {lo:.2f}-{hi:.2f}, wider than "
+                       f"{WIDE:g}): too few to tell a better policy from the old one; give --prompts more prompts (or raise --heldout-frac)")
+    return out

@@ -172,8 +172,9 @@ class EngineCore:
             return
         if self.pending_reload is not None:  # the earlier one never took effect: say so (it would wait forever)
             self.replies.append((self.pending_reload[2], False, ("superseded", f"superseded by a later reload of {ck.path}")))
-        info = {"checkpoint": str(ck.path), "weights_sha256": ck.info.get("weights_sha256")}
-        self.pending_reload = (ck.model, str(ck.path), cid, info)
+        path = str(ck.path.resolve())  # absolute, as /v1/models names the checkpoint it started with
+        info = {"checkpoint": path, "weights_sha256": ck.info.get("weights_sha256"), "step": ck.info.get("meta", {}).get("step")}
+        self.pending_reload = (ck.model, path, cid, info)
 
     def _step(self) -> None:
         try:

@@ -7,7 +7,7 @@
     runner.submit(request, runner.emitter(sink))   # events: ("token",) | ("done", finish) | ("error", message)
     runner.cancel(request)           # the client went away: its slot is freed at the next step
     await runner.score(ids, top)     # each prompt token's log-probability (echo), between two engine steps
-    await runner.reload(path, check) # swap in another checkpoint, once the running rows have finished
+    await runner.reload(path, check) # swap in another checkpoint, once the running rows have finished (logged on stderr)
 
 Why a process: on a 2-core CPU the engine thread and the event loop fought over one GIL, and every torch op that
 returned waited for the event loop to let go of it (BENCHMARKS.md, serving). Messages are plain tuples on a duplex
@@ -97,6 +97,14 @@ class ThreadPipe:
 
     def recv(self):
         return self._held.pop() if self._held else self._in.get()
+
+
+def reload_line(old: str, info: dict) -> str:
+    """The server's log line when a reload takes effect: which checkpoint, old -> new, the new weights' hash and step."""
+    sha = info.get("weights_sha256") or "?"
+    step = info.get("step")
+    return (f"nextbit serve: reloaded {old} -> {info['checkpoint']} (weights sha256 {sha[:12]}"
+            + ("" if step is None else f", step {step}") + ")")
 
 
 def thread_pipe() -> tuple[ThreadPipe, ThreadPipe]:
@@ -350,7 +358,8 @@ class EngineRunner:
             return
         if ok:
             if reload:
-                self.checkpoint = value["checkpoint"]
+                old, self.checkpoint = self.checkpoint, value["checkpoint"]
+                print(reload_line(old, value), file=sys.stderr, flush=True)
             _settle(fut, value)
             return
         kind, message = value

@@ -86,7 +86,7 @@ def build_app(cfg: ServeConfig):
         raise NextbitError(f"--max-model-len {max_len} is past the model's context of {ctx}")
     name = cfg.served_model_name or (ck.path.parent.name if ck.path.name == "checkpoint" else ck.path.name)
     threads = cfg.engine_threads or (default_threads() if device.type == "cpu" else 0)
-    runner = EngineRunner(ck.tokenizer, str(ck.path), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting,
+    runner = EngineRunner(ck.tokenizer, str(ck.path.resolve()), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting,
                           device=device, model=ck.model if in_process else None, threads=threads)
     if not in_process:  # this process keeps the shape only: the engine process holds the weights
         ck.model.to("meta")
