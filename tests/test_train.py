@@ -213,3 +213,12 @@ def test_overfitting_is_flagged_when_validation_loss_keeps_rising(dataset, tmp_p
     assert "validation loss has risen at 2 evaluations in a row" in out and "best 2.5000 at step 4" in out
     assert out.count("overfitting") == 1 and "passes over the data" in out
     assert (result["best_val_loss"], result["best_val_step"]) == (2.5, 4)
+
+
+def test_progress_bar_says_train_once_in_a_folder_named_train(dataset, tmp_path, capsys):
+    """`nextbit train`'s default --out is runs/train: its bar reads "train", not "train train"."""
+    import re
+
+    train(small_train(dataset, tmp_path / "train", steps=2, quiet=False))
+    err = capsys.readouterr().err
+    assert set(re.findall(r"(?:^|\r)([a-z][\w ]*?):\s+\d+%", err, re.M)) == {"train"}

@@ -35,7 +35,7 @@ from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
 from nextbit.train.distributed import Dist, setup
-from nextbit.train.rundir import check_run_dir, start_run_dir
+from nextbit.train.rundir import check_run_dir, run_title, start_run_dir
 from nextbit.train.loop import LoopConfig, Objective, TrainLoop
 
 T = TypeVar("T")
@@ -69,12 +69,6 @@ def single_process(command: str, device: str) -> Dist:
 def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -> Path:
     """Check the run folder (every process, so all fail alike) and, on the main process, clear or create it."""
     return start_run_dir(check_run_dir(out, resume, force), resume, force, main)
-
-
-def run_title(command: str, out: Path) -> str:
-    """The title of a stage's progress bar and loss plot: the command and its run folder's name, once when they are
-    the same (`nextbit reward --out runs/reward` reads "reward", not "reward reward")."""
-    return command if out.name in ("", command) else f"{command} {out.name}"
 
 
 def config_record(command: str, cfg, **extra) -> dict:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextbit.align.batching import device_of
-from nextbit.align.common import config_record, prepare_out, run_title, single_process, stage_lr, write_config
+from nextbit.align.common import config_record, prepare_out, single_process, stage_lr, write_config
 from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
@@ -61,6 +61,7 @@ from nextbit.core.tokenizer import Tokenizer
 from nextbit.infer.sampling import SamplingParams
 from nextbit.train.interrupt import CtrlC
 from nextbit.train.metrics import MetricsLog
+from nextbit.train.rundir import run_title
 
 VALUE_HEAD = "value"
 

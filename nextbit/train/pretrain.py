@@ -17,7 +17,7 @@ from nextbit.core.config import ModelConfig, default_batch_tokens, default_lr, d
 from nextbit.train.distributed import Dist, setup
 from nextbit.core.errors import NextbitError
 from nextbit.train.loop import LoopConfig, TrainLoop
-from nextbit.train.rundir import check_run_dir, start_run_dir
+from nextbit.train.rundir import check_run_dir, run_title, start_run_dir
 from nextbit.core.model import GPT
 from nextbit.core.shards import BatchSampler, Dataset
 
@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     # the loop checks the rest (and loads a --resume checkpoint): only then does the run folder change
     loop = loop_cls(
         model, ds.tokenizer, run.loop, out, d, PretrainObjective(sampler, run.micro_batch, accum, run.loss_chunk),
-        accum=accum, evaluate=evaluate, run_config=run_config, title=f"train {out.name}", data_tokens=train_split.tokens,
+        accum=accum, evaluate=evaluate, run_config=run_config, title=run_title("train", out), data_tokens=train_split.tokens,
         started=started,
     )
     start_run_dir(out, run.loop.resume, run.force, d.main)

@@ -27,3 +27,9 @@ def start_run_dir(out: str | Path, resume: bool, force: bool, main: bool = True)
             shutil.rmtree(out / "checkpoint", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def run_title(command: str, out: Path) -> str:
+    """The title of a stage's progress bar and loss plot: the command and its run folder's name, once when they are
+    the same (`nextbit reward --out runs/reward` reads "reward", not "reward reward")."""
+    return command if out.name in ("", command) else f"{command} {out.name}"
