@@ -1,4 +1,4 @@
-"""How often a seeded request's tokens change inside a busy batch (issue #10 item 3): each request is generated
+"""How often a seeded request's tokens change inside a busy batch: each request is generated
 alone (one slot), then all of them together through continuous batching (staggered arrivals, more requests than
 slots, so rows join and leave and the eager decode's row count and cache window vary), and the token lists are
 compared. Only the floating-point differences of batched kernels may change a token: this prints how often.

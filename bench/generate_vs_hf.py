@@ -1,7 +1,7 @@
 """Generation throughput: nextbit's engine vs an earlier revision of nextbit and Hugging Face transformers' `generate`,
 same shape, same weights, same run.
 
-    # H100, issue #3 item 3 (124m, bf16, 32-token prompts, 256 new tokens, top-k 50, batch 1 and 32)
+    # H100, the figures in BENCHMARKS.md (124m, bf16, 32-token prompts, 256 new tokens, top-k 50, batch 1 and 32)
     python bench/generate_vs_hf.py --preset 124m --batches 1,32
     python bench/generate_vs_hf.py --preset 124m --batches 32 --ragged        # prompts of 8..32 tokens, left-padded
     # CPU smoke run
@@ -17,7 +17,7 @@ default dynamic cache), optionally "hf_static" (transformers' static cache + com
 supports it). Every row generates exactly --new-tokens tokens (no stop tokens; HF gets min_new_tokens), sampling
 with temperature 1 and top-k 50. Both models in bf16 on CUDA, fp32 on CPU. Time = median of --repeats runs after
 --warmup runs (compilation and CUDA-graph recording happen in warm-up). One JSON line per (side, batch) and one
-{"bench": "generate_ratio"} line per batch (issue target: nextbit >= 10x hf at batch 1 and 32).
+{"bench": "generate_ratio"} line per batch (issue #3's target: nextbit >= 10x hf at batch 1 and 32).
 """
 
 from __future__ import annotations

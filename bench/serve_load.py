@@ -2,7 +2,7 @@
 generation (the ceiling) and transformers' `generate` serving the same requests one at a time (a naive server),
 on the same weights, in the same run.
 
-    # issue #10 item 9: 2-core CPU, demo-size model (depth 4, width 256, vocab 4096, context 256, QK-norm, untied)
+    # the figures in BENCHMARKS.md: 2-core CPU, demo-size model (depth 4, width 256, vocab 4096, context 256, QK-norm, untied)
     python bench/serve_load.py --random-model --clients 1,8,32
     python bench/serve_load.py --checkpoint runs/demo --clients 1,8,32          # the trained demo model
     python bench/serve_load.py --random-model --device cuda                     # unchanged on a GPU
@@ -31,7 +31,7 @@ With --rounds N, each level runs offline then server N times over, alternating, 
 runs).
 
 Every side counts the tokens it actually generated (a model may end a request early at <|endoftext|>). One JSON
-line per (side, level), then {"bench": "serve_load_summary"} for the largest level with the issue's targets:
+line per (side, level), then {"bench": "serve_load_summary"} for the largest level with issue #10's targets:
 server >= 0.8x offline and >= 10x hf. CPU figures include the clients' own CPU time on the same machine
 (client_cpu_s / server_cpu_s say how much).
 """

@@ -1,11 +1,11 @@
-"""Time to quality (issue #3 item 2): how soon a candidate run reaches the validation loss a baseline run reached.
+"""Time to quality: how soon a candidate run reaches the validation loss a baseline run reached.
 
     python bench/time_to_quality.py BASELINE/metrics.jsonl CANDIDATE/metrics.jsonl
 
 Both files are `nextbit train` metrics (evaluation records carry `val_loss` and `elapsed`, the wall time since
 the run started, compilation and evaluations included). The baseline's quality is the best validation loss it
 reached, at wall time T_base; the candidate's time is the first evaluation at or below that loss, T_cand.
-Prints one JSON line; "ratio" = T_cand / T_base (issue target: <= 0.5), null if the candidate never got there.
+Prints one JSON line; "ratio" = T_cand / T_base (issue #3's target: <= 0.5), null if the candidate never got there.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Training-step throughput: nextbit vs Hugging Face transformers' GPT2LMHeadModel (sdpa), same shape, same run.
 
-    # H100, issue #3 item 1 (GPT-2-small shape: 12 layers, width 768, vocab 50304, context 1024, batch 16, bf16)
+    # H100, the figures in BENCHMARKS.md (GPT-2-small shape: 12 layers, width 768, vocab 50304, context 1024, batch 16, bf16)
     python bench/train_vs_hf.py --preset 124m --batch 16 --loss-chunk 0,4096
     # CPU smoke run (small shape, eager only)
     python bench/train_vs_hf.py --preset tiny --batch 2 --seq-len 128 --vocab-size 4096 --steps 3 --warmup 1
 
 One JSON line per side ({"side": "nextbit" | "hf_eager" | "hf_compiled", tokens_per_s, step_ms, mfu, peak memory}),
-then {"bench": "train_ratio", ...} with nextbit's tokens/s over each baseline's (issue target: >= 1.5x hf_compiled).
+then {"bench": "train_ratio", ...} with nextbit's tokens/s over each baseline's (issue #3's target: >= 1.5x hf_compiled).
 Both sides: bf16 autocast on CUDA (fp32 on CPU), AdamW (fused on CUDA), batches copied from pinned host memory
 with non_blocking, no host sync inside the timed steps. MFU uses each model's own training FLOPs per token
 (6 x matrix params incl. the tied LM head + 12·L·d·T) over the device's dense bf16 peak (measured fp32 peak on CPU).

@@ -68,7 +68,7 @@ def _bench_lines(script, *args, timeout=300):
 
 
 def test_gpu_benches_run_on_cpu_at_a_tiny_shape():
-    """Every script bench/h100.sh runs works end to end at a tiny shape (nextbit's sides only: transformers is not a
+    """Every script bench/gpu_stages.sh runs works end to end at a tiny shape (nextbit's sides only: transformers is not a
     dependency), printing the figures the GPU session reads."""
     train = _bench_lines("train_vs_hf.py", "--preset", "2", "--batch", "2", "--seq-len", "32", "--vocab-size", "256", "--steps", "1",
                          "--warmup", "1", "--sides", "nextbit", "--loss-chunk", "0,16")
@@ -80,7 +80,7 @@ def test_gpu_benches_run_on_cpu_at_a_tiny_shape():
     assert all(r["tokens_per_s"] > 0 for r in gen if r["bench"] == "generate_vs_hf")
     prof = _bench_lines("profile_decode.py", "--preset", "2", "--vocab-size", "256", "--batches", "2", "--new-tokens", "4", "--top", "3")
     assert prof[0]["bench"] == "profile_decode" and prof[0]["ms_per_step_wall"] > 0 and len(prof) == 4
-    mem = _bench_lines("memory.py", "--preset", "2", "--seq-len", "32", "--micro-batch", "2", "--vocab-size", "256", "--steps", "1",
+    mem = _bench_lines("train_memory.py", "--preset", "2", "--seq-len", "32", "--micro-batch", "2", "--vocab-size", "256", "--steps", "1",
                        "--warmup", "1", "--variants", "base,ac+chunk", "--loss-chunk", "16")
     assert [r["variant"] for r in mem] == ["base", "ac+chunk"] and all(r["tokens_per_s"] > 0 for r in mem)
     ppo = _bench_lines("ppo_throughput.py", "--preset", "2", "--batch", "4", "--minibatch", "2", "--new-tokens", "4", "--steps", "1",
@@ -120,3 +120,22 @@ def test_stop_strings_bench_runs_at_a_tiny_shape():
     runs, summary = lines[:-1], lines[-1]
     assert [r["stop_strings"] for r in runs] == [0, 1] and all(r["tokens"] == 2 * 48 and r["tokens_per_s"] > 0 for r in runs)
     assert summary["bench"] == "stop_strings_cost" and summary["nextbit_with_over_without"] > 0
+
+
+def test_the_docs_name_bench_scripts_results_and_stages_that_exist():
+    """Every `bench/...` path that BENCHMARKS.md, its log, the README and docs/ name exists, and every stage they pass
+    to bench/gpu_stages.sh is one of its stages (the names say what is measured; a rename must not leave one behind)."""
+    import re
+    stages = set(re.findall(r"^\s{4}([a-z_]+)\)", (ROOT / "bench" / "gpu_stages.sh").read_text(), re.M))
+    assert {"train_vs_hf", "generate_vs_hf", "time_to_quality", "train_budget", "memory"} <= stages
+    docs = [ROOT / "BENCHMARKS.md", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "bench" / "results").rglob("README.md"))]
+    missing = []
+    for doc in docs:
+        text = doc.read_text()
+        for path in set(re.findall(r"(?<![\w/.])bench/[\w./-]*\w", text)):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc.name}: {path}")
+        for args in re.findall(r"bench/gpu_stages\.sh((?: [a-z_]+)+)", text):
+            missing += [f"{doc.name}: stage {s}" for s in args.split() if s not in stages]
+    assert not missing, missing

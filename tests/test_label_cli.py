@@ -52,6 +52,7 @@ def test_add_user_import_export_round_trip(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/labels.db"
     code, out, err = cli(capsys, "label", "add-user", "ann", "--admin", "--db", url)
     assert code == 0 and len(out.splitlines()) == 1
+    assert err == f"label add-user: 'ann' (admin) added to {url}; the token above is its login and is not stored, keep it\n"
     token = out.strip()
     with open_db(url) as db:
         u = store.user_for_token(db, token)
@@ -250,7 +251,9 @@ def test_users_lists_names_roles_and_label_counts_and_reset_token_replaces_a_tok
         uid = store.user_for_token(db, bob).id
         sid, _ = store.create_session(db, uid)
     code, out, err = cli(capsys, "label", "reset-token", "Bob the long-named labeler", "--db", url)
-    assert code == 0 and len(out.splitlines()) == 1 and "new token" in err
+    assert code == 0 and len(out.splitlines()) == 1
+    assert err == (f"label reset-token: 'Bob the long-named labeler' in {url} has a new token (above, not stored: keep it); "
+                   "the old token and its sessions no longer work\n")
     new = out.strip()
     with open_db(url) as db:
         assert store.user_for_token(db, bob) is None and store.session_user(db, sid) is None

@@ -62,29 +62,40 @@ schema_version = Table(
     Column("updated_at", Float, nullable=False),
 )
 
-users = Table(
-    "users", metadata,
-    Column("id", Integer, primary_key=True),
+
+def _table(name: str, *columns) -> Table:
+    """A table whose rows have an integer id that is never reused (SQLite's AUTOINCREMENT; PostgreSQL's sequence)."""
+    return Table(name, metadata, Column("id", Integer, primary_key=True), *columns, sqlite_autoincrement=True)
+
+
+def _user_id() -> Column:
+    """The row's user; the row goes when the user does."""
+    return Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+
+
+def _pair_and_user() -> tuple[Column, Column]:
+    """A row about one user and one pair (an assignment, a label); it goes when either does."""
+    return Column("pair_id", Integer, ForeignKey("pairs.id", ondelete="CASCADE"), nullable=False), _user_id()
+
+
+users = _table(
+    "users",
     Column("name", String(200), nullable=False, unique=True),
     Column("token_hash", String(64), nullable=False, unique=True),  # sha256 hex of the login token
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),
-    sqlite_autoincrement=True,
 )
 
-sessions = Table(
-    "sessions", metadata,
-    Column("id", Integer, primary_key=True),
+sessions = _table(
+    "sessions",
     Column("id_hash", String(64), nullable=False, unique=True),  # sha256 hex of the session id (the cookie)
-    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    _user_id(),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
-    sqlite_autoincrement=True,
 )
 
-pairs = Table(
-    "pairs", metadata,
-    Column("id", Integer, primary_key=True),
+pairs = _table(
+    "pairs",
     Column("key", String(64), nullable=False, unique=True),  # sha256 of the canonical JSON of [prompt, a, b]
     Column("prompt_json", Text, nullable=False),  # a string or a messages list, as JSON
     Column("a", Text, nullable=False),
@@ -94,27 +105,21 @@ pairs = Table(
     Column("priority", Float, nullable=False, default=0.0, server_default=text("0")),  # since version 2
     Column("created_at", Float, nullable=False),
     Index("ix_pairs_priority", "priority"),
-    sqlite_autoincrement=True,
 )
 
-assignments = Table(
-    "assignments", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("pair_id", Integer, ForeignKey("pairs.id", ondelete="CASCADE"), nullable=False),
-    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+assignments = _table(
+    "assignments",
+    *_pair_and_user(),
     Column("left_is_a", Boolean, nullable=False),
     Column("shown_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
     UniqueConstraint("user_id", "pair_id", name="uq_assignments_user_pair"),
     Index("ix_assignments_pair", "pair_id", "expires_at"),
-    sqlite_autoincrement=True,
 )
 
-labels = Table(
-    "labels", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("pair_id", Integer, ForeignKey("pairs.id", ondelete="CASCADE"), nullable=False),
-    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+labels = _table(
+    "labels",
+    *_pair_and_user(),
     Column("choice", String(16), nullable=False),  # in terms of the pair's a/b, never left/right
     Column("left_is_a", Boolean, nullable=False),  # how the pair was shown (position-bias studies)
     Column("comment", Text, nullable=False, default=""),
@@ -125,7 +130,6 @@ labels = Table(
     UniqueConstraint("user_id", "idempotency_key", name="uq_labels_user_key"),
     Index("ix_labels_pair", "pair_id"),
     Index("ix_labels_user_time", "user_id", "created_at"),
-    sqlite_autoincrement=True,
 )
 
 TABLES = [t.name for t in metadata.sorted_tables]

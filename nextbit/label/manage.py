@@ -22,7 +22,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -70,14 +70,23 @@ class AddUserConfig:
     db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
 
 
-def label_add_user(cfg: AddUserConfig) -> str:
-    check_name(cfg.name)  # before the database is opened (and, on first use, made)
-    with opened(cfg.db) as db:
-        token = add_user(db, cfg.name, admin=cfg.admin)
+def new_token(command: str, name: str, url: str, make: Callable[[Database, str], str], done: str, *,
+              create: bool) -> str:
+    """The one way a command hands out a login token: the name is checked before the database is opened (and, with
+    create, made), make(db, name) stores the token's hash and returns the token, which goes alone to stdout (shown
+    once, so a script can read it); "label COMMAND: 'NAME' DONE" goes to stderr, DONE's {url} the database's."""
+    check_name(name)
+    with (opened(url) if create else open_db(url, create=False)) as db:
+        token = make(db, name)
     print(token, flush=True)
-    print(f"label add-user: {cfg.name.strip()!r}{' (admin)' if cfg.admin else ''} added to {db.url}; the token above is "
-          "its login and is not stored, keep it", file=sys.stderr)
+    print(f"label {command}: {name.strip()!r}{done.format(url=db.url)}", file=sys.stderr)
     return token
+
+
+def label_add_user(cfg: AddUserConfig) -> str:
+    return new_token("add-user", cfg.name, cfg.db, lambda db, name: add_user(db, name, admin=cfg.admin),
+                     f"{' (admin)' if cfg.admin else ''} added to {{url}}; the token above is its login and is not "
+                     "stored, keep it", create=True)
 
 
 @dataclass
@@ -110,13 +119,8 @@ class ResetTokenConfig:
 
 
 def label_reset_token(cfg: ResetTokenConfig) -> str:
-    check_name(cfg.name)
-    with open_db(cfg.db, create=False) as db:
-        token = reset_token(db, cfg.name)
-    print(token, flush=True)
-    print(f"label reset-token: {cfg.name.strip()!r} in {db.url} has a new token (above, not stored: keep it); the old "
-          "token and its sessions no longer work", file=sys.stderr)
-    return token
+    return new_token("reset-token", cfg.name, cfg.db, reset_token, " in {url} has a new token (above, not stored: keep "
+                     "it); the old token and its sessions no longer work", create=False)
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Peak memory and training tokens/s of a preset with and without FSDP2, activation checkpointing and the fused
-chunked cross-entropy (issue #3 item 4).
+chunked cross-entropy.
 
     # one GPU: each variant in a fresh process (clean peak-memory counters)
-    python bench/memory.py --preset 350m --micro-batch 16 --variants base,ac,chunk,ac+chunk,fsdp+ac+chunk
-    python bench/memory.py --preset 1.5b --micro-batch 8 --variants base,ac+chunk,fsdp+ac+chunk
+    python bench/train_memory.py --preset 350m --micro-batch 16 --variants base,ac,chunk,ac+chunk,fsdp+ac+chunk
+    python bench/train_memory.py --preset 1.5b --micro-batch 8 --variants base,ac+chunk,fsdp+ac+chunk
     # several GPUs / nodes: one variant under torchrun (rank 0 prints; tokens/s is global)
-    torchrun --standalone --nproc_per_node=8 bench/memory.py --preset 1.5b --micro-batch 8 --variant fsdp+ac+chunk
+    torchrun --standalone --nproc_per_node=8 bench/train_memory.py --preset 1.5b --micro-batch 8 --variant fsdp+ac+chunk
     # CPU smoke run: peak RSS of each process instead of GPU memory
-    python bench/memory.py --preset small --seq-len 256 --micro-batch 4 --vocab-size 4096 --steps 2 --warmup 1
+    python bench/train_memory.py --preset small --seq-len 256 --micro-batch 4 --vocab-size 4096 --steps 2 --warmup 1
 
 A variant is "base" or a "+"-joined set of: fsdp (FSDP2: per-block fully_shard, bf16 params / fp32 reduce on CUDA),
 ac (activation checkpointing per block), chunk (fused LM-head + cross-entropy, --loss-chunk rows per chunk).
