@@ -128,8 +128,9 @@ class SlotRows(NamedTuple):
 
 
 class _Prefill:
-    """The cache as the model sees it while prompts are prefilled into `slots`: keys and values are written at
-    positions 0..T-1 of those slots, and the prompt attends causally to itself."""
+    """The cache as the model sees it (a CacheView, core/model.py) while prompts are prefilled into `slots`: keys and
+    values are written at positions 0..T-1 of those slots, and the prompt attends causally to itself (the model's
+    own attention call)."""
 
     def __init__(self, k, v, slots: torch.Tensor, T: int):
         self.k, self.v, self.slots, self.T = k, v, slots, T
@@ -144,6 +145,9 @@ class _Prefill:
         self.k[layer][self.slots, :, : self.T] = k.to(self.k[layer].dtype)
         self.v[layer][self.slots, :, : self.T] = v.to(self.v[layer].dtype)
         return k, v
+
+    def attend(self, q, k, v):
+        return None
 
 
 def attention_runs(needs: Sequence[int], run_cost: int = RUN_COST) -> list[tuple[int, int, int]]:
@@ -179,11 +183,11 @@ def attention_runs(needs: Sequence[int], run_cost: int = RUN_COST) -> list[tuple
 
 
 class _Decode:
-    """The cache as the model sees it in a decode step: every slot's new key/value is written at that slot's own
-    length (indexed assignment, which inductor keeps as an in-place write of the static buffer), and each row
-    attends to its own first length + 1 positions. With `runs` (eager steps), the rows attend in runs of
-    consecutive rows, each over its own window of the cache; without (the compiled step's fixed shapes), all rows
-    over the whole cache, masked."""
+    """The cache as the model sees it (a CacheView, core/model.py) in a decode step: every slot's new key/value is
+    written at that slot's own length (indexed assignment, which inductor keeps as an in-place write of the static
+    buffer), and each row attends to its own first length + 1 positions. With `runs` (eager steps), the rows attend
+    in runs of consecutive rows, each over its own window of the cache; without (the compiled step's fixed shapes),
+    all rows over the whole cache, masked."""
 
     def __init__(self, k, v, lengths: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None):
         self.k, self.v, self.lengths = k, v, lengths
