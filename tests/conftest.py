@@ -1,3 +1,7 @@
+"""What the tests share: session fixtures (a corpus, its tokenizer and a prepared dataset), tiny models, the ways
+to run `nextbit` (a subprocess, in this process, interrupted) with the checks on their one-line errors, and a small
+training run. Test modules import helpers from here (or from live.py, pg.py), never from one another."""
+
 import os
 import sys
 from pathlib import Path
@@ -112,3 +116,56 @@ def interrupt_cli(*args, metrics: Path, lines: int, timeout: float = 120):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=timeout)
     return p.returncode, err
+
+
+# ---- one-line errors --------------------------------------------------------------------------------------------
+def assert_one_line_error(r, *needles):
+    """A run_cli / run_main result that failed with `nextbit: error: ...` as its last line, no traceback, and each
+    needle in that line."""
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("nextbit: error:"), err
+    for n in needles:
+        assert n in last, last
+
+
+def cli_error(capsys, *args) -> str:
+    """Run `nextbit ARGS` in this process; it must exit 1 with one line on stderr. Returns that line."""
+    from nextbit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1, err
+    assert len(err.splitlines()) == 1 and err.startswith("nextbit: error: "), err
+    return err
+
+
+# ---- a small training run ---------------------------------------------------------------------------------------
+def small_train(dataset, out, **loop_kw):
+    """The TrainConfig of a 2-layer, 8-step CPU run on `dataset` into `out`; loop_kw overrides the loop's fields."""
+    from nextbit.train.loop import LoopConfig
+    from nextbit.train.pretrain import TrainConfig
+
+    loop = dict(steps=8, lr=3e-3, warmup=2, seed=7, device="cpu", quiet=True)
+    loop.update(loop_kw)
+    return TrainConfig(
+        data=str(dataset), out=str(out), batch_tokens=8 * 32, micro_batch=4,
+        model=ModelConfig(depth=2, width=64, n_head=2, seq_len=32), loop=LoopConfig(**loop),
+    )
+
+
+def weights(run):
+    """A run's (or checkpoint parent's) saved weights, by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "checkpoint" / "model.safetensors"))
+
+
+def losses(run) -> list[float]:
+    """The training losses a run logged to metrics.jsonl, in order."""
+    import json
+
+    return [json.loads(l)["loss"] for l in (Path(run) / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]

@@ -4,6 +4,7 @@ so the rest of the suite does not need uvicorn or selenium).
     with uvicorn_in_thread(app) as srv:   # an ASGI app on a free port of 127.0.0.1, uvicorn in a thread
         httpx.get(srv.url + "/health")
         srv.stop()                         # optional: also done on leaving the block
+    with label_app_in_thread(cfg) as (url, state): ...   # `nextbit label serve` in this process, the same way
     with chromium() as driver: ...         # Debian's headless Chromium through Selenium
     wait_for(lambda: ..., timeout, "what")
 """
@@ -46,6 +47,20 @@ def uvicorn_in_thread(app, join: float = 15):
         yield srv
     finally:
         srv.stop()
+
+
+@contextlib.contextmanager
+def label_app_in_thread(cfg):
+    """`nextbit label serve` in this process (a LabelServeConfig): build_label_app + uvicorn in a thread, on a free
+    port of 127.0.0.1. Yields (url, state); the database is closed on leaving."""
+    from nextbit.label.server import build_label_app
+
+    app, state = build_label_app(cfg)
+    try:
+        with uvicorn_in_thread(app, join=10) as srv:
+            yield srv.url, state
+    finally:
+        state.db.close()
 
 
 @contextlib.contextmanager

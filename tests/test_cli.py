@@ -6,17 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli, run_main
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode != 0
-    err = r.stderr.strip()
-    assert "Traceback" not in err, err
-    last = err.splitlines()[-1]
-    assert last.startswith("nextbit: error:"), err
-    for n in needles:
-        assert n in last, last
+from conftest import assert_one_line_error, run_cli, run_main
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,23 @@ def test_tokens_decode_back_to_the_documents(corpus_dir, dataset):
     assert docs == train_docs
 
 
+def test_documents_and_plain_prompts_start_after_endoftext_alike(corpus_dir, dataset):
+    """One rule for where a document starts: the shards hold each document as Tokenizer.encode_document encodes it,
+    and `nextbit sample` conditions a plain-text prompt on that same encoding (the start of a training document)."""
+    from nextbit.infer.sample import SampleConfig, prompt_ids
+
+    ds = Dataset(dataset)
+    tok = ds.tokenizer
+    ids = np.concatenate([np.asarray(s) for s in ds.split("train").shards]).tolist()
+    docs = [p.read_text() for i, p in enumerate(sorted(corpus_dir.iterdir())) if i % 10 != 9]
+    assert ids == [t for d in docs for t in tok.encode_document(d)]
+    assert tok.encode_documents(docs[:3]) == [tok.encode_document(d) for d in docs[:3]]
+    assert tok.encode_document(docs[0]) == [tok.eot_id] + tok.encode(docs[0])
+    first = tok.encode_document(docs[0])
+    assert prompt_ids(SampleConfig(prompt=docs[0]), tok) == first == ids[: len(first)]
+    assert prompt_ids(SampleConfig(prompt=""), tok) == [tok.eot_id]  # "" starts a new document
+
+
 def test_prepare_refuses_to_overwrite_and_force_replaces(corpus_dir, tmp_path):
     out = tmp_path / "d"
     prepare(PrepareConfig(sources=[str(corpus_dir)], out=str(out), vocab_size=300, quiet=True))

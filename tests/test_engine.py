@@ -181,10 +181,10 @@ def test_eager_decode_runs_only_the_busy_slots_over_the_live_window(model, token
     def spying(*args):
         step = make(*args)
 
-        def spy(last, *rest):
-            shapes.append((last.size(0), rest[-2][0].size(2)))
-            splits.append(rest[-1])
-            return step(last, *rest)
+        def spy(rows, k, v, runs):  # the step's arguments: the slots' rows, the cache's keys and values, the runs
+            shapes.append((rows.last.size(0), k[0].size(2)))
+            splits.append(runs)
+            return step(rows, k, v, runs)
         return spy
 
     eng._make_step = spying

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import run_cli, run_main
+from conftest import assert_one_line_error, run_cli, run_main
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("uvicorn")
@@ -69,7 +69,6 @@ def test_eval_lm_runs_both_nextbit_tasks_offline_through_an_in_process_server(ch
 
 
 def test_eval_lm_bad_input_is_one_line(checkpoint, tmp_path):
-    from test_cli import assert_one_line_error
 
     env = {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     assert_one_line_error(run_main("eval", "lm", tmp_path / "nope"), "checkpoint not found")  # in this process: quick
@@ -92,7 +91,6 @@ def test_eval_lm_sends_the_api_key_from_the_command_line_or_a_file(keyed_server,
 
 
 def test_eval_lm_a_refused_or_missing_key_is_one_line_at_once(keyed_server, tmp_path, monkeypatch):
-    from test_cli import assert_one_line_error
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-for-another-service")
     (tmp_path / "wrong.txt").write_text("sk-wrong\n")
@@ -136,7 +134,6 @@ def test_lm_eval_settings_set_the_key_for_one_run_and_skip_git(tmp_path, monkeyp
 def test_eval_lm_needs_an_lm_eval_with_the_remote_tokenizer(tmp_path, monkeypatch):
     import lm_eval.utils
 
-    from test_cli import assert_one_line_error
 
     monkeypatch.delattr(lm_eval.utils, "RemoteTokenizer")  # as in lm-eval 0.4.8 to 0.4.9.1
     assert_one_line_error(run_main("eval", "lm", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o"), "needs lm-eval 0.4.9.2")

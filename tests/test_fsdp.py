@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.model import GPT, lm_loss
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, losses, tiny_config, weights
 
 COMMON = ["train", "--steps", "6", "--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32",
           "--batch-tokens", "256", "--micro-batch", "4", "--lr", "3e-3", "--optimizer", "adamw", "--warmup", "1", "--device", "cpu",
@@ -34,14 +34,6 @@ def _two(*args, timeout=300):
                         "-m", "nextbit", *map(str, args)], env=_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def _weights(run):
-    return load_file(str(run / "checkpoint" / "model.safetensors"))
-
-
-def _losses(run):
-    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
 def _assert_close(a, b, atol=1e-5):
@@ -69,9 +61,9 @@ def test_fsdp_two_processes_match_one(plain, dataset, tmp_path):
     two = tmp_path / "two"
     _two(*COMMON, "--data", dataset, "--out", two, "--fsdp")
     assert json.loads((two / "config.json").read_text())["world_size"] == 2
-    _assert_close(_weights(plain), _weights(two))
+    _assert_close(weights(plain), weights(two))
     _assert_close(_optimizer_tensors(plain), _optimizer_tensors(two))
-    assert _losses(plain) == pytest.approx(_losses(two), rel=1e-4)
+    assert losses(plain) == pytest.approx(losses(two), rel=1e-4)
     assert "val_loss" in (two / "metrics.jsonl").read_text()  # evaluation ran on the sharded model
 
 
@@ -85,8 +77,8 @@ def test_fsdp_checkpoint_resumes_on_another_world_size(plain, dataset, tmp_path)
     ck = load_checkpoint(run, with_train_state=True)  # an ordinary checkpoint: loads without any process group
     assert ck.train_state["train"]["step"] == 3 and ck.optimizer_state()["state"]
     _two(*COMMON, "--data", dataset, "--out", run, "--fsdp", "--resume", "--activation-checkpointing", "--loss-chunk", "48", "--compile")
-    _assert_close(_weights(plain), _weights(run), atol=1e-4)
-    assert _losses(plain) == pytest.approx(_losses(run), rel=1e-4)
+    _assert_close(weights(plain), weights(run), atol=1e-4)
+    assert losses(plain) == pytest.approx(losses(run), rel=1e-4)
 
 
 def _grads(model, x, y, **kw):

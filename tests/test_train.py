@@ -7,30 +7,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nextbit.core.checkpoint import load_checkpoint, read_info, save_checkpoint
 from nextbit.core.errors import NextbitError
-from nextbit.train.loop import LoopConfig
 from nextbit.core.model import GPT
 from nextbit.core.optim import lr_factor
 from nextbit.core.config import ModelConfig
-from nextbit.train.pretrain import TrainConfig, batch_layout, train
+from nextbit.train.pretrain import batch_layout, train
 
-from conftest import ROOT, interrupt_cli, tiny_config
-
-
-def small_train(dataset, out, **loop_kw) -> TrainConfig:
-    loop = dict(steps=8, lr=3e-3, warmup=2, seed=7, device="cpu", quiet=True)
-    loop.update(loop_kw)
-    return TrainConfig(
-        data=str(dataset), out=str(out), batch_tokens=8 * 32, micro_batch=4,
-        model=ModelConfig(depth=2, width=64, n_head=2, seq_len=32), loop=LoopConfig(**loop),
-    )
-
-
-def weights(path):
-    return load_file(str(path / "checkpoint" / "model.safetensors"))
+from conftest import ROOT, interrupt_cli, small_train, tiny_config, weights
 
 
 def test_training_lowers_loss_and_writes_outputs(dataset, tmp_path):

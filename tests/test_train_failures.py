@@ -16,8 +16,7 @@ from nextbit.core.errors import NextbitError
 from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.train.pretrain import train
 
-from test_train import small_train
-from test_train_options import cli_error
+from conftest import cli_error, small_train
 
 TINY = ["--depth", "2", "--width", "64", "--n-head", "2", "--seq-len", "32", "--batch-tokens", "256", "--warmup", "1",
         "--device", "cpu", "--quiet"]

@@ -3,17 +3,7 @@ anything."""
 
 import pytest
 
-from nextbit.cli import main
-
-
-def cli_error(capsys, *args) -> str:
-    """Run `nextbit ARGS` in this process; it must exit 1 with one line on stderr. Returns that line."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1, err
-    assert len(err.splitlines()) == 1 and err.startswith("nextbit: error: "), err
-    return err
+from conftest import cli_error
 
 
 @pytest.mark.parametrize("flags, needle", [

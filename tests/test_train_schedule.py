@@ -8,7 +8,7 @@ import torch
 
 from nextbit.train.pretrain import train
 
-from test_train import small_train, weights
+from conftest import small_train, weights
 
 
 def records(run):

@@ -7,18 +7,39 @@ Attention goes through `F.scaled_dot_product_attention` (FlashAttention / cuDNN 
 
 The model can carry extra scalar heads (reward, value) on top of the final hidden states. Its forward takes
 per-sequence positions and an attention mask (so one batch can hold left-padded sequences of different lengths),
-or the generation engine's view of a KV cache (infer/engine.py), which supplies both.
+or the generation engine's view of a KV cache (a CacheView, infer/engine.py), which supplies both.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nextbit.core.config import ModelConfig
+
+
+@runtime_checkable
+class CacheView(Protocol):
+    """A KV cache as the model's forward sees it (the generation engine's prefill and decode views, infer/engine.py):
+    it says where each row stands and keeps each layer's keys and values.
+
+    positions(T): (B, T) rotary positions of this call's tokens, or None for 0..T-1.
+    attn_mask(T): the mask for the model's attention call, or None for causal (T > 1) / none (T == 1).
+    update(layer, k, v): store this call's keys and values (B, H_kv, T, D); return the keys and values to attend over.
+    attend(q, k, v): the attention output (B, H, T, D), when the cache attends itself (rows of unequal lengths over
+        windows of their own); None: the model's one attention call, with attn_mask, does it.
+    """
+
+    def positions(self, T: int) -> Optional[torch.Tensor]: ...
+
+    def attn_mask(self, T: int) -> Optional[torch.Tensor]: ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]: ...
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +80,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache, attn_mask: Optional[torch.Tensor]):
+    def forward(self, x, cos, sin, cache: Optional[CacheView], attn_mask: Optional[torch.Tensor]):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -73,9 +94,8 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if cache is not None and hasattr(cache, "attend"):  # the cache knows which rows need how much of it
-            y = cache.attend(q, k, v)
-        else:
+        y = cache.attend(q, k, v) if cache is not None else None  # the cache may know which rows need how much of it
+        if y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -99,7 +119,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+    def forward(self, x, cos, sin, cache: Optional[CacheView] = None, attn_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -147,16 +167,16 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         positions: Optional[torch.Tensor] = None,
-        cache=None,
+        cache: Optional[CacheView] = None,
         attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, width).
 
         Without a cache, `positions` (B, T) and `attn_mask` describe a padded batch (see padded_attention); None means
-        positions 0..T-1 and causal attention. With a cache (the engine's view of its KV cache, infer/engine.py),
-        the cache says where each row stands: `cache.positions(T)` and `cache.attn_mask(T)` (None: as above), and
-        each layer's `cache.update(layer, k, v)` stores this call's keys and values and returns those to attend over.
-        A cache may also have `attend(q, k, v)`, which then replaces the one attention call (the engine's decode
+        positions 0..T-1 and causal attention. With a cache (a CacheView: the engine's view of its KV cache,
+        infer/engine.py), the cache says where each row stands: `cache.positions(T)` and `cache.attn_mask(T)` (None:
+        as above), each layer's `cache.update(layer, k, v)` stores this call's keys and values and returns those to
+        attend over, and `cache.attend(q, k, v)`, unless None, replaces the one attention call (the engine's decode
         step: rows of unequal lengths attend over windows of their own).
         """
         B, T = idx.shape

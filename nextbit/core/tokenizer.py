@@ -2,6 +2,10 @@
 
 Every dataset and checkpoint carries its `tokenizer.json`; the hash of that file's content is how nextbit
 tells whether a tokenizer matches the data or the model it is used with.
+
+Documents start after <|endoftext|>: `encode_document` is the one place that says so. Pretraining shards are
+encoded with it (data/prepare.py), so a plain-text prompt is encoded with it too (`nextbit sample`, the server,
+HumanEval, preference and SFT data): the model is conditioned as it was trained, at the start of a document.
 """
 
 from __future__ import annotations
@@ -60,6 +64,14 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once; HF tokenizers spreads the work over all cores."""
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_document(self, text: str) -> list[int]:
+        """A document as the model reads it in training and is prompted with: <|endoftext|>, then the text."""
+        return [self.eot_id] + self.encode(text)
+
+    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
+        """encode_document for many texts at once (over all cores, as encode_batch)."""
+        return [[self.eot_id] + ids for ids in self.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

@@ -152,13 +152,12 @@ def prepare(cfg: PrepareConfig) -> dict:
     skipped.examples.clear()
     with atomic_dir(out) as tmp:
         writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-        eot = np.array([tok.eot_id], dtype=np.int64)
         bar = tqdm(desc="tokenizing", unit="MB", unit_scale=False, disable=cfg.quiet, bar_format="{desc}: {n:.1f} MB [{elapsed}, {rate_fmt}]")
         for batch in _batches(stream(), cfg.batch_bytes):
-            encoded = tok.encode_batch([d.text for d in batch])
+            encoded = tok.encode_documents([d.text for d in batch])
             for d, ids in zip(batch, encoded):
                 nbytes = len(d.text.encode("utf-8"))
-                writers[d.split].write(np.concatenate([eot, np.asarray(ids, dtype=np.int64)]), nbytes)
+                writers[d.split].write(np.asarray(ids, dtype=np.int64), nbytes)
                 bar.update(nbytes / 1e6)
         bar.close()
         for w in writers.values():

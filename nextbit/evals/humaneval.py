@@ -173,7 +173,7 @@ def sample_checkpoint(cfg: HumanEvalConfig, ck, problems: list[dict], stops: lis
     eng.start(min(cfg.batch, total), model.cfg.seq_len)
     rows: dict[int, Sample] = {}
     for i, prob in enumerate(problems):
-        ids = [tok.eot_id] + tok.encode(prob["prompt"])  # documents start after <|endoftext|>, as in training
+        ids = tok.encode_document(prob["prompt"])
         cut = len(ids) > budget
         ids = ids[-budget:]
         for j in range(cfg.n):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -107,9 +107,30 @@ class Request:
         return self.finish is not None
 
 
+class SlotRows(NamedTuple):
+    """What a decode step reads of each slot, row i for slot i (one argument for torch.compile: a NamedTuple is a
+    pytree, so its tensors are the compiled graph's inputs)."""
+
+    last: torch.Tensor  # (S,) the token the row feeds next
+    lengths: torch.Tensor  # (S,) positions filled in the row's cache: where the next key and value go
+    counters: torch.Tensor  # (S,) tokens generated so far (the position in the row's random stream)
+    active: torch.Tensor  # (S,) bool: the row is still generating
+    max_new: torch.Tensor  # (S,) tokens the row may generate
+    temperature: torch.Tensor  # (S,) float; 0: greedy
+    top_k: torch.Tensor  # (S,) candidates kept, at most the vocabulary
+    top_p: torch.Tensor  # (S,) float nucleus mass; 1: all
+    seeds: torch.Tensor  # (S,) the row's random stream
+    stop_ids: torch.Tensor  # (S, STOP_WIDTH) token ids that end the row, padded with -1
+    frequency: torch.Tensor  # (S,) float frequency penalty
+    presence: torch.Tensor  # (S,) float presence penalty
+    counts: Optional[torch.Tensor]  # (S, vocab) tokens generated, when a busy request is penalized; else None
+    bias: Optional[torch.Tensor]  # (S, vocab) logit bias, when a busy request has one; else None
+
+
 class _Prefill:
-    """The cache as the model sees it while prompts are prefilled into `slots`: keys and values are written at
-    positions 0..T-1 of those slots, and the prompt attends causally to itself."""
+    """The cache as the model sees it (a CacheView, core/model.py) while prompts are prefilled into `slots`: keys and
+    values are written at positions 0..T-1 of those slots, and the prompt attends causally to itself (the model's
+    own attention call)."""
 
     def __init__(self, k, v, slots: torch.Tensor, T: int):
         self.k, self.v, self.slots, self.T = k, v, slots, T
@@ -124,6 +145,9 @@ class _Prefill:
         self.k[layer][self.slots, :, : self.T] = k.to(self.k[layer].dtype)
         self.v[layer][self.slots, :, : self.T] = v.to(self.v[layer].dtype)
         return k, v
+
+    def attend(self, q, k, v):
+        return None
 
 
 def attention_runs(needs: Sequence[int], run_cost: int = RUN_COST) -> list[tuple[int, int, int]]:
@@ -159,11 +183,11 @@ def attention_runs(needs: Sequence[int], run_cost: int = RUN_COST) -> list[tuple
 
 
 class _Decode:
-    """The cache as the model sees it in a decode step: every slot's new key/value is written at that slot's own
-    length (indexed assignment, which inductor keeps as an in-place write of the static buffer), and each row
-    attends to its own first length + 1 positions. With `runs` (eager steps), the rows attend in runs of
-    consecutive rows, each over its own window of the cache; without (the compiled step's fixed shapes), all rows
-    over the whole cache, masked."""
+    """The cache as the model sees it (a CacheView, core/model.py) in a decode step: every slot's new key/value is
+    written at that slot's own length (indexed assignment, which inductor keeps as an in-place write of the static
+    buffer), and each row attends to its own first length + 1 positions. With `runs` (eager steps), the rows attend
+    in runs of consecutive rows, each over its own window of the cache; without (the compiled step's fixed shapes),
+    all rows over the whole cache, masked."""
 
     def __init__(self, k, v, lengths: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None):
         self.k, self.v, self.lengths = k, v, lengths
@@ -407,13 +431,8 @@ class Engine:
             runs = attention_runs(needs, self.run_cost)
             W = max(w for _, _, w in runs)
         live = self.active[:hi].clone()
-        nxt, lengths, counters, active, lp = self._steps[key](
-            self.last[:hi], self.lengths[:hi], self.counters[:hi], self.active[:hi], self.max_new[:hi],
-            self.temperature[:hi], self.top_k[:hi], self.top_p[:hi], self.seeds[:hi], self.stop_ids[:hi],
-            (self.counts if self.compile else self.counts[:hi]) if penalized else None, self.frequency[:hi], self.presence[:hi],
-            (self.bias if self.compile else self.bias[:hi]) if biased else None,  # compiled: the static tables themselves
-            [t[:hi, :, :W] for t in self.k] if not self.compile else self.k,
-            [t[:hi, :, :W] for t in self.v] if not self.compile else self.v, runs)
+        k, v = (self.k, self.v) if self.compile else ([t[:hi, :, :W] for t in self.k], [t[:hi, :, :W] for t in self.v])
+        nxt, lengths, counters, active, lp = self._steps[key](self._rows(hi, penalized, biased), k, v, runs)
         self.last[:hi].copy_(nxt)
         self.lengths[:hi].copy_(lengths)
         self.counters[:hi].copy_(counters)
@@ -422,21 +441,31 @@ class Engine:
             self.counts[:hi].scatter_add_(1, nxt[:, None], live[:, None].float())
         return (nxt.clone(), live) + (tuple(x.clone() for x in lp) if lp is not None else (None, None, None))
 
+    def _rows(self, hi: int, penalized: bool, biased: bool) -> SlotRows:
+        """The decode step's slots 0..hi-1: views of the buffers (eager), or the buffers themselves (compiled, where hi
+        is every slot: CUDA graphs keep the static tables' addresses). A table no busy request needs is left out."""
+        cut = (lambda t: t) if self.compile else (lambda t: t[:hi])  # noqa: E731
+        return SlotRows(last=cut(self.last), lengths=cut(self.lengths), counters=cut(self.counters), active=cut(self.active),
+                        max_new=cut(self.max_new), temperature=cut(self.temperature), top_k=cut(self.top_k),
+                        top_p=cut(self.top_p), seeds=cut(self.seeds), stop_ids=cut(self.stop_ids),
+                        frequency=cut(self.frequency), presence=cut(self.presence),
+                        counts=cut(self.counts) if penalized else None, bias=cut(self.bias) if biased else None)
+
     def _make_step(self, width: int, sampling: bool, greedy: bool, want_lp: bool, penalized: bool, biased: bool):
         model, vocab, pad = self.model, self.vocab, self.tokenizer.pad_id
 
-        def step(last, lengths, counters, active, max_new, temperature, top_k, top_p, seeds, stop_ids, counts, frequency,
-                 presence, bias, k, v, runs=None):
-            h = model(last[:, None], cache=_Decode(k, v, lengths, runs), return_hidden=True)[:, -1]
+        def step(rows: SlotRows, k: list[torch.Tensor], v: list[torch.Tensor], runs=None):
+            h = model(rows.last[:, None], cache=_Decode(k, v, rows.lengths, runs), return_hidden=True)[:, -1]
             logits = model.logits(h)[:, :vocab]
-            scores = adjust_logits(logits, counts, frequency, presence, bias) if penalized or biased else logits
-            nxt = sample_tokens(scores, temperature, top_k, top_p, seeds, counters, width, sampling, greedy)
-            nxt = torch.where(active, nxt, torch.full_like(nxt, pad))  # idle rows feed padding
+            scores = adjust_logits(logits, rows.counts, rows.frequency, rows.presence, rows.bias) if penalized or biased else logits
+            nxt = sample_tokens(scores, rows.temperature, rows.top_k, rows.top_p, rows.seeds, rows.counters, width, sampling,
+                                greedy)
+            nxt = torch.where(rows.active, nxt, torch.full_like(nxt, pad))  # idle rows feed padding
             lp = Engine._logprobs(logits, nxt) if want_lp else None
-            step_ = active.long()
-            counters = counters + step_
-            done = (nxt[:, None] == stop_ids).any(-1) | (counters >= max_new)
-            return nxt, lengths + step_, counters, active & ~done, lp
+            step_ = rows.active.long()
+            counters = rows.counters + step_
+            done = (nxt[:, None] == rows.stop_ids).any(-1) | (counters >= rows.max_new)
+            return nxt, rows.lengths + step_, counters, rows.active & ~done, lp
 
         if not self.compile:
             return step

@@ -53,7 +53,7 @@ def prompt_ids(cfg: SampleConfig, tok) -> list[int]:
     if cfg.chat is None:
         if cfg.system is not None:
             raise NextbitError("--system needs --chat")
-        return [tok.eot_id] + tok.encode(load_prompt(cfg))  # documents start after <|endoftext|> in training
+        return tok.encode_document(load_prompt(cfg))
     if cfg.prompt or cfg.prompt_file:
         raise NextbitError("give --chat or --prompt/--prompt-file, not both")
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system is not None else []) + [{"role": "user", "content": cfg.chat}]
