@@ -342,6 +342,25 @@ def test_ppo_refuses_checkpoints_of_the_wrong_kind(work, sft_run, rm_run, tmp_pa
     assert not (tmp_path / "ppo").exists()
 
 
+def test_every_reader_of_a_reward_model_checks_it_by_one_rule(sft_run, rm_run):
+    """ppo's --reward-model and label serve's --reward read a reward model through one check (align/reward.py): the
+    same one-line refusal of a checkpoint without a reward head, naming the caller's flag; the model comes back frozen."""
+    from nextbit.align.reward import is_reward_model, load_reward_model
+    from nextbit.label.reward_probs import RewardProbs
+
+    lm, rm = str(sft_run[0]), str(rm_run[0])
+    refusal = "{} " + lm + " has no 'reward' head; train one with `nextbit reward`"
+    with pytest.raises(NextbitError) as e:
+        load_reward_model(lm, "cpu", load_checkpoint(lm).tokenizer)
+    assert str(e.value) == refusal.format("--reward-model")
+    with pytest.raises(NextbitError) as e:
+        RewardProbs(lm)
+    assert str(e.value) == refusal.format("--reward")
+    model = RewardProbs(rm).model.model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert is_reward_model(load_checkpoint(rm)) and not is_reward_model(load_checkpoint(lm))
+
+
 def test_ppo_reward_model_with_another_tokenizer_names_both_the_right_way_round(work, sft_run, tmp_path):
     from nextbit.align.reward import HEAD
 

@@ -189,7 +189,7 @@ def check_options(cfg: FeedbackLoopConfig) -> None:
     check(cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (0: greedy), got {cfg.eval_temperature}")
 
 
-def export_preferences(url: str, aggregate: str) -> list[dict]:
+def labelled_preferences(url: str, aggregate: str) -> list[dict]:
     """Every label in the database as preference records; a database without any is refused."""
     db = open_db(url, create=False)  # its errors name --db
     try:
@@ -274,7 +274,7 @@ def loop(cfg: FeedbackLoopConfig) -> dict:
     check(out.resolve() not in policy.resolve().parents,
           f"--policy {cfg.policy} is inside --out {out}, which this round would replace; write the next round to a new folder")
     train_prompts, heldout = read_prompts(cfg)
-    records = export_preferences(cfg.db, cfg.aggregate)
+    records = labelled_preferences(cfg.db, cfg.aggregate)
     if root:
         probe_server(root, key)
 
