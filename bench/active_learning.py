@@ -8,7 +8,7 @@ simulated person:
                reviews (every tenth review is held out)
     the person the sentiment recipe's simulated labeler: `OracleLabeler` over VADER, Bradley–Terry noise at `--bt-scale`
                plus `--random-frac` coin flips, seeded per run; it answers each pool pair at most once
-    the model  an ensemble of reward heads on the frozen `--backbone` (align/ensemble.py): features computed once,
+    the model  an ensemble of reward heads on the frozen `--backbone` (prefs/ensemble.py): features computed once,
                `--members` heads, each fitted on a bootstrap resample of the labels so far
     the loop   `--seed-labels` random labels, then rounds of `--batch` more, chosen either at random or as the pool
                pairs with the highest disagreement (std of the members' P(a better)), refitting after each round, up to
@@ -40,12 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextbit.align.ensemble import Featurizer, disagreement, fit_heads  # noqa: E402
-from nextbit.align.labelers import OracleLabeler, Query  # noqa: E402
-from nextbit.align.scorers import Scorer, VaderScorer, grams  # noqa: E402
 from nextbit.args import add_dataclass_args, build_dataclass  # noqa: E402
 from nextbit.core.atomic import write_json  # noqa: E402
 from nextbit.core.errors import NextbitError  # noqa: E402
+from nextbit.prefs.ensemble import Featurizer, disagreement, fit_heads  # noqa: E402
+from nextbit.prefs.labelers import OracleLabeler, Query  # noqa: E402
+from nextbit.prefs.scorers import Scorer, VaderScorer, grams  # noqa: E402
 from nextbit.recipes.sentiment import opening, review_snippets  # noqa: E402
 from nextbit.train.metrics import pyplot, save_figure  # noqa: E402
 

@@ -18,8 +18,8 @@ from _common import emit, env_info, pick_device
 from nextbit.core.config import ModelConfig  # noqa: E402
 from nextbit.core.model import GPT  # noqa: E402
 from nextbit.core.tokenizer import train_tokenizer  # noqa: E402
+from nextbit.infer.decoding import SamplingParams, row_seed  # noqa: E402
 from nextbit.infer.engine import Engine, Request  # noqa: E402
-from nextbit.infer.sampling import SamplingParams, row_seed  # noqa: E402
 
 
 def main() -> None:

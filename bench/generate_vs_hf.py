@@ -69,8 +69,8 @@ def run_timed(fn, warmup: int, repeats: int, dev) -> float:
 
 
 def nextbit_runner(model, tok, args, compiled: bool):
+    from nextbit.infer.decoding import SamplingParams
     from nextbit.infer.engine import Engine
-    from nextbit.infer.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_k=args.top_k, seed=0, stop_token_ids=[])
     eng = Engine(model, tok, compile=compiled)

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextbit.align.common import split_holdout  # noqa: E402
-from nextbit.align.formats import load_preferences  # noqa: E402
 from nextbit.align.reward import oracle_order  # noqa: E402
-from nextbit.align.scorers import grams  # noqa: E402
+from nextbit.prefs.formats import load_preferences  # noqa: E402
+from nextbit.prefs.scorers import grams  # noqa: E402
+from nextbit.train.batches import split_holdout  # noqa: E402
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from _common import emit, env_info, pick_device, sync
 from generate_vs_hf import StubTokenizer, make_prompts
 
 from nextbit.core.config import ModelConfig, depth_for
-from nextbit.infer.engine import Engine
-from nextbit.infer.sampling import SamplingParams
 from nextbit.core.model import GPT
+from nextbit.infer.decoding import SamplingParams
+from nextbit.infer.engine import Engine
 
 
 def device_us(evt, cuda: bool) -> float:

@@ -117,8 +117,8 @@ def seeds_for(level: int, n: int) -> list[int]:
 
 # ---- side: the offline engine ---------------------------------------------------------------------------------
 def run_offline(ck, prompts, args, level: int, dev, common: dict) -> dict:
+    from nextbit.infer.decoding import SamplingParams
     from nextbit.infer.engine import Engine
-    from nextbit.infer.sampling import SamplingParams
 
     model = ck.model.to(dev).eval()
     eng = Engine(model, ck.tokenizer)

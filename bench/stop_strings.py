@@ -67,7 +67,10 @@ def main() -> None:
     rates = {}
     for side, pkg, m in sides:
         engine = __import__(f"{pkg}.infer.engine", fromlist=["Engine"])
-        sampling = __import__(f"{pkg}.infer.sampling", fromlist=["SamplingParams"])
+        try:  # infer/decoding.py; a baseline from before the rename has infer/sampling.py
+            sampling = __import__(f"{pkg}.infer.decoding", fromlist=["SamplingParams"])
+        except ModuleNotFoundError:
+            sampling = __import__(f"{pkg}.infer.sampling", fromlist=["SamplingParams"])
         eng = engine.Engine(m, tok)
         for stop in ([], [NEVER]):
             params = sampling.SamplingParams(max_new_tokens=new, temperature=1.0, seed=0, stop=stop, stop_token_ids=[])

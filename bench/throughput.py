@@ -20,12 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextbit.core.config import ModelConfig, depth_for  # noqa: E402
-from nextbit.infer.engine import generate  # noqa: E402
-from nextbit.infer.sampling import SamplingParams  # noqa: E402
 from nextbit.core.device import autocast_for  # noqa: E402
 from nextbit.core.model import GPT  # noqa: E402
 from nextbit.core.optim import build_optimizer  # noqa: E402
 from nextbit.core.tokenizer import train_tokenizer  # noqa: E402
+from nextbit.infer.decoding import SamplingParams  # noqa: E402
+from nextbit.infer.engine import generate  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

@@ -6,12 +6,9 @@ optional commands and no fallbacks, so an import error anywhere below is an erro
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from nextbit.align.compare import CompareConfig, compare
 from nextbit.align.dpo import DPOConfig, dpo
 from nextbit.align.ppo import PPOConfig, ppo
 from nextbit.align.reward import RewardConfig, train_reward
@@ -25,10 +22,12 @@ from nextbit.label.manage import (AddUserConfig, LabelExportConfig, LabelImportC
                                   ResetTokenConfig, label_add_user, label_export, label_import, label_reset_token, label_sample,
                                   label_users)
 from nextbit.label.server import LabelServeConfig, label_serve
+from nextbit.prefs.compare import CompareConfig, compare
 from nextbit.recipes.demo import DemoConfig, demo
-from nextbit.recipes.loop import LoopConfig, loop
+from nextbit.recipes.loop import FeedbackLoopConfig, loop
 from nextbit.recipes.sentiment import SentimentConfig, sentiment
 from nextbit.serve.server import ServeConfig, serve
+from nextbit.train.interrupt import report_stop
 from nextbit.train.pretrain import TrainConfig, train
 
 
@@ -41,18 +40,9 @@ class Command:
     positional_help: str = ""
 
 
-def report_stop(result: dict, out: str | Path) -> None:
-    """After a run that stopped before its last step: say where the checkpoint is; exit 130 if it was Ctrl-C."""
-    if result.get("stopped_early"):
-        how = "interrupted" if result.get("interrupted") else "stopped"
-        print(f"{how} at step {result['step']}; checkpoint saved in {out}/checkpoint — continue with --resume", file=sys.stderr)
-        if result.get("interrupted"):
-            raise SystemExit(130)
-
-
 def training(stage: Callable[[Any], dict]) -> Callable[[Any], None]:
-    """A training stage as a command: run it, then report a stop before the last step."""
-    return lambda cfg: report_stop(stage(cfg), cfg.out)
+    """A training stage as a command: run it, then report a stop before the last step (exit 130 if it was Ctrl-C)."""
+    return lambda cfg: report_stop(stage(cfg), f"checkpoint saved in {cfg.out}/checkpoint — continue with --resume")
 
 
 def _sample(cfg: SampleConfig) -> None:
@@ -93,6 +83,6 @@ COMMANDS: dict[str, Command] = {
     "label serve": Command(LabelServeConfig, label_serve, "the labeling web app: people compare two responses in the browser (needs the [label] extra)"),
     "sentiment": Command(SentimentConfig, sentiment,
                          "the end-to-end RLHF task: IMDB pretraining -> comparisons -> reward model -> PPO and DPO"),
-    "loop": Command(LoopConfig, loop, "one round from people's labels: export, reward model, PPO, held-out win rates, "
+    "loop": Command(FeedbackLoopConfig, loop, "one round from people's labels: export, reward model, PPO, held-out win rates, "
                     "then hot-reload a running `nextbit serve` (--serve)"),
 }

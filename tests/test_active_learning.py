@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
-from nextbit.align.ensemble import Featurizer, disagreement, fit_ensemble, fit_heads
-from nextbit.align.formats import PreferenceExample
 from nextbit.core.model import GPT
+from nextbit.prefs.ensemble import Featurizer, disagreement, fit_ensemble, fit_heads
+from nextbit.prefs.formats import PreferenceExample
 
 
 def toy_pairs(n, d=12, seed=0):
@@ -75,7 +75,7 @@ def featurizer(tokenizer):
 
 
 def test_features_are_the_mean_hidden_state_over_the_response_and_are_cached(featurizer):
-    from nextbit.align.formats import encode_pair
+    from nextbit.prefs.formats import encode_pair
 
     prompts, responses = ["a film", "a film", "the plot"], ["was great fun", "was dull", "was great fun"]
     f = featurizer.features(prompts, responses)

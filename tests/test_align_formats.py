@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from nextbit.align.batching import collate
-from nextbit.align.compare import CompareConfig, compare
-from nextbit.align.formats import encode_pair, encode_sft, load_preferences, load_prompts, load_sft
-from nextbit.align.labelers import JSONLLabeler, OracleLabeler, Query, label, make_labeler
-from nextbit.align.scorers import BowClassifier, VaderScorer, grams
 from nextbit.core.chat import render_messages
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import train_tokenizer
+from nextbit.prefs.compare import CompareConfig, compare
+from nextbit.prefs.formats import collate
+from nextbit.prefs.formats import encode_pair, encode_sft, load_preferences, load_prompts, load_sft
+from nextbit.prefs.labelers import JSONLLabeler, OracleLabeler, Query, label, make_labeler
+from nextbit.prefs.scorers import BowClassifier, VaderScorer, grams
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,18 @@ import pytest
 import torch
 
 from nextbit.align.dpo import DPOConfig, dpo
-from nextbit.align.formats import load_preferences
 from nextbit.align.ppo import PPOConfig, ppo
 from nextbit.align.reward import RewardConfig, score_texts, train_reward
-from nextbit.align.sampling import sample_responses
 from nextbit.align.sft import SFTConfig, sft
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.config import ModelConfig
 from nextbit.core.errors import NextbitError
-from nextbit.infer.sampling import SamplingParams
-from nextbit.train.loop import LoopConfig
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import train_tokenizer
+from nextbit.infer.decoding import SamplingParams
+from nextbit.prefs.formats import load_preferences
+from nextbit.prefs.pairs import sample_responses
+from nextbit.train.loop import LoopConfig
 
 from conftest import interrupt_cli, run_cli
 
@@ -224,7 +224,7 @@ def test_two_processes_train_like_one(work, sft_run, tmp_path, command):
 
 def test_batch_share_weights_give_the_global_mean():
     """Unequal micro-batches (tokens, pairs) weighted by `share` sum to the global batch's mean, for any split."""
-    from nextbit.align.common import accum_for, shard_rows, share
+    from nextbit.train.batches import accum_for, shard_rows, share
 
     values = torch.arange(1.0, 11.0)  # one loss per unit, 10 units in the global batch
     want = values.mean()
@@ -274,8 +274,8 @@ def test_stage_resolves_steps_and_lr_into_a_copy(work, tmp_path, command):
     """--steps 0 and --lr 0 are resolved into a copy that config.json records; the caller's config is left as it was."""
     import copy
 
-    from nextbit.align.common import LR_SCALE
     from nextbit.core.config import default_lr
+    from nextbit.train.stage import LR_SCALE
 
     cfg, res = stage_run(command, work, tmp_path / "run", few_rows(command), epochs=1.5, val_frac=0.0)
     before = copy.deepcopy(cfg)
@@ -289,7 +289,7 @@ def test_stage_resolves_steps_and_lr_into_a_copy(work, tmp_path, command):
 def test_time_budget_means_the_same_in_every_stage(work, tmp_path, command):
     """With --time-budget the budget decides how long a stage trains (two default epochs of 8 rows would take a
     fraction of a second); --epochs, given, caps it."""
-    from nextbit.align.common import UNCAPPED
+    from nextbit.train.stage import UNCAPPED
 
     cfg, res = stage_run(command, work, tmp_path / "budget", few_rows(command), time_budget=1.5, val_frac=0.0)
     logged = [json.loads(l) for l in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
@@ -340,6 +340,25 @@ def test_ppo_refuses_checkpoints_of_the_wrong_kind(work, sft_run, rm_run, tmp_pa
     with pytest.raises(NextbitError, match=r"^--reward-model .* has no 'reward' head"):
         ppo(PPOConfig(policy=str(sft_run[0]), reward_model=str(sft_run[0]), **kw))
     assert not (tmp_path / "ppo").exists()
+
+
+def test_every_reader_of_a_reward_model_checks_it_by_one_rule(sft_run, rm_run):
+    """ppo's --reward-model and label serve's --reward read a reward model through one check (align/reward.py): the
+    same one-line refusal of a checkpoint without a reward head, naming the caller's flag; the model comes back frozen."""
+    from nextbit.align.reward import is_reward_model, load_reward_model
+    from nextbit.label.reward_probs import RewardProbs
+
+    lm, rm = str(sft_run[0]), str(rm_run[0])
+    refusal = "{} " + lm + " has no 'reward' head; train one with `nextbit reward`"
+    with pytest.raises(NextbitError) as e:
+        load_reward_model(lm, "cpu", load_checkpoint(lm).tokenizer)
+    assert str(e.value) == refusal.format("--reward-model")
+    with pytest.raises(NextbitError) as e:
+        RewardProbs(lm)
+    assert str(e.value) == refusal.format("--reward")
+    model = RewardProbs(rm).model.model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert is_reward_model(load_checkpoint(rm)) and not is_reward_model(load_checkpoint(lm))
 
 
 def test_ppo_reward_model_with_another_tokenizer_names_both_the_right_way_round(work, sft_run, tmp_path):

@@ -139,3 +139,20 @@ def test_errors_suggest_only_flags_of_their_command(trained, reward_ckpt, tmp_pa
     suggested = set(FLAG.findall(r.stderr))
     assert suggested and suggested <= flags_of(command), (suggested - flags_of(command), r.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_stopped_early_means_one_thing_everywhere(capsys):
+    """`stopped_early` is read in one place (train/interrupt.py): a run that reached its end says nothing; one that
+    --stop-after ended says so and goes on; one Ctrl-C ended, or one a pipeline cannot go on without, exits 130."""
+    from nextbit.train.interrupt import report_stop
+
+    assert report_stop({"stopped_early": False, "interrupted": False, "step": 10}, "unused") is False
+    assert report_stop({"stopped_early": True, "interrupted": False, "step": 5}, "checkpoint saved") is True
+    assert capsys.readouterr().err == "stopped at step 5; checkpoint saved\n"
+    for result, fatal in [({"stopped_early": True, "interrupted": True, "step": 3}, False),
+                          ({"stopped_early": True, "interrupted": False, "step": 3}, True)]:
+        with pytest.raises(SystemExit) as e:
+            report_stop(result, "its checkpoint is kept", "ppo", fatal=fatal)
+        assert e.value.code == 130
+    assert capsys.readouterr().err == ("interrupted in the ppo stage at step 3; its checkpoint is kept\n"
+                                       "stopped in the ppo stage at step 3; its checkpoint is kept\n")

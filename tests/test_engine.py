@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nextbit.core.errors import NextbitError
+from nextbit.infer.decoding import SamplingParams, counter_uniform, cut_at_stop, draw, row_seed, sample_tokens
 from nextbit.infer.engine import Engine, Request, generate
 from nextbit.infer.reference import reference_generate
-from nextbit.infer.sampling import SamplingParams, counter_uniform, cut_at_stop, draw, row_seed, sample_tokens
 
 from conftest import peaky_model
 

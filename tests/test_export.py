@@ -90,8 +90,8 @@ def test_logits_match_transformers(folders, variant):
 
 @pytest.mark.parametrize("variant", ["llama-untied", "qwen3-gqa"])
 def test_32_greedy_tokens_identical(folders, tokenizer, variant):
+    from nextbit.infer.decoding import SamplingParams
     from nextbit.infer.engine import generate
-    from nextbit.infer.sampling import SamplingParams
 
     ck, out = folders(variant)
     ours = load_checkpoint(ck).model.eval()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from nextbit.align.formats import read_jsonl
 from nextbit.align.reward import read_preferences
+from nextbit.prefs.formats import read_jsonl
 from nextbit import cli as nextbit_cli
 from nextbit.cli import main
 from nextbit.core.checkpoint import save_checkpoint

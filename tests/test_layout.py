@@ -2,12 +2,16 @@
 
     core/      model, config, tokenizer, chat template, checkpoint, optimizers, shards, devices, atomic writes
     infer/     the generation engine (and `nextbit sample`)           -> core
-    train/     the training machinery (and `nextbit train`)           -> core
+    train/     the training machinery (loop, schedule, run folders, the stage base, batch layout; `nextbit train`)
+                                                                      -> core
     data/      sources and `nextbit prepare`                          -> core
-    align/     sft, reward, compare, ppo, dpo                         -> core, infer, train's machinery
+    prefs/     the preference-data stage: TRL formats, labelers, scorers, `nextbit compare`, pair sampling, the
+               active-learning ensemble                               -> core, infer, train
+    align/     the algorithms: sft, reward, ppo, dpo, batching        -> core, infer, train, prefs
     serve/     the OpenAI-compatible server                           -> core, infer
     evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve
-    label/     the labeling app: people compare pairs, into a database -> core, infer, align (reward models score pairs)
+    label/     the labeling app: people compare pairs, into a database -> core, infer, prefs, align (reward models
+               score pairs), web
     export/    Hugging Face folders, both ways                        -> core
     recipes/   whole pipelines                                        -> any stage
     commands.py, cli.py: the top; nothing imports them (but __main__)
@@ -23,12 +27,13 @@ ALLOWED = {
     "infer": {"core", "infer"},
     "train": {"core", "train"},
     "data": {"core", "data"},
-    "align": {"core", "infer", "train", "align"},
+    "prefs": {"core", "infer", "train", "prefs"},
+    "align": {"core", "infer", "train", "prefs", "align"},
     "serve": {"core", "infer", "serve"},
     "export": {"core", "export"},
     "evals": {"core", "infer", "data", "serve", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
-    "label": {"core", "infer", "align", "label"},  # align: the pairs it samples, the reward models that score them
-    "recipes": {"core", "infer", "train", "data", "align", "serve", "label", "recipes"},
+    "label": {"core", "infer", "prefs", "align", "web", "label"},  # prefs: the pairs it samples; align: the reward models that score them
+    "recipes": {"core", "infer", "train", "data", "prefs", "align", "serve", "web", "label", "export", "evals", "recipes"},
 }
 STAGE_COMMANDS = {"nextbit.train.pretrain", "nextbit.infer.sample", "nextbit.data.prepare"}  # stages, not libraries
 
@@ -56,7 +61,7 @@ def test_imports_point_down_and_no_private_names_cross_modules():
                 bad.append(f"{rel} imports {mod}")
             if room in ALLOWED and target and target not in ALLOWED[room] and target not in ("args",):
                 bad.append(f"{rel} ({room}/) imports {mod}")
-            if room == "align" and mod in STAGE_COMMANDS:
+            if room in ("prefs", "align") and mod in STAGE_COMMANDS:
                 bad.append(f"{rel} reaches into the stage {mod}")
             own = "nextbit." + ".".join(rel.with_suffix("").parts)
             bad += [f"{rel} imports the private {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__") and mod != own]

@@ -25,22 +25,23 @@ import torch
 pytest.importorskip("vaderSentiment")
 pytest.importorskip("sqlalchemy")
 
-from nextbit.align.labelers import OracleLabeler, Query  # noqa: E402
+from nextbit.prefs.labelers import OracleLabeler, Query  # noqa: E402
 from live import uvicorn_in_thread
-from nextbit.align.scorers import VaderScorer  # noqa: E402
 from nextbit.align.sft import SFTConfig, sft  # noqa: E402
+from nextbit.align.stats import wilson  # noqa: E402
+from nextbit.align.winrate import labeler_wins, wins  # noqa: E402
 from nextbit.cli import main  # noqa: E402
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nextbit.core.config import ModelConfig  # noqa: E402
 from nextbit.core.model import GPT  # noqa: E402
 from nextbit.core.tokenizer import train_tokenizer  # noqa: E402
+from nextbit.infer.decoding import SamplingParams  # noqa: E402
 from nextbit.infer.engine import generate  # noqa: E402
-from nextbit.infer.sampling import SamplingParams  # noqa: E402
 from nextbit.label import store  # noqa: E402
 from nextbit.label.db import open_db  # noqa: E402
 from nextbit.label.server import LabelServeConfig, build_label_app  # noqa: E402
-from nextbit.align.stats import wilson  # noqa: E402
-from nextbit.recipes.loop import labeler_wins, small_number_warnings, summary_lines, wins  # noqa: E402
+from nextbit.prefs.scorers import VaderScorer  # noqa: E402
+from nextbit.recipes.loop import small_number_warnings, summary_lines  # noqa: E402
 from nextbit.serve.server import ServeConfig, build_app  # noqa: E402
 from nextbit.train.loop import LoopConfig  # noqa: E402
 

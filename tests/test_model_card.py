@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from nextbit.align.common import config_record
 from nextbit.align.dpo import DPOConfig
 from nextbit.align.ppo import PPOConfig
 from nextbit.align.reward import RewardConfig
 from nextbit.align.sft import SFTConfig
 from nextbit.core.checkpoint import save_checkpoint
-from nextbit.export.convert import ExportConfig, export_hf
 from nextbit.core.model import GPT
+from nextbit.export.convert import ExportConfig, export_hf
 from nextbit.train.loop import LoopConfig
 from nextbit.train.pretrain import TrainConfig
+from nextbit.train.rundir import config_record
 from conftest import tiny_config
 
 

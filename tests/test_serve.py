@@ -33,9 +33,9 @@ from conftest import ROOT, run_cli, run_main
 from live import uvicorn_in_thread
 from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
+from nextbit.infer.decoding import SamplingParams, cut_at_stop
 from nextbit.infer.engine import Request, generate, stop_ids_for
 from nextbit.infer.sample import SampleConfig, sample
-from nextbit.infer.sampling import SamplingParams, cut_at_stop
 from nextbit.serve.choices import Choice
 from nextbit.serve.server import ServeConfig, build_app
 

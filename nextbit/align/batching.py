@@ -1,4 +1,5 @@
-"""Right-padded batches of encoded examples and the per-sequence quantities every objective needs.
+"""The per-sequence quantities every objective needs, read from right-padded batches (prefs/formats.py's `collate`):
+summed log-probabilities of the trained tokens, and a scalar head read at the last token or averaged over them.
 
 Padding goes on the right for training: with causal attention, padding after a sequence never changes what
 comes before it, so no attention mask is needed. (Rollouts are left-padded; see ppo.py.)
@@ -6,50 +7,11 @@ comes before it, so no attention mask is needed. (Rollouts are left-padded; see 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 
-from nextbit.align.formats import Encoded
-from nextbit.core.model import GPT, token_logprobs
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor  # (B, T) right-padded token ids
-    targets: torch.Tensor  # (B, T) next-token targets, -1 where not trained (prompt, padding)
-    lengths: torch.Tensor  # (B,) real tokens per row
-
-    def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.targets.to(device), self.lengths.to(device))
-
-    @property
-    def n_target_tokens(self) -> int:
-        return int((self.targets != -1).sum())
-
-
-def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
-    T = max(len(e.ids) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    targets = torch.full((B, T), -1, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        row = torch.tensor(e.ids, dtype=torch.long)
-        ids[i, :n] = row
-        m = torch.tensor(e.mask[1:], dtype=torch.bool)
-        targets[i, : n - 1] = torch.where(m, row[1:], torch.full_like(row[1:], -1))
-    return Batch(ids, targets, torch.tensor([len(e.ids) for e in examples], dtype=torch.long))
-
-
-def unwrap(model: torch.nn.Module) -> GPT:
-    """The GPT inside a DDP or torch.compile wrapper (or the model itself)."""
-    return getattr(model, "module", getattr(model, "_orig_mod", model))
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(unwrap(model).parameters()).device
+from nextbit.core.model import token_logprobs
+from nextbit.prefs.formats import Batch
+from nextbit.train.distributed import unwrap
 
 
 def hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

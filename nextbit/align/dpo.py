@@ -5,7 +5,7 @@ with the frozen reference = the starting checkpoint. The reference log-probabili
 front, so training holds one model. Ties carry no preference and are skipped. Logged: the implicit reward
 margin (beta x the bracket), chosen/rejected implicit rewards, and how often chosen beats rejected. Pairs whose
 chosen and rejected responses are the same are dropped too (with a count). The stage setup (steps, --time-budget,
-learning rate, run folder) is the one every alignment stage shares (align/common.py).
+learning rate, run folder) is the one every fine-tuning stage shares (train/stage.py).
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from nextbit.align.batching import Batch, device_of, sequence_logprobs
-from nextbit.align.common import Shuffler, open_base, prepare_stage, run_loop, shard_rows, share
+from nextbit.align.batching import sequence_logprobs
 from nextbit.align.reward import EncodedPair, encode_preferences, halves, pair_batch, read_preferences
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.train.distributed import Dist
+from nextbit.prefs.formats import Batch
+from nextbit.train.batches import Shuffler, shard_rows, share
+from nextbit.train.distributed import Dist, device_of
+from nextbit.train.interrupt import stopped_early
 from nextbit.train.loop import LoopConfig
+from nextbit.train.stage import open_base, prepare_stage, run_loop
 
 
 @dataclass
@@ -137,6 +140,6 @@ def dpo(cfg: DPOConfig) -> dict:
                           dropped_identical=same)
     objective = DPOObjective(stage.train, cfg, stage.accum, tok.pad_id)
     result = run_loop(stage, objective, lambda m: dpo_eval(m, stage.val, cfg, tok.pad_id))
-    if not result.get("stopped_early") and d.main:
+    if not stopped_early(result) and d.main:
         write_json(stage.out / "eval.json", {k: v for k, v in result.items() if k.startswith("val_")} | {"steps": result["step"]})
     return result

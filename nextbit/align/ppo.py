@@ -25,7 +25,7 @@ and the RNG; every step's randomness (prompt draw, sampling seed, minibatch orde
 so `--resume` continues exactly as the uninterrupted run would have. The reference is always re-read from --policy.
 
 The loop is this file's own (as CleanRL keeps an algorithm readable in one file); what it shares with the other
-stages comes from align/common.py (run folder, config.json, learning rate), train/ (Ctrl-C, metrics) and core/
+stages comes from train/ (run folder and config.json, learning rate, Ctrl-C, metrics), prefs/ (prompts, pairs) and core/
 (checkpoints). `--policy` must be a language model and `--reward-model` a reward model (each refuses the other).
 """
 
@@ -43,14 +43,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nextbit.align.batching import device_of
-from nextbit.align.common import config_record, prepare_out, single_process, stage_lr, write_config
-from nextbit.align.formats import Prompt, load_prompts
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
-from nextbit.align.reward import RewardModel
-from nextbit.align.sampling import generate_batch
-from nextbit.align.scorers import Scorer, make_scorer
+from nextbit.align.reward import RewardModel, is_reward_model, load_reward_model
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nextbit.core.device import autocast_for
@@ -58,10 +53,15 @@ from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT, padded_attention
 from nextbit.core.optim import build_optimizer, clip_and_step
 from nextbit.core.tokenizer import Tokenizer
-from nextbit.infer.sampling import SamplingParams
+from nextbit.infer.decoding import SamplingParams
+from nextbit.prefs.formats import Prompt, load_prompts
+from nextbit.prefs.pairs import generate_batch
+from nextbit.prefs.scorers import Scorer, make_scorer
+from nextbit.train.distributed import device_of
 from nextbit.train.interrupt import CtrlC
 from nextbit.train.metrics import MetricsLog
-from nextbit.train.rundir import run_title
+from nextbit.train.rundir import config_record, prepare_out, run_title, write_config
+from nextbit.train.stage import single_process, stage_lr
 
 VALUE_HEAD = "value"
 
@@ -323,10 +323,6 @@ def evaluate(policy: GPT, ref: GPT, rm: RewardModel, tok: Tokenizer, prompts: Se
     return {k: v / max(1, n) for k, v in acc.items()}
 
 
-def is_reward_model(ck: Checkpoint) -> bool:
-    return ck.info.get("meta", {}).get("kind") == "reward_model" or REWARD_HEAD in ck.model.heads
-
-
 def load_policy(path: str, device, flag: str = "--policy", reward_flag: Optional[str] = "--reward-model") -> Checkpoint:
     """The starting policy: a language model, not a reward model. `flag` is the caller's flag that named `path`, and
     `reward_flag` the caller's flag that takes a reward model (None: the caller has none; it trains its own), so
@@ -337,19 +333,6 @@ def load_policy(path: str, device, flag: str = "--policy", reward_flag: Optional
         raise NextbitError(f"{flag} {path} is a reward model (it has a '{REWARD_HEAD}' head); give the language model "
                            f"to train (from nextbit train, sft, dpo or ppo), {where}")
     return ck
-
-
-def load_reward_model(path: str, device, tok: Tokenizer, what: str = "--reward-model") -> RewardModel:
-    """The reward model with the pooling its checkpoint records, frozen, checked against the policy's tokenizer `tok`.
-    `what` names it in errors: the caller's flag (ppo's --reward-model), or words where no flag gave it."""
-    ck = load_checkpoint(path, device)
-    if REWARD_HEAD not in ck.model.heads:
-        raise NextbitError(f"{what} {path} has no '{REWARD_HEAD}' head; train one with `nextbit reward`")
-    tok.check_hash(ck.tokenizer.hash, f"{what} {path}", "the policy's tokenizer")
-    if not ck.info.get("meta", {}).get("normalized", False):
-        print(f"note: reward model {path} is not normalised; its raw scores are used", flush=True)
-    ck.model.eval().requires_grad_(False)
-    return RewardModel.from_checkpoint(ck)
 
 
 def _resume_point(cfg: PPOConfig, device, tok: Tokenizer, ref_sha: str):

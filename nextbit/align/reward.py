@@ -21,19 +21,21 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from nextbit.align.batching import Batch, collate, device_of, read_reward
-from nextbit.align.common import Shuffler, open_base, prepare_stage, run_loop, say, shard_rows, share
-from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, load_preferences
+from nextbit.align.batching import read_reward
 from nextbit.align.stats import rate_note
 from nextbit.core.atomic import write_json
-from nextbit.core.checkpoint import Checkpoint, save_checkpoint
+from nextbit.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
-from nextbit.train.distributed import Dist
+from nextbit.prefs.bradley_terry import bradley_terry_loss
+from nextbit.prefs.formats import Batch, Encoded, PreferenceExample, Prompt, collate, encode_pair, load_preferences
+from nextbit.train.batches import Shuffler, shard_rows, share
+from nextbit.train.distributed import Dist, device_of
+from nextbit.train.interrupt import stopped_early
 from nextbit.train.loop import LoopConfig
+from nextbit.train.stage import open_base, prepare_stage, run_loop, say
 
 HEAD = "reward"
 POOLS = ("last", "mean")
@@ -64,11 +66,33 @@ class RewardModel:
     pool: str = "last"
 
     @classmethod
-    def from_checkpoint(cls, ck: Checkpoint) -> "RewardModel":
+    def from_checkpoint(cls, ck: Checkpoint, where: str) -> "RewardModel":
+        """The reward model in `ck`, frozen. A checkpoint without a reward head is refused; `where` names it in the
+        error: the caller's flag and the path given (ppo's `--reward-model PATH`, label serve's `--reward PATH`)."""
+        if HEAD not in ck.model.heads:
+            raise NextbitError(f"{where} has no '{HEAD}' head; train one with `nextbit reward`")
+        ck.model.eval().requires_grad_(False)
         return cls(ck.model, ck.info.get("meta", {}).get("pool", "last"))
 
     def score(self, tok: Tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], *, append_eot: bool = True) -> torch.Tensor:
         return score_texts(self.model, tok, prompts, responses, append_eot=append_eot, pool=self.pool)
+
+
+def is_reward_model(ck: Checkpoint) -> bool:
+    """Whether a checkpoint holds a reward model (`nextbit reward` wrote it, or it has a reward head): what a policy
+    must not be."""
+    return ck.info.get("meta", {}).get("kind") == "reward_model" or HEAD in ck.model.heads
+
+
+def load_reward_model(path: str, device, tok: Tokenizer, what: str = "--reward-model") -> RewardModel:
+    """The reward model with the pooling its checkpoint records, frozen, checked against the policy's tokenizer `tok`.
+    `what` names it in errors: the caller's flag (ppo's --reward-model), or words where no flag gave it."""
+    ck = load_checkpoint(path, device)
+    rm = RewardModel.from_checkpoint(ck, f"{what} {path}")
+    tok.check_hash(ck.tokenizer.hash, f"{what} {path}", "the policy's tokenizer")
+    if not ck.info.get("meta", {}).get("normalized", False):
+        print(f"note: reward model {path} is not normalised; its raw scores are used", flush=True)
+    return rm
 
 
 @dataclass
@@ -119,13 +143,6 @@ def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) parts of a per-row result on a `pair_batch`."""
     n = x.size(0) // 2
     return x[:n], x[n:]
-
-
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
-    d = r_chosen - r_rejected
-    strict = -F.logsigmoid(d)
-    even = -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d))
-    return torch.where(tie.to(d.device), even, strict).mean()
 
 
 class RewardObjective:
@@ -211,7 +228,7 @@ def train_reward(cfg: RewardConfig) -> dict:
     stage = prepare_stage("reward", cfg, base, pairs, unit="pairs", ties=sum(p.tie for p in pairs), dropped_identical=same)
     objective = RewardObjective(stage.train, cfg.batch_size, stage.accum, pad, cfg.loop.seed, cfg.center_coef, cfg.pool)
     result = run_loop(stage, objective, lambda m: pair_metrics(m, stage.val, pad, cfg.pool))
-    if result.get("stopped_early"):
+    if stopped_early(result):
         return result
     if not d.main:  # the main process normalises, evaluates and writes the final checkpoint
         torch.distributed.barrier()

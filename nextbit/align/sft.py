@@ -4,7 +4,7 @@ Only completion tokens (assistant turns) are trained; the prompt is context. The
 batch's completion tokens, whatever the micro-batching and the number of processes (torchrun: DDP). The shared
 TrainLoop does the rest (AdamW, schedule, clipping, accumulation, checkpoints, --resume, Ctrl-C, metrics.jsonl,
 loss.png). How long it trains: --steps, or --epochs passes over the data (2 by default); with --time-budget the
-budget decides and --steps / --epochs only cap it, as in every stage (align/common.py).
+budget decides and --steps / --epochs only cap it, as in every stage (train/stage.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nextbit.align.batching import collate, device_of, hidden_states, unwrap
-from nextbit.align.common import Shuffler, open_base, prepare_stage, run_loop, shard_rows, share
-from nextbit.align.formats import Encoded, encode_sft, load_sft
+from nextbit.align.batching import hidden_states
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import lm_loss
+from nextbit.prefs.formats import Encoded, collate, encode_sft, load_sft
+from nextbit.train.batches import Shuffler, shard_rows, share
+from nextbit.train.distributed import device_of, unwrap
 from nextbit.train.loop import LoopConfig
+from nextbit.train.stage import open_base, prepare_stage, run_loop
 
 
 @dataclass

@@ -43,7 +43,7 @@ from nextbit.core.atomic import write_json, write_text
 from nextbit.core.errors import NextbitError, check
 from nextbit.evals.passk import mean_pass_at_k, parse_ks
 from nextbit.evals.sandbox import Limits, Run, Sandbox, describe
-from nextbit.infer.sampling import cut_at_stop, row_seed
+from nextbit.infer.decoding import cut_at_stop, row_seed
 
 DEFAULT_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]  # Chen et al.'s stop sequences
 CHUNK = 16  # samples of one problem per server request (nextbit serve's default --max-n); also fixes the seeds
@@ -163,7 +163,7 @@ def sample_checkpoint(cfg: HumanEvalConfig, ck, problems: list[dict], stops: lis
     import torch
 
     from nextbit.infer.engine import Request, completion, engine_for
-    from nextbit.infer.sampling import SamplingParams
+    from nextbit.infer.decoding import SamplingParams
 
     model, tok = ck.model.eval(), ck.tokenizer
     budget = model.cfg.seq_len - max_new

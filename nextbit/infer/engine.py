@@ -10,7 +10,7 @@
 
 State is a fixed number of slots. Each slot holds one sequence, left-aligned in a static KV cache of `max_len`
 positions, with its own length (its rotary position and what it attends to), its own sampling parameters and its
-own random stream (infer/sampling.py). A new request is prefilled into a free slot (several at once, right-padded:
+own random stream (infer/decoding.py). A new request is prefilled into a free slot (several at once, right-padded:
 padding after a sequence never changes it under causal attention) and decodes with the others from the next step
 on; a finished row frees its slot at once. The engine calls the model's own forward (`GPT.forward(..., cache=)`)
 with a cache view that tells it each row's positions and mask, so it never re-implements the transformer.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.infer.sampling import SamplingParams, adjust_logits, cut_at_stop, filter_width, row_seed, sample_tokens
+from nextbit.infer.decoding import SamplingParams, adjust_logits, cut_at_stop, filter_width, row_seed, sample_tokens
 
 STOP_WIDTH = 4  # stop-token ids per slot (padded with -1): a fixed width keeps one compiled step
 TOP_LOGPROBS = 5  # alternatives reported per token, at most (the OpenAI API's limit for completions)

@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 
 from nextbit.core.model import GPT
+from nextbit.infer.decoding import SamplingParams, adjust_logits, cut_at_stop, filter_width, row_seed, sample_tokens
 from nextbit.infer.engine import Completion, completion, stop_ids_for
-from nextbit.infer.sampling import SamplingParams, adjust_logits, cut_at_stop, filter_width, row_seed, sample_tokens
 
 
 @torch.no_grad()

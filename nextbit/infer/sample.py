@@ -14,8 +14,8 @@ from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
+from nextbit.infer.decoding import SamplingParams
 from nextbit.infer.engine import Completion, generate
-from nextbit.infer.sampling import SamplingParams
 
 
 @dataclass

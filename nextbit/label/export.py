@@ -18,10 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Union
 
-from nextbit.align.formats import write_jsonl
 from nextbit.core.errors import NextbitError
 from nextbit.label.db import Database
 from nextbit.label.store import Pair, all_labels, pairs
+from nextbit.prefs.formats import write_jsonl
 
 AGGREGATES = ("none", "majority")
 

@@ -7,8 +7,8 @@
     nextbit label import FILE --db URL                   {"prompt", "a", "b"} JSONL (compare's .pairs.jsonl); other
                                                          fields are kept as the pair's meta; duplicates are skipped
     nextbit label sample --policy CKPT --prompts F --db URL   two responses per pair from a policy, through the same
-                                                         sampling as `nextbit compare` (align/compare.sample_pairs ->
-                                                         align/sampling -> the one engine), then imported
+                                                         sampling as `nextbit compare` (prefs/compare.sample_pairs ->
+                                                         prefs/pairs -> the one engine), then imported
     nextbit label export --db URL --out prefs.jsonl [--aggregate none|majority]   TRL preference JSONL (export.py)
 Every command opens the database with db.open_db, so a bad URL, a newer or foreign database is one line and exit 1.
 Only add-user, import and sample make a database that is not there; the others refuse it (db.MissingDatabase).
@@ -27,12 +27,12 @@ from typing import Callable, Iterator, Optional
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from nextbit.align.compare import CompareConfig, sample_pairs
-from nextbit.align.formats import parse_prompt, read_jsonl
 from nextbit.core.errors import NextbitError
 from nextbit.label.db import DEFAULT_URL, Database, open_db
 from nextbit.label.export import AGGREGATES, export_preferences
 from nextbit.label.store import add_user, check_name, check_pair, import_pairs, reset_token, user_summaries
+from nextbit.prefs.compare import CompareConfig, sample_pairs
+from nextbit.prefs.formats import parse_prompt, read_jsonl
 
 
 def sqlite_file(url: str) -> Optional[Path]:

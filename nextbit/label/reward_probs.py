@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from nextbit.align.reward import HEAD, RewardModel
+from nextbit.align.reward import RewardModel
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
 
@@ -24,11 +24,8 @@ class RewardProbs:
             ck = load_checkpoint(path, device)
         except NextbitError as e:
             raise NextbitError(f"--reward: {e}")
-        if HEAD not in ck.model.heads:
-            raise NextbitError(f"--reward {path} has no '{HEAD}' head; train one with `nextbit reward`")
-        ck.model.eval().requires_grad_(False)
+        self.model = RewardModel.from_checkpoint(ck, f"--reward {path}")
         self.path = str(ck.path)
-        self.model = RewardModel.from_checkpoint(ck)
         self.tok = ck.tokenizer
         self.cache: dict[int, float] = {}
         self.lock = threading.Lock()  # two admin requests at once score a new pair once

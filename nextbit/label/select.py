@@ -1,7 +1,7 @@
 """`--select`: which queued pair a labeler sees next.
 
     random        the store's per-labeler shuffle (store.next_pair); nothing to compute here
-    disagreement  an ensemble of reward heads on a frozen backbone (align/ensemble.py) is fitted on every label so
+    disagreement  an ensemble of reward heads on a frozen backbone (prefs/ensemble.py) is fitted on every label so
                   far, scores every pair, and each pair's priority becomes the members' disagreement on it (the
                   standard deviation of their P(a better)); `store.next_pair(select="disagreement")` then serves the
                   highest first (Christiano et al. 2017). Until `min_labels` usable labels exist the priorities are
@@ -22,11 +22,11 @@ from __future__ import annotations
 import threading
 from typing import Optional, Sequence
 
-from nextbit.align.ensemble import Featurizer, disagreement, fit_ensemble
-from nextbit.align.formats import PreferenceExample
 from nextbit.core.errors import NextbitError
 from nextbit.label import store
 from nextbit.label.db import Database
+from nextbit.prefs.ensemble import Featurizer, disagreement, fit_ensemble
+from nextbit.prefs.formats import PreferenceExample
 
 SELECTS = store.SELECTS
 MIN_LABELS = 10  # usable labels (a, b or tie) before the ensemble ranks anything

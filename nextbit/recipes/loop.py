@@ -11,7 +11,7 @@
      the new policy each continue every held-out prompt once, with the same sampling seed, and the round reports
      the new policy's win rate over the old one by the reward model and, with --labeler, by the simulated labeler
      (judged without noise: the response it scores higher wins; equal scores, and answers it does not give, are
-     counted apart). Ties count half. A policy that did not move gives the same texts, so exactly 0.5;
+     counted apart). Ties count half. A policy that did not move gives the same texts, so exactly 0.5 (align/winrate.py);
   5. with --serve: POST {serve}/admin/reload with the new checkpoint, then GET /v1/models must show it live.
 
 Every rate the round reports (the reward model's held-out pairwise accuracy, both win rates) is printed and recorded
@@ -32,42 +32,39 @@ The next round starts from this one: `--policy DIR/ppo`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import re
-import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import numpy as np
-import torch
-
-from nextbit.align.common import split_holdout
-from nextbit.align.formats import Prompt, load_prompts, prompt_key, write_jsonl
-from nextbit.align.labelers import Labeler, Query, make_labeler
-from nextbit.align.ppo import PPOConfig, load_policy, load_reward_model, ppo
-from nextbit.align.reward import RewardConfig, train_reward
-from nextbit.align.sampling import sample_responses
+from nextbit.align.ppo import PPOConfig, load_policy, ppo
+from nextbit.align.reward import RewardConfig, load_reward_model, train_reward
 from nextbit.align.stats import WIDE, rate_interval, rate_note, too_few
+from nextbit.align.winrate import head_to_head
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError, check
-from nextbit.infer.sampling import SamplingParams
+from nextbit.infer.decoding import SamplingParams
 from nextbit.label.db import open_db
 from nextbit.label.export import AGGREGATES, preference_records
-from nextbit.train.loop import LoopConfig as TrainLoopConfig
+from nextbit.prefs.formats import Prompt, load_prompts, prompt_key, write_jsonl
+from nextbit.prefs.labelers import Labeler, make_labeler, oracle_scorer
+from nextbit.train.batches import split_holdout
+from nextbit.train.interrupt import report_stop
+from nextbit.train.loop import LoopConfig
+from nextbit.train.rundir import check_outputs, remove_outputs, start_outputs
 
 OUTPUTS = ("config.json", "prefs.jsonl", "prompts.jsonl", "reward", "ppo", "samples.jsonl", "round.json")
 
 
 @dataclass
-class LoopConfig:
+class FeedbackLoopConfig:
     db: str = "sqlite:///labels.db"  # the labels database (`nextbit label serve --db`): sqlite:///FILE or postgresql+psycopg://...
     policy: str = "runs/demo"  # the policy the labelled pairs came from: where this round starts, and PPO's KL reference
     prompts: str = "prompts.jsonl"  # prompts for PPO and the evaluation: JSONL {"prompt": ...} or a text file, one a line
@@ -99,39 +96,8 @@ class LoopConfig:
     quiet: bool = False  # no progress output (errors still go to stderr)
 
 
-# ---- the round folder --------------------------------------------------------------------------------------------
-def check_round_dir(out: Path, force: bool) -> None:
-    """Before anything else: a folder that holds a round (any of its outputs) is refused without --force."""
-    held = [name for name in OUTPUTS if (out / name).exists()]
-    check(not held or force, f"--out {out} already holds a round; pass --force to replace it, or give another --out")
-
-
-def start_round_dir(out: Path) -> bool:
-    """Once every input has passed its checks: remove an old round's outputs (--force) and make the folder.
-    Returns whether the folder is new (a failed round then removes it whole)."""
-    new = not out.exists()
-    for name in OUTPUTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return new
-
-
-def remove_round(out: Path, new: bool) -> None:
-    """What a failed round wrote goes (the whole folder if the round made it)."""
-    if new:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for name in OUTPUTS:
-        p = out / name
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 # ---- the server ------------------------------------------------------------------------------------------------------
-def read_serve_key(cfg: LoopConfig) -> Optional[str]:
+def read_serve_key(cfg: FeedbackLoopConfig) -> Optional[str]:
     check(not (cfg.serve_key and cfg.serve_key_file), "give --serve-key or --serve-key-file, not both")
     if cfg.serve_key_file:
         p = Path(cfg.serve_key_file)
@@ -198,65 +164,18 @@ def reload_server(root: str, key: Optional[str], checkpoint: Path) -> dict:
 
 
 # ---- the evaluation --------------------------------------------------------------------------------------------------
-def wins(new: Sequence[float], old: Sequence[float]) -> dict:
-    """The new policy's win rate over the old one from paired scores (higher is better; ties half)."""
-    a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
-    w, t, l = float((a > b).mean()), float((a == b).mean()), float((a < b).mean())
-    return {"win_rate": w + 0.5 * t, "wins": w, "ties": t, "losses": l, "n": int(a.size),
-            "interval95": list(rate_interval(w + 0.5 * t, int(a.size))), "mean_new": float(a.mean()), "mean_old": float(b.mean())}
-
-
-def labeler_wins(labeler: Labeler, prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[str]) -> tuple[dict, list]:
-    """The labeler's judgement of each (new, old) pair: 0 = new better, 1 = old better, None = tie; pairs it does not
-    answer are counted and left out of the rate."""
-    js = labeler.label_batch([Query(p, a, b) for p, a, b in zip(prompts, new, old)])
-    answered = [j for j in js if j is not None]
-    n = len(answered)
-    w = sum(j.preferred == 0 for j in answered)
-    t = sum(j.preferred is None for j in answered)
-    out = {"labeler": labeler.name, "n": n, "unanswered": len(js) - n}
-    if n:
-        out.update(win_rate=(w + 0.5 * t) / n, wins=w / n, ties=t / n, losses=(n - w - t) / n,
-                   interval95=list(rate_interval((w + 0.5 * t) / n, n)))
-    else:
-        out["win_rate"] = None
-    return out, js
-
-
-def evaluate_round(cfg: LoopConfig, old_path: str, new_path: Path, reward_path: Path, prompts: list[Prompt],
+def evaluate_round(cfg: FeedbackLoopConfig, old_path: str, new_path: Path, reward_path: Path, prompts: list[Prompt],
                    labeler: Optional[Labeler], device) -> tuple[dict, list[dict]]:
+    """The new policy against the old one on the held-out prompts, judged by the round's reward model (and labeler)."""
     old = load_checkpoint(old_path, device)
     new = load_checkpoint(new_path, device)
-    tok = old.tokenizer
-    rm = load_reward_model(str(reward_path), device, tok, what="the round's reward model")
+    rm = load_reward_model(str(reward_path), device, old.tokenizer, what="the round's reward model")
     params = SamplingParams(cfg.max_new_tokens, cfg.eval_temperature, seed=cfg.seed + 7)  # the same draws for both
-    texts = {}
-    for name, ck in (("old", old), ("new", new)):
-        texts[name] = [c[0].text for c in sample_responses(ck.model.eval(), tok, prompts, params, batch_size=64)]
-    r_new = rm.score(tok, prompts, texts["new"], append_eot=cfg.append_eot).tolist()
-    r_old = rm.score(tok, prompts, texts["old"], append_eot=cfg.append_eot).tolist()
-    ev = {"prompts": len(prompts), "reward_model": wins(r_new, r_old),
-          "identical_responses": sum(a == b for a, b in zip(texts["new"], texts["old"]))}
-    judged = [None] * len(prompts)
-    if labeler is not None:
-        ev["labeler"], judged = labeler_wins(labeler, prompts, texts["new"], texts["old"])
-    samples = []
-    for i, p in enumerate(prompts):
-        j = judged[i]
-        verdict = None if j is None else {0: "new", 1: "old", None: "tie"}[j.preferred]
-        samples.append({"prompt": p, "old": texts["old"][i], "new": texts["new"][i], "reward_old": r_old[i],
-                        "reward_new": r_new[i], "labeler_prefers": verdict})
-    return ev, samples
+    return head_to_head(old.model, new.model, old.tokenizer, rm, prompts, params, labeler, cfg.append_eot)
 
 
 # ---- the round ---------------------------------------------------------------------------------------------------------
-def oracle_scorer(labeler: Optional[str]) -> Optional[str]:
-    """The scorer spec of an oracle labeler ('oracle:vader' -> 'vader', 'oracle' -> 'vader'); None for the others."""
-    name, _, arg = (labeler or "").partition(":")
-    return (arg or "vader") if name == "oracle" else None
-
-
-def check_options(cfg: LoopConfig) -> None:
+def check_options(cfg: FeedbackLoopConfig) -> None:
     check(cfg.aggregate in AGGREGATES, f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
     check(0 < cfg.heldout_frac < 1, f"--heldout-frac must be in (0, 1), got {cfg.heldout_frac}")
     check(0 <= cfg.reward_val_frac < 1, f"--reward-val-frac must be in [0, 1), got {cfg.reward_val_frac}")
@@ -270,7 +189,7 @@ def check_options(cfg: LoopConfig) -> None:
     check(cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (0: greedy), got {cfg.eval_temperature}")
 
 
-def export_preferences(url: str, aggregate: str) -> list[dict]:
+def labelled_preferences(url: str, aggregate: str) -> list[dict]:
     """Every label in the database as preference records; a database without any is refused."""
     db = open_db(url, create=False)  # its errors name --db
     try:
@@ -282,7 +201,7 @@ def export_preferences(url: str, aggregate: str) -> list[dict]:
     return records
 
 
-def say(cfg: LoopConfig, msg: str) -> None:
+def say(cfg: FeedbackLoopConfig, msg: str) -> None:
     if not cfg.quiet:
         print(msg, flush=True)
 
@@ -322,7 +241,7 @@ def as_loop_flags(stage: str):
         raise NextbitError(loop_flags_message(stage, str(e))) from e
 
 
-def read_prompts(cfg: LoopConfig) -> tuple[list[Prompt], list[Prompt]]:
+def read_prompts(cfg: FeedbackLoopConfig) -> tuple[list[Prompt], list[Prompt]]:
     """(PPO's prompts, the held-out ones): --prompts without repeats (so no held-out prompt is also trained on),
     split by --heldout-frac."""
     try:
@@ -336,10 +255,10 @@ def read_prompts(cfg: LoopConfig) -> tuple[list[Prompt], list[Prompt]]:
     return train, heldout
 
 
-def loop(cfg: LoopConfig) -> dict:
+def loop(cfg: FeedbackLoopConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
-    check_round_dir(out, cfg.force)
+    check_outputs(out, OUTPUTS, cfg.force, "a round")
     check_options(cfg)
     try:
         labeler = make_labeler(cfg.labeler, bt_scale=0.0, random_frac=0.0, seed=cfg.seed) if cfg.labeler else None
@@ -355,18 +274,18 @@ def loop(cfg: LoopConfig) -> dict:
     check(out.resolve() not in policy.resolve().parents,
           f"--policy {cfg.policy} is inside --out {out}, which this round would replace; write the next round to a new folder")
     train_prompts, heldout = read_prompts(cfg)
-    records = export_preferences(cfg.db, cfg.aggregate)
+    records = labelled_preferences(cfg.db, cfg.aggregate)
     if root:
         probe_server(root, key)
 
-    new = start_round_dir(out)
+    new = start_outputs(out, OUTPUTS)
     try:
         result = run_round(cfg, out, policy, records, train_prompts, heldout, labeler, device)
         result["seconds"] = round(time.time() - t0, 1)
         result["warnings"] = small_number_warnings(result)
         write_json(out / "round.json", result)
     except BaseException:
-        remove_round(out, new)
+        remove_outputs(out, OUTPUTS, new)
         raise
     for line in summary_lines(result):
         say(cfg, line)
@@ -384,7 +303,7 @@ def loop(cfg: LoopConfig) -> dict:
     return result
 
 
-def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], train_prompts: list[Prompt],
+def run_round(cfg: FeedbackLoopConfig, out: Path, policy: Path, records: list[dict], train_prompts: list[Prompt],
               heldout: list[Prompt], labeler: Optional[Labeler], device) -> dict:
     write_json(out / "config.json", {"command": "loop", **asdict(cfg), "serve_key": "***" if cfg.serve_key else None,
                                      "policy_checkpoint": str(policy), "labels": len(records),
@@ -402,9 +321,9 @@ def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], tra
         rm = train_reward(RewardConfig(
             init_from=str(policy), data=str(prefs), out=str(rm_dir), batch_size=cfg.reward_batch, epochs=cfg.reward_epochs,
             val_frac=cfg.reward_val_frac, append_eot=cfg.append_eot, force=True,
-            loop=TrainLoopConfig(steps=cfg.reward_steps, lr=cfg.reward_lr, weight_decay=0.0, seed=cfg.seed, device=cfg.device,
+            loop=LoopConfig(steps=cfg.reward_steps, lr=cfg.reward_lr, weight_decay=0.0, seed=cfg.seed, device=cfg.device,
                                  quiet=cfg.quiet)))
-    stopped(rm, "reward model")
+    report_stop(rm, "the round's outputs are removed", "reward model", fatal=True)  # the caller removes them
 
     say(cfg, "loop: [2/3] PPO")
     # the KL controller's horizon is a tenth of the round's rollouts, so beta can move up to e^+-2 within a round
@@ -417,7 +336,7 @@ def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], tra
             max_new_tokens=cfg.max_new_tokens, init_kl_coef=cfg.init_kl_coef, target_kl=cfg.target_kl,
             horizon=max(1, cfg.ppo_steps * cfg.ppo_batch // 10), append_eot=cfg.append_eot, eval_every=0, eval_size=len(heldout),
             seed=cfg.seed, device=cfg.device, force=True, quiet=cfg.quiet))
-    stopped(pp, "PPO")
+    report_stop(pp, "the round's outputs are removed", "PPO", fatal=True)
 
     say(cfg, f"loop: [3/3] the new policy against the old one on {len(heldout)} held-out prompts")
     ev, samples = evaluate_round(cfg, str(policy), ppo_dir / "checkpoint", rm_dir, heldout, labeler, device)
@@ -430,13 +349,6 @@ def run_round(cfg: LoopConfig, out: Path, policy: Path, records: list[dict], tra
         "ppo": {"steps": pp["steps"], "kl_coef": pp["kl_coef"], "start": pp.get("start", {}), "final": pp.get("final", {})},
         "eval": ev,
     }
-
-
-def stopped(result: dict, stage: str) -> None:
-    """A stage stopped by Ctrl-C: the round is abandoned (the caller removes it) with exit code 130."""
-    if result.get("stopped_early"):
-        print(f"loop: interrupted in the {stage} stage; the round's outputs are removed", file=sys.stderr, flush=True)
-        raise SystemExit(130)
 
 
 def reward_figures(rm: dict) -> dict:

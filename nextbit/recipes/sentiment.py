@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,23 +29,24 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from nextbit.align.compare import CompareConfig, compare
 from nextbit.align.dpo import DPOConfig, dpo
-from nextbit.align.formats import write_jsonl
 from nextbit.align.plots import plot_overoptimization
-from nextbit.align.ppo import PPOConfig, evaluate, load_reward_model, ppo
-from nextbit.align.reward import RewardConfig, train_reward
-from nextbit.align.sampling import sample_responses
-from nextbit.align.scorers import BowClassifier, VaderScorer
+from nextbit.align.ppo import PPOConfig, evaluate, ppo
+from nextbit.align.reward import RewardConfig, load_reward_model, train_reward
 from nextbit.core.atomic import write_json, write_text
 from nextbit.core.checkpoint import load_checkpoint, read_info, read_train_state
 from nextbit.core.config import ModelConfig
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
-from nextbit.infer.sampling import SamplingParams
-from nextbit.train.loop import LoopConfig
 from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.data.sources import load_reviews
+from nextbit.infer.decoding import SamplingParams
+from nextbit.prefs.compare import CompareConfig, compare
+from nextbit.prefs.formats import write_jsonl
+from nextbit.prefs.pairs import sample_responses
+from nextbit.prefs.scorers import BowClassifier, VaderScorer
+from nextbit.train.interrupt import report_stop
+from nextbit.train.loop import LoopConfig
 from nextbit.train.pretrain import TrainConfig, train
 
 SIZES = {
@@ -113,11 +113,7 @@ def _train_stage(run: Path, force: bool, title: str, name: str, go: Callable[[bo
     if state == "done":
         return
     print(title + (" (resuming)" if state == "resume" else ""), flush=True)
-    result = go(state == "resume")
-    if result.get("stopped_early"):
-        print(f"interrupted in the {name} stage at step {result.get('step')}; its checkpoint is kept — "
-              "run the same command again to continue", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+    report_stop(go(state == "resume"), "its checkpoint is kept — run the same command again to continue", name, fatal=True)
 
 
 def opening(text: str, words: int) -> Optional[str]:

@@ -30,7 +30,7 @@ from nextbit.core.chat import render_messages
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import SPECIAL_TOKENS
 from nextbit.infer.engine import Request as EngineRequest
-from nextbit.infer.sampling import SamplingParams, row_seed
+from nextbit.infer.decoding import SamplingParams, row_seed
 from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,

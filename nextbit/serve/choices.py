@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from nextbit.infer.engine import Request, TokenLogprobs, stop_ids_for
-from nextbit.infer.sampling import cut_at_stop
+from nextbit.infer.decoding import cut_at_stop
 
 
 KEEP_OPEN = 8  # tokens at the end decoded afresh each time (a character's bytes may be split over up to 4 tokens)

@@ -1,4 +1,5 @@
-"""Process-group setup for torchrun (DDP / FSDP2): NCCL on GPUs, gloo on CPU. A single process needs none."""
+"""Process-group setup for torchrun (DDP / FSDP2): NCCL on GPUs, gloo on CPU. A single process needs none.
+And the model inside a DDP or torch.compile wrapper (`unwrap`), and the device it lives on (`device_of`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from nextbit.core.device import pick_device
+from nextbit.core.model import GPT
 
 
 @dataclass
@@ -53,3 +55,12 @@ def any_flag(flag: bool, d: Dist) -> bool:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The GPT inside a DDP or torch.compile wrapper (or the model itself)."""
+    return getattr(model, "module", getattr(model, "_orig_mod", model))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from nextbit.align.common import single_process
-from nextbit.align.formats import load_prompts, parse_prompt, read_jsonl, write_jsonl
-from nextbit.align.labelers import Judgement, Query, make_labeler
-from nextbit.align.sampling import sample_responses
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
-from nextbit.infer.sampling import SamplingParams
+from nextbit.infer.decoding import SamplingParams
+from nextbit.prefs.formats import load_prompts, parse_prompt, read_jsonl, write_jsonl
+from nextbit.prefs.labelers import Judgement, Query, make_labeler
+from nextbit.prefs.pairs import sample_responses
+from nextbit.train.stage import single_process
 
 
 @dataclass

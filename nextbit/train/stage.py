@@ -1,4 +1,5 @@
-"""What the gradient-based alignment stages (sft, reward, dpo) share, so each stage file holds only its algorithm.
+"""The stage base: what the gradient-based fine-tuning stages (sft, reward, dpo) share, so each stage file holds
+only its algorithm. Which rows a step uses is train/batches.py; the run folder and its config.json, train/rundir.py.
 
 Every stage runs the same way (TRL's layout: one shared trainer base, one thin file per algorithm):
 
@@ -21,26 +22,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
-from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.config import default_lr
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.train.batches import accum_for, split_holdout
 from nextbit.train.distributed import Dist, setup
-from nextbit.train.rundir import check_run_dir, run_title, start_run_dir
 from nextbit.train.loop import LoopConfig, Objective, TrainLoop
+from nextbit.train.rundir import config_record, prepare_out, run_title, write_config
 
-T = TypeVar("T")
-
-# peak LR of each stage when --lr is 0, as a multiple of the pretraining default for the model's width
+# peak LR of each fine-tuning stage when --lr is 0, as a multiple of the pretraining default for the model's width
 LR_SCALE = {"sft": 0.25, "reward": 0.25, "dpo": 0.05, "ppo": 0.05}
 UNCAPPED = 10**9  # the step cap of a --time-budget run given neither --steps nor --epochs: the budget alone decides
 
@@ -66,35 +64,6 @@ def single_process(command: str, device: str) -> Dist:
     return d
 
 
-def prepare_out(out: str | Path, resume: bool, force: bool, main: bool = True) -> Path:
-    """Check the run folder (every process, so all fail alike) and, on the main process, clear or create it."""
-    return start_run_dir(check_run_dir(out, resume, force), resume, force, main)
-
-
-def config_record(command: str, cfg, **extra) -> dict:
-    """What config.json holds: the command, every field of its (resolved) config, and `extra` facts about the run.
-    Stages write it once their inputs are checked (a --resume checkpoint included), so a failed command leaves the
-    run's config.json as it was."""
-    return {"command": command, **(asdict(cfg) if is_dataclass(cfg) else dict(cfg)), **extra}
-
-
-def write_config(out: Path, rec: dict, main: bool = True) -> None:
-    if main:
-        write_json(out / "config.json", rec)
-
-
-def split_holdout(items: Sequence[T], frac: float, seed: int, flag: str = "--val-frac") -> tuple[list[T], list[T]]:
-    """(train, held out): a seeded random `frac` of the items is held out (at least one when frac > 0 and n > 1).
-    `flag`: the caller's flag that gave `frac`, named in the error."""
-    if not 0 <= frac < 1:
-        raise NextbitError(f"{flag} must be in [0, 1), got {frac}")
-    n = len(items)
-    k = 0 if frac == 0 or n < 2 else max(1, int(round(frac * n)))
-    order = np.random.default_rng(seed).permutation(n)
-    held = set(order[:k].tolist())
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 def resolve_steps(loop: LoopConfig, epochs: Optional[float], default_epochs: float, n_examples: int,
                   batch_size: int) -> tuple[int, Optional[float]]:
     """(optimizer steps, passes over the data) of a run; see the module docstring. `epochs` None = not given: the
@@ -109,55 +78,6 @@ def resolve_steps(loop: LoopConfig, epochs: Optional[float], default_epochs: flo
     if epochs <= 0:
         raise NextbitError(f"--epochs must be > 0 (or give --steps), got {epochs:g}")
     return max(1, math.ceil(epochs * n_examples / batch_size)), epochs
-
-
-class Shuffler:
-    """Row indices for global batch `step`: a fresh seeded permutation every epoch, so resuming needs only the step."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < 1:
-            raise NextbitError("no training examples")
-        self.n, self.bs, self.seed = n, batch_size, seed
-        self._perm: dict[int, np.ndarray] = {}
-
-    def _perm_for(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm:
-            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self._perm[epoch]
-
-    def rows(self, step: int) -> list[int]:
-        out = []
-        for j in range(step * self.bs, (step + 1) * self.bs):
-            epoch, k = divmod(j, self.n)
-            out.append(int(self._perm_for(epoch)[k]))
-        return out
-
-
-def accum_for(batch_size: int, micro_batch: int, world: int = 1) -> tuple[int, int]:
-    """(rows per forward pass, micro-steps per optimizer step) for one process's share of the global batch."""
-    if batch_size < 1:
-        raise NextbitError(f"--batch-size must be >= 1, got {batch_size}")
-    if micro_batch < 0:
-        raise NextbitError(f"--micro-batch must be >= 0 (0: the whole batch), got {micro_batch}")
-    if batch_size % world:
-        raise NextbitError(f"--batch-size {batch_size} must be a multiple of the number of processes ({world})")
-    per = batch_size // world
-    micro = min(micro_batch or per, per)
-    return micro, math.ceil(per / micro)
-
-
-def shard_rows(rows: list[int], micro: int, accum: int, rank: int, world: int) -> list[int]:
-    """This process's rows of a global batch for micro-step `micro`: every `world`-th row from `rank` on, then cut
-    into `accum` micro-batches. Which rows a step trains on does not depend on the number of processes."""
-    mine = rows[rank::world]
-    per = math.ceil(len(mine) / accum)
-    return mine[micro * per : (micro + 1) * per]
-
-
-def share(part: float, total: float, accum: int, world: int) -> float:
-    """The factor that turns a micro-batch's mean loss over `part` units (pairs, tokens) into its exact share of the
-    global batch's mean over `total` units, given that the loop divides by `accum` and DDP averages over `world`."""
-    return part * accum * world / max(total, 1e-12)
 
 
 # ---- the shared stage setup ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Responses from a policy for a list of prompts, through the one generation engine (infer/engine.py), which PPO
-rollouts and `nextbit compare` share."""
+"""Sampling the responses that make pairs: a policy's responses to a list of prompts, through the one generation
+engine (infer/engine.py), which `nextbit compare`, `nextbit label sample` and PPO rollouts share."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from nextbit.align.formats import Prompt, encode_prompt
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.infer.decoding import SamplingParams
 from nextbit.infer.engine import Completion, Generation, generate
-from nextbit.infer.sampling import SamplingParams
+from nextbit.prefs.formats import Prompt, encode_prompt
 
 
 def prompt_tokens(tok: Tokenizer, prompt: Prompt, ctx: int, max_new_tokens: int) -> list[int]:

@@ -14,7 +14,8 @@ Chat template (core/chat.py), built on the tokenizer's role tokens:
     <|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
 Plain-text prompts start after <|endoftext|>, as every pretraining document does; plain completions are
 followed by <|endoftext|> when `append_eot` is on (so the model learns to stop). Loss masks cover the
-completion tokens (and their end token) only.
+completion tokens (and their end token) only. `collate` puts encoded examples into one right-padded batch, with
+next-token targets where the mask trains.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
 
 from nextbit.core.atomic import atomic_path
 from nextbit.core.chat import Messages, render_messages
@@ -230,3 +233,32 @@ def encode_sft(tok: Tokenizer, ex: SFTExample, max_len: int, append_eot: bool = 
     ids, mask = ids[:max_len], mask[:max_len]
     first = mask.index(True) if True in mask else len(ids)
     return Encoded(ids, mask, first, cut)
+
+
+# ---- right-padded batches -------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) right-padded token ids
+    targets: torch.Tensor  # (B, T) next-token targets, -1 where not trained (prompt, padding)
+    lengths: torch.Tensor  # (B,) real tokens per row
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids.to(device), self.targets.to(device), self.lengths.to(device))
+
+    @property
+    def n_target_tokens(self) -> int:
+        return int((self.targets != -1).sum())
+
+
+def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
+    T = max(len(e.ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        row = torch.tensor(e.ids, dtype=torch.long)
+        ids[i, :n] = row
+        m = torch.tensor(e.mask[1:], dtype=torch.bool)
+        targets[i, : n - 1] = torch.where(m, row[1:], torch.full_like(row[1:], -1))
+    return Batch(ids, targets, torch.tensor([len(e.ids) for e in examples], dtype=torch.long))

@@ -8,7 +8,7 @@ whole reward models per refresh is too slow for a labeling server, so the member
                `--pool mean` reading of `nextbit reward` (a linear head on f is exactly a mean-pooled reward head).
                Computed once per (prompt, response) and cached (`Featurizer`), so a refit never runs the backbone.
     members    k heads r_m(f) (linear, or one hidden SiLU layer), on features standardised over the training texts,
-               each trained with the Bradley–Terry loss (reward.py's `bradley_terry_loss`: a tie is a 0.5 target) on
+               each trained with the Bradley–Terry loss (bradley_terry.py: a tie is a 0.5 target) on
                its own bootstrap resample of the labels (Efron's bootstrap: n draws with replacement), with an L2
                penalty `l2 * |params|^2 / n` (a fixed prior whose pull fades as labels accumulate), fitted by L-BFGS.
                MLP members also start from their own random initialisation (seed + m).
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nextbit.align.batching import collate, device_of
-from nextbit.align.formats import Encoded, PreferenceExample, Prompt, encode_pair, prompt_key
-from nextbit.align.reward import bradley_terry_loss
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.core.tokenizer import Tokenizer
+from nextbit.prefs.bradley_terry import bradley_terry_loss
+from nextbit.prefs.formats import Encoded, PreferenceExample, Prompt, collate, encode_pair, prompt_key
+from nextbit.train.distributed import device_of
 
 
 class Featurizer:

@@ -25,9 +25,9 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from nextbit.align.formats import Prompt, parse_prompt, prompt_key, read_jsonl
-from nextbit.align.scorers import Scorer, make_scorer
 from nextbit.core.errors import NextbitError
+from nextbit.prefs.formats import Prompt, parse_prompt, prompt_key, read_jsonl
+from nextbit.prefs.scorers import Scorer, make_scorer
 
 
 @dataclass
@@ -160,3 +160,9 @@ def make_labeler(spec: str, **options) -> Labeler:
     if name not in _REGISTRY:
         raise NextbitError(f"--labeler {spec}: unknown labeler {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](arg or None, **options)
+
+
+def oracle_scorer(labeler: Optional[str]) -> Optional[str]:
+    """The scorer spec of an oracle labeler ('oracle:vader' -> 'vader', 'oracle' -> 'vader'); None for the others."""
+    name, _, arg = (labeler or "").partition(":")
+    return (arg or "vader") if name == "oracle" else None
