@@ -1,5 +1,6 @@
 """The `nextbit` command. A user's mistake (NextbitError) or a file system error (OSError) is one line on stderr and
-exit 1; anything else is a bug, printed with its traceback and "internal error", exit 70. NEXTBIT_DEBUG=1 lets every
+exit 1, and so is a failure of the machine or of a service (out of device memory, a network request, a database
+server); anything else is a bug, printed with its traceback and "internal error", exit 70. NEXTBIT_DEBUG=1 lets every
 exception through."""
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ def build_parser(cmds) -> argparse.ArgumentParser:
     return parser
 
 
+def environment_error(e: BaseException) -> str | None:
+    """One line for a failure of the machine or of a service rather than of nextbit's code: memory on the device, a
+    network call, a database server. None for anything else. A library's exception type is looked up only when that
+    library is loaded, so none is imported for it."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return f"out of memory on the device ({first[:200]}); lower --micro-batch (or --batch-tokens, --max-batch)"
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(e, httpx.HTTPError):
+        return f"a network request failed: {first}"
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(e, sa_exc.OperationalError):
+        return f"the database failed: {first}"
+    return None
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("NEXTBIT_DEBUG") == "1"
@@ -72,10 +90,14 @@ def main(argv=None) -> None:
     except Exception as e:  # anything else is a bug: it keeps its traceback, and says so
         if debug:
             raise
+        outside = environment_error(e)
+        if outside:
+            print(f"nextbit: error: {outside}", file=sys.stderr)
+            raise SystemExit(1)
         traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"nextbit: internal error: {type(e).__name__}{': ' + first if first else ''}\n"
-              f"(a bug in nextbit, not in what you gave it: the traceback above shows where; "
+              f"(nextbit did not expect this, so it is likely a bug: the traceback above shows where; "
               f"NEXTBIT_DEBUG=1 lets the exception through to a debugger)", file=sys.stderr)
         raise SystemExit(70)  # EX_SOFTWARE
 

@@ -38,7 +38,7 @@ def test_a_bug_keeps_its_traceback_and_says_it_is_internal(monkeypatch, capsys, 
     code, err = run(capsys, "prepare")
     assert code == 70
     assert "Traceback (most recent call last)" in err and "in boom" in err  # where it happened
-    assert f"nextbit: internal error: {type(exc).__name__}" in err and "a bug in nextbit" in err
+    assert f"nextbit: internal error: {type(exc).__name__}" in err and "likely a bug" in err
     assert "nextbit: error:" not in err  # not dressed as the user's mistake
 
 
@@ -50,3 +50,18 @@ def test_debug_lets_the_exception_through(monkeypatch):
     fail_with(monkeypatch, NextbitError("bad flag"))
     with pytest.raises(NextbitError):
         cli.main(["prepare"])
+
+
+def test_the_machine_or_a_service_failing_is_one_line(monkeypatch, capsys):
+    """Out of device memory, a network request or a database server failing is not a bug of nextbit's."""
+    import httpx
+    import sqlalchemy.exc
+    import torch
+
+    for exc, words in [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "--micro-batch"),
+                       (httpx.ConnectError("connection refused"), "network request failed"),
+                       (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection")),
+                        "database failed")]:
+        fail_with(monkeypatch, exc)
+        code, err = run(capsys, "prepare")
+        assert code == 1 and len(err.strip().splitlines()) == 1 and words in err, err

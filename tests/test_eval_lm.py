@@ -87,6 +87,7 @@ def test_eval_lm_sends_the_api_key_from_the_command_line_or_a_file(keyed_server,
         assert r.returncode == 0, r.stderr[-3000:]
         assert 0 <= json.loads((out / "results.json").read_text())["results"]["imdb_sentiment"]["acc,none"] <= 1
         assert KEY not in (out / "results.json").read_text()  # the settings say only that a key was given
+        assert json.loads((out / "results.json").read_text())["nextbit"]["settings"]["api_key"] is True
         assert "Traceback" not in r.stderr and "not a git repository" not in r.stderr
 
 

@@ -127,3 +127,17 @@ def test_fused_cross_entropy_under_bf16_autocast():
     assert torch.allclose(l0, l1, rtol=1e-3)
     for k in g0:
         assert torch.allclose(g0[k], g1[k], atol=2e-3, rtol=5e-2), k
+
+
+@pytest.mark.slow
+def test_fsdp_under_a_time_budget_cuts_every_evaluation_alike(dataset, tmp_path):
+    """--fsdp --time-budget: the budget's timing probe and every evaluation run on both processes (a sharded model
+    evaluates on all of them), with one cut of the held-out split for both, and the run ends decayed."""
+    out = tmp_path / "budget"
+    _two(*COMMON, "--data", dataset, "--out", out, "--fsdp", "--steps", "100000", "--time-budget", "12",
+         "--eval-every", "1", "--warmup", "-1")
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["val_tokens"] for r in recs if "val_loss" in r}
+    full = json.loads((dataset / "manifest.json").read_text())["splits"]["val"]["tokens"]
+    assert len(evals) == 1 and evals.pop() < full  # one cut, smaller than the split
+    assert [r["lr_factor"] for r in recs if "lr_factor" in r][-1] < 0.12

@@ -170,16 +170,24 @@ def test_the_commands_on_postgresql(tmp_path, capsys):
     assert "s3cret-pw" not in err
 
 
-def test_import_refuses_a_pair_whose_two_responses_are_the_same(tmp_path, capsys):
+def test_import_leaves_out_pairs_whose_two_responses_are_the_same(tmp_path, capsys):
+    """Two same responses state no preference: `label import` leaves them out with a count (as `label sample` and
+    `nextbit reward` do), refuses a file of nothing else, and the store refuses them, naming the pair."""
     url = f"sqlite:///{tmp_path}/labels.db"
     same = tmp_path / "same.jsonl"
     same.write_text('{"prompt": "p", "a": "x", "b": "y"}\n{"prompt": "q", "a": "same text", "b": "same text"}\n')
-    one_line_error(*cli(capsys, "label", "import", same, "--db", url)[::2], f"{same}:2:", "'a' and 'b' are the same response")
-    assert not (tmp_path / "labels.db").exists()  # refused before anything is written
-    with open_db(url) as db:  # the store refuses them too, naming the pair
+    code, out, _ = cli(capsys, "label", "import", same, "--db", url)
+    assert code == 0 and "1 pairs added" in out and "1 left out as their two responses are the same" in out
+    with open_db(url) as db:
+        assert [(p.a, p.b) for p in store.pairs(db)] == [("x", "y")]
         with pytest.raises(NextbitError, match=r"^pair 2: 'a' and 'b' are the same response"):
-            store.import_pairs(db, [{"prompt": "p", "a": "x", "b": "y"}, {"prompt": "p", "a": "z", "b": "z"}])
-        assert store.pairs(db) == []
+            store.import_pairs(db, [{"prompt": "p", "a": "v", "b": "w"}, {"prompt": "p", "a": "z", "b": "z"}])
+        assert len(store.pairs(db)) == 1
+    only = tmp_path / "only.jsonl"
+    only.write_text('{"prompt": "q", "a": "same text", "b": "same text"}\n')
+    one_line_error(*cli(capsys, "label", "import", only, "--db", f"sqlite:///{tmp_path}/other.db")[::2],
+                   "every pair's 'a' and 'b' are the same response")
+    assert not (tmp_path / "other.db").exists()  # refused before anything is written
 
 
 def no_server(monkeypatch) -> list:

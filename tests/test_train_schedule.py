@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from nextbit.core.shards import Dataset
 from nextbit.train.pretrain import train
 
 from conftest import small_train, weights
@@ -21,7 +22,7 @@ def lr_factors(run):
 
 def test_time_budget_fits_warmup_and_decay_to_the_budget_not_the_cap(dataset, tmp_path):
     run = tmp_path / "run"
-    result = train(small_train(dataset, run, steps=10**6, warmup=-1, time_budget=5))
+    result = train(small_train(dataset, run, steps=10**6, warmup=-1, time_budget=8))
     f = lr_factors(run)
     assert result["step"] == len(f) and 10 < len(f) < 10**6
     assert max(f) > 0.95  # out of warmup (2% of the cap would be 20000 steps)
@@ -100,7 +101,7 @@ def test_time_budget_counts_evaluations_and_ends_decayed(dataset, tmp_path, monk
     assert f[-1] < 0.1 + 0.02  # the cosine decay finished (--min-lr-ratio 0.1)
     evals = [r["val_tokens"] for r in records(run) if "val_loss" in r]
     assert len(evals) == result["step"] // 10 + (result["step"] % 10 != 0) and len(set(evals)) == 1
-    assert evals[0] < max(reads)  # cut to fit: each reads less than the split
+    assert evals[0] < Dataset(dataset).split("val").tokens  # cut to fit: each reads less than the split
     assert "each of the run's about" in capsys.readouterr().out  # the cut is said
 
 
@@ -116,3 +117,24 @@ def test_time_budget_keeps_a_given_eval_size(dataset, tmp_path, monkeypatch):
     evals = [r["val_tokens"] for r in records(tmp_path / "run") if "val_loss" in r]
     assert evals == [max(reads)] and evals[0] > 1000  # only the final evaluation, over the whole split
     assert lr_factors(tmp_path / "run")[-1] < 0.12
+
+
+def test_time_budget_plans_evaluations_up_to_the_steps_cap(dataset, tmp_path, monkeypatch):
+    """A --steps cap that ends the run long before the budget: its two evaluations fit easily, so neither is cut."""
+    slow_evaluations(monkeypatch, 1.0)
+    run = tmp_path / "run"
+    result = train(small_train(dataset, run, steps=20, warmup=-1, time_budget=120, eval_every=10))
+    evals = [r["val_tokens"] for r in records(run) if "val_loss" in r]
+    assert result["step"] == 20 and len(evals) == 2
+    assert evals[0] == evals[1] > 0.95 * Dataset(dataset).split("val").tokens  # the whole split (whole windows)
+
+
+def test_an_evaluation_at_the_first_step_is_planned_too(dataset, tmp_path, monkeypatch):
+    """--eval-every 1: the first evaluation comes before a second step is timed; it is already cut to fit."""
+    slow_evaluations(monkeypatch, 2.0)
+    run = tmp_path / "run"
+    t0 = time.time()
+    train(small_train(dataset, run, steps=10**6, warmup=-1, time_budget=5, eval_every=1))
+    assert time.time() - t0 < 5 * 1.1
+    evals = [r["val_tokens"] for r in records(run) if "val_loss" in r]
+    assert len(set(evals)) == 1 and evals[0] < Dataset(dataset).split("val").tokens

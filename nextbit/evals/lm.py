@@ -208,10 +208,10 @@ def eval_lm(cfg: EvalLMConfig) -> dict:
         srv = InProcessServer(cfg)
         with srv as srv_url:
             results = run_lm_eval(srv_url, srv.name, srv.max_len, cfg, manager)
-    return _report(results, cfg, out)
+    return _report(results, cfg, out, bool(cfg.server and api_key))
 
 
-def _report(results: dict, cfg: EvalLMConfig, out: Path) -> dict:
+def _report(results: dict, cfg: EvalLMConfig, out: Path, keyed: bool) -> dict:
     from lm_eval.utils import make_table
 
     table = make_table(results)
@@ -219,7 +219,7 @@ def _report(results: dict, cfg: EvalLMConfig, out: Path) -> dict:
     model_args = keep.get("config", {}).get("model_args")
     if isinstance(model_args, dict) and "auth_token" in model_args:  # the API key: written as given or not, never itself
         keep["config"] = {**keep["config"], "model_args": {**model_args, "auth_token": bool(model_args["auth_token"])}}
-    keep["nextbit"] = {"settings": {**asdict(cfg), "api_key": bool(cfg.api_key)}}  # never the key itself
+    keep["nextbit"] = {"settings": {**asdict(cfg), "api_key": keyed}}  # whether a key was sent, never the key itself
     write_json(out / "results.json", keep)
     write_text(out / "results.md", table)
     print(table, flush=True)

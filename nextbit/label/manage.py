@@ -147,9 +147,13 @@ def label_import(cfg: LabelImportConfig) -> tuple[int, int]:
     if not cfg.file:
         raise NextbitError("FILE: give the pairs file to import")
     records = read_pairs(cfg.file)
+    differ = [r for r in records if r["a"] != r["b"]]  # two same responses state no preference (`label sample` and
+    if records and not differ:  # `nextbit reward` leave them out too); `nextbit compare` at temperature 0 writes them
+        raise NextbitError(f"{cfg.file}: every pair's 'a' and 'b' are the same response; there is nothing to compare")
     with opened(cfg.db) as db:
-        added, skipped = import_pairs(db, records, source=cfg.source or Path(cfg.file).name)
-    print(f"label import: {added} pairs added, {skipped} skipped as duplicates -> {db.url}", flush=True)
+        added, skipped = import_pairs(db, differ, source=cfg.source or Path(cfg.file).name)
+    same = f", {len(records) - len(differ)} left out as their two responses are the same" if len(differ) < len(records) else ""
+    print(f"label import: {added} pairs added, {skipped} skipped as duplicates{same} -> {db.url}", flush=True)
     return added, skipped
 
 

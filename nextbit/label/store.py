@@ -304,8 +304,6 @@ def check_pair(rec: Any, where: str) -> tuple[Any, str, str, dict]:
         check_text(text, where, "'prompt'")
     check_text(rec["a"], where, "'a'")
     check_text(rec["b"], where, "'b'")
-    if rec["a"] == rec["b"]:  # as `nextbit reward` and `dpo` see it: chosen == rejected states no preference
-        raise NextbitError(f"{where}: 'a' and 'b' are the same response; a pair needs two different responses to compare")
     return p, rec["a"], rec["b"], {k: v for k, v in rec.items() if k not in ("prompt", "a", "b")}
 
 
@@ -315,6 +313,9 @@ def import_pairs(db: Database, records: Iterable[dict], *, source: str = "", now
     rows = []
     for i, rec in enumerate(records):
         p, a, b, meta = check_pair(rec, f"pair {i + 1}")
+        if a == b:  # as `nextbit reward` and `dpo` see it: chosen == rejected states no preference
+            raise NextbitError(f"pair {i + 1}: 'a' and 'b' are the same response; a pair needs two different responses "
+                               f"to compare")
         rows.append(dict(key=pair_key(p, a, b), prompt_json=json.dumps(p, ensure_ascii=False), a=a, b=b,
                          source=source[:500], meta_json=json.dumps(meta)))  # ASCII: any text in meta is stored
     t = _now(now)

@@ -134,20 +134,15 @@ class FSDPTrainLoop(TrainLoop):
     def _full_optimizer_state(self):
         return full_optimizer_state(self.model, self.optimizer)
 
-    def _evaluate(self, step: int) -> dict:
-        # every rank runs the evaluation (the blocks all-gather their weights); rank 0 logs it
-        ev: dict = {}
+    def _eval_call(self, fn):
+        # every rank runs an evaluation (the blocks all-gather their weights)
         self.model.eval()
         self.model.unshard()  # the root's own parameters (embedding, final norm) for model.hidden / logits
         with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
-            ev = self.evaluate(self.model)
+            out = fn(self.model)
         self.model.reshard()
         self.model.train()
-        if self.d.main:
-            self._log_eval(step, ev)
-        if self.d.enabled:
-            dist.barrier()
-        return ev
+        return out
 
     def run(self) -> dict:
         try:

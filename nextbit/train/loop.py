@@ -239,11 +239,10 @@ class TrainLoop:
                 self.tokens_seen += tokens * d.world
                 dt = time.time() - t0
                 if clock:
-                    total = clock.total(step, dt, time.time() - self.started)
-                    if clock.step_time is not None and not self._planned:
-                        self._plan_evaluations(clock, step, tokens)
-                        total = clock.total(step, dt, time.time() - self.started)  # with the evaluations kept back
-                    self._fit_to_budget(total)
+                    clock.observe(dt)
+                    if not self._planned and (clock.step_time is not None or self._evaluates_at(step)):
+                        self._plan_evaluations(clock, step, tokens, clock.step_time or dt)
+                    self._fit_to_budget(clock.total(step, time.time() - self.started))
                     bar.total = self.total
                 if step % log_every == 0 or step >= self.total:  # the only place the host waits for the device
                     metrics = self._host_metrics(metrics, step)
@@ -255,7 +254,7 @@ class TrainLoop:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rec['tok_s']:,.0f}")
                     last = rec
                 bar.update(1)
-                if self.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == self.total):
+                if self.evaluate and (self._evaluates_at(step) or step == self.total):
                     ev = self._evaluate(step)
                     last.update(ev)
                 stop = any_flag(ctrl_c.requested, d)
@@ -328,14 +327,25 @@ class TrainLoop:
             raise NextbitError(f"loss became {out['loss']} at step {step}; lower --lr (or --muon-lr)")
         return out
 
+    def _evaluates_at(self, step: int) -> bool:
+        """An evaluation every --eval-every steps (and one at the end, which the loop adds)."""
+        return bool(self.evaluate and self.cfg.eval_every and step % self.cfg.eval_every == 0)
+
+    def _eval_call(self, fn: Callable[[GPT], Any]) -> Any:
+        """`fn(model)` as an evaluation (eval mode, no gradients): on rank 0, where a replicated model is whole (a
+        sharded loop runs it on every rank). Its result on the ranks that ran it, else None."""
+        if not self.d.main:
+            return None
+        self.model.eval()
+        with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
+            out = fn(self.model)
+        self.model.train()
+        return out
+
     def _evaluate(self, step: int) -> dict:
-        ev: dict = {}
         t0 = time.time()
+        ev = self._eval_call(self.evaluate) or {}
         if self.d.main:
-            self.model.eval()
-            with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
-                ev = self.evaluate(self.model)
-            self.model.train()
             self._log_eval(step, ev)
         if self.d.enabled:
             torch.distributed.barrier()
@@ -343,44 +353,47 @@ class TrainLoop:
             self.clock.evaluated(time.time() - t0)
         return ev
 
-    def _plan_evaluations(self, clock: schedule.BudgetClock, step: int, tokens: int) -> None:
-        """--time-budget, once the step time is known: what the loss curve and the evaluations still to come will cost (timed on a small
-        cut where the evaluation can `probe`, else estimated from the step time), so that the clock keeps their time
-        back. An evaluation that reads a number of tokens (`evaluate.tokens`) and that would
-        take more than a quarter of the budget, counted over all the evaluations the run will make, is cut to fit
-        (`evaluate.limit`), unless its size was given."""
+    def _plan_evaluations(self, clock: schedule.BudgetClock, step: int, tokens: int, step_time: float) -> None:
+        """--time-budget, once a step is timed (or before an evaluation comes first): what the loss curve and the
+        evaluations still to come will cost (timed on a small cut where the evaluation can `probe`, else estimated
+        from the step time), so that the clock keeps their time back. An evaluation that reads a number of tokens
+        (`evaluate.tokens`) and that would take more than a quarter of the budget, counted over all the evaluations
+        the run will make before its --steps cap, is cut to fit (`evaluate.limit`, the same cut on every process),
+        unless its size was given."""
         self._planned = True
-        ev, cfg = self.evaluate, self.cfg
-        if self.d.main:  # the loss curve so far (once matplotlib is loaded): what drawing the last one will cost
+        ev, cfg, d = self.evaluate, self.cfg, self.d
+        if d.main:  # the loss curve so far (once matplotlib is loaded): what drawing the last one will cost
             pyplot()
             t0 = time.time()
             plot_losses(self.log.records(), self.run_dir / "loss.png", self.title)
             clock.plotted(time.time() - t0)
         n = getattr(ev, "tokens", 0)
-        if not n or not self.d.main:
+        if not n:
             return
-        per_token = self._probe_seconds_per_token(ev) or schedule.FORWARD_COST * clock.step_time / max(1, tokens)
+        per_token = self._probe_seconds_per_token(ev) or schedule.FORWARD_COST * step_time / max(1, tokens)
         left = cfg.time_budget - (time.time() - self.started)
-        steps_left = max(0.0, left * (1 - schedule.EVAL_SHARE) / clock.step_time)
+        steps_left = min(max(0.0, left * (1 - schedule.EVAL_SHARE) / step_time), cfg.steps - step)
         count = 1 + (int((step + steps_left) // cfg.eval_every) - step // cfg.eval_every if cfg.eval_every else 0)
         fit = int(schedule.EVAL_SHARE * max(0.0, left) / count / per_token)
+        if d.enabled:  # one cut for every process (the sharded loop evaluates on all of them)
+            t = torch.tensor([fit], device=d.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            fit = int(t.item())
         if n > fit and hasattr(ev, "limit") and ev.limit(fit):
-            if not cfg.quiet:
-                tqdm.write(f"note: --time-budget {cfg.time_budget:g}: each of the run's about {count} evaluations reads the "
-                           f"first {ev.tokens:,} of the {n:,} held-out tokens, so that they take about "
-                           f"{schedule.EVAL_SHARE:.0%} of the budget (--eval-tokens sets the number)")
+            if d.main and not cfg.quiet:
+                tqdm.write(f"note: --time-budget {cfg.time_budget:g}: each of the run's about {count} evaluations reads "
+                           f"about the first {ev.tokens:,} of the {n:,} held-out tokens (whole windows), so that they "
+                           f"take about {schedule.EVAL_SHARE:.0%} of the budget (--eval-tokens sets the number)")
         clock.expect_eval(ev.tokens * per_token)
 
     def _probe_seconds_per_token(self, ev) -> Optional[float]:
-        """Seconds an evaluated token costs, timed on a small cut of the evaluation (`evaluate.probe`), if it has one."""
+        """Seconds an evaluated token costs, timed on a small cut of the evaluation (`evaluate.probe`), if it has one,
+        on the processes that evaluate."""
         if not hasattr(ev, "probe"):
             return None
-        self.model.eval()
         t0 = time.time()
-        with torch.no_grad(), autocast_for(self.d.device, self.cfg.precision):
-            n = ev.probe(self.model)
-        self.model.train()
-        return (time.time() - t0) / max(1, n)
+        n = self._eval_call(ev.probe)
+        return (time.time() - t0) / n if n else None
 
     def _save_estimate(self) -> float:
         """Seconds a checkpoint should take before one is timed: the weights and two optimizer moments at 200 MB/s."""

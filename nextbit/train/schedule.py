@@ -108,14 +108,17 @@ class BudgetClock:
         """What the run does after its last step: the final evaluation, the final checkpoint and the loss curve."""
         return (self.eval_seconds if self.evaluates else 0.0) + self.save_seconds + self.plot_seconds
 
-    def total(self, step: int, dt: float, elapsed: float) -> int:
-        """The estimated length of the run in steps, after `step` steps, the last taking `dt` seconds, with `elapsed`
-        seconds of the budget gone."""
+    def observe(self, dt: float) -> None:
+        """One step of this invocation took `dt` seconds (the first is not taken as typical)."""
         self.timed += 1
+        if self.timed > 1:
+            self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
+
+    def total(self, step: int, elapsed: float) -> int:
+        """The estimated length of the run in steps, after `step` steps, with `elapsed` seconds of the budget gone."""
         left = self.budget - elapsed - self.finish_seconds()
-        if self.timed == 1:
+        if self.step_time is None:
             return step if left <= 0 else self.cap
-        self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
         per_step = self.step_time  # a step, and its share of the evaluations and checkpoints on the way
         if self.evaluates and self.eval_every:
             per_step += self.eval_seconds / self.eval_every
