@@ -1,13 +1,16 @@
 """The package's rooms and the arrows between them: imports point down only.
 
     core/      model, config, tokenizer, chat template, checkpoint, optimizers, shards, devices, atomic writes
+    web/       the HTTP layer both web apps stand on (errors, bounded JSON, handlers, bearer, keys, uvicorn) and
+               the one client that calls a nextbit server                       -> core
     infer/     the generation engine (and `nextbit sample`)           -> core
     train/     the training machinery (and `nextbit train`)           -> core
     data/      sources and `nextbit prepare`                          -> core
     align/     sft, reward, compare, ppo, dpo                         -> core, infer, train's machinery
-    serve/     the OpenAI-compatible server                           -> core, infer
-    evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve
-    label/     the labeling app: people compare pairs, into a database -> core, infer, align (reward models score pairs)
+    serve/     the OpenAI-compatible server: thin routes, a serving class, protocol models, the engine process
+                                                                      -> core, infer, web
+    evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve, web
+    label/     the labeling app: people compare pairs, into a database -> core, infer, align (reward models score pairs), web
     export/    Hugging Face folders, both ways                        -> core
     recipes/   whole pipelines                                        -> any stage
     commands.py, cli.py: the top; nothing imports them (but __main__)
@@ -20,15 +23,16 @@ PKG = Path(__file__).resolve().parents[1] / "nextbit"
 
 ALLOWED = {
     "core": {"core"},
+    "web": {"core", "web"},
     "infer": {"core", "infer"},
     "train": {"core", "train"},
     "data": {"core", "data"},
     "align": {"core", "infer", "train", "align"},
-    "serve": {"core", "infer", "serve"},
+    "serve": {"core", "infer", "web", "serve"},
     "export": {"core", "export"},
-    "evals": {"core", "infer", "data", "serve", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
-    "label": {"core", "infer", "align", "label"},  # align: the pairs it samples, the reward models that score them
-    "recipes": {"core", "infer", "train", "data", "align", "serve", "label", "recipes"},
+    "evals": {"core", "infer", "data", "serve", "web", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
+    "label": {"core", "infer", "align", "web", "label"},  # align: the pairs it samples, the reward models that score them
+    "recipes": {"core", "infer", "train", "data", "align", "serve", "label", "web", "recipes"},
 }
 STAGE_COMMANDS = {"nextbit.train.pretrain", "nextbit.infer.sample", "nextbit.data.prepare"}  # stages, not libraries
 
