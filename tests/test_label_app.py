@@ -343,6 +343,8 @@ def test_bad_input_is_a_4xx_in_the_error_shape(site):
             r = bob.post("/api/answer", content=raw, headers={"Content-Type": "application/json"})
             assert r.status_code == status and error_of(r)["code"] == code, (raw[:80], r.status_code, r.text[:200])
         assert bob.post("/api/login", content=b'{"token": 5}').status_code == 400
+        r = bob.post("/api/answer", content=json.dumps(ok).encode(), headers={"Content-Type": "text/plain"})  # a form's kind
+        assert r.status_code == 415 and error_of(r)["code"] == "bad_content_type"  # as from `nextbit serve` (web/api.py)
         r = bob.http.get("/api/nowhere")
         assert r.status_code == 404 and error_of(r)["code"] == "no_route"
         r = bob.http.delete("/api/answer")
