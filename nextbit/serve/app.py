@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
@@ -68,18 +69,19 @@ def create_app(state: ServerState) -> FastAPI:
     install_handlers(app, "nextbit serve")
     app.add_middleware(counted, metrics=metrics)
 
-    async def body(request: Request, model, key=state.api_key):
+    async def body(request: Request, model, key: Optional[str]):
+        """The key checked, then the body read and validated."""
         check_bearer(request, key)
         return await read_json(request, model, state.max_body)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await body(request, CompletionRequest)
+        req = await body(request, CompletionRequest, state.api_key)
         return answer(await serving.completions(req, request.is_disconnected, time.perf_counter()))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = await body(request, ChatRequest)
+        req = await body(request, ChatRequest, state.api_key)
         return answer(await serving.chat(req, request.is_disconnected, time.perf_counter()))
 
     @app.get("/v1/models")
@@ -94,11 +96,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return serving.tokenize(await body(request, TokenizeRequest))
+        return serving.tokenize(await body(request, TokenizeRequest, state.api_key))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return serving.detokenize(await body(request, DetokenizeRequest))
+        return serving.detokenize(await body(request, DetokenizeRequest, state.api_key))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(request: Request):
