@@ -12,9 +12,10 @@ mistake, or, where an app gives none, the HTTP status (vLLM's convention). Raise
     the model refuses it (a missing field, a wrong type, a value out of range)         400 bad_field, param: the field
 
 (400 for a schema failure, as OpenAI and vLLM answer; no Content-Type at all is read as JSON, as FastAPI does.)
-`install_handlers(app, name)` answers an unknown route 404 no_route, a wrong method 405 method_not_allowed and a
-path or query parameter FastAPI refuses 400 bad_field (its own default is a 422 in another shape) in that shape, and any other exception 500 internal whose message is only an id: the traceback goes to the server's
-log beside that id (a bug's details, a database error's SQL, never reach the client).
+`install_handlers(app, name)` answers in that shape: an unknown route 404 no_route, a wrong method 405
+method_not_allowed, a path or query parameter FastAPI refuses 400 bad_field (its own default is a 422 in another
+shape), and any other exception 500 internal, whose message is only an id: the traceback goes to the server's log
+beside that id (a bug's details, a database error's SQL, never reach the client).
 `bearer(request)` is the token of `Authorization: Bearer TOKEN`; `check_bearer(request, key)` answers 401
 invalid_api_key unless it is `key` (compared in constant time; no key: open).
 """
