@@ -55,13 +55,14 @@ def checkpoint(dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     pytest.importorskip("uvicorn")
-    import nextbit.serve.app as app_mod
+    import nextbit.serve.protocol as protocol_mod
+    import nextbit.serve.serving as serving_mod
     from nextbit.infer.engine import Engine
     from nextbit.serve.choices import Choice
     from nextbit.serve.server import ServeConfig, build_app
 
     seen = {"render": [], "chats": [], "n": 0}
-    real_render, real_params, real_init, real_step = app_mod.render_messages, app_mod.SamplingParams, Choice.__init__, Engine.step
+    real_render, real_params, real_init, real_step = serving_mod.render_messages, protocol_mod.SamplingParams, Choice.__init__, Engine.step
 
     def render(tok, messages, add_generation_prompt=False):
         seen["render"] = messages
@@ -93,8 +94,8 @@ def server(checkpoint):
         return real_step(self, admit)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(app_mod, "render_messages", render)
-        mp.setattr(app_mod, "SamplingParams", params)
+        mp.setattr(serving_mod, "render_messages", render)
+        mp.setattr(protocol_mod, "SamplingParams", params)
         mp.setattr(Choice, "__init__", init)
         mp.setattr(Choice, "text", text)
         mp.setattr(Choice, "finish_reason", property(finish_reason))

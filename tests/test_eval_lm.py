@@ -72,7 +72,7 @@ def test_eval_lm_bad_input_is_one_line(checkpoint, tmp_path):
 
     env = {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     assert_one_line_error(run_main("eval", "lm", tmp_path / "nope"), "checkpoint not found")  # in this process: quick
-    assert_one_line_error(run_main("eval", "lm", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o"), "not answering")
+    assert_one_line_error(run_main("eval", "lm", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o"), "no server answering")
     assert_one_line_error(run_cli("eval", "lm", checkpoint, "--tasks", "no_such_task_xyz", "--out", tmp_path / "o2", "--device", "cpu",
                                   env=env, timeout=300), "no task 'no_such_task_xyz'")
 

@@ -315,22 +315,24 @@ def test_bad_input_is_a_4xx_in_the_error_shape(site):
         cases = [
             (b"{not json", 400, "bad_json"), (b"[1, 2]", 400, "bad_json"), (b"", 400, "bad_json"),
             (b"\xff\xfe", 400, "bad_json"), (b"[" * 100000 + b"]" * 100000, 413, "body_too_large"),
-            (json.dumps({**ok, "pair_id": str(shown["pair_id"])}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "pair_id": True}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "pair_id": 1.5}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "pair_id": 10 ** 30}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "side": "a"}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "side": None}).encode(), 422, "bad_field"),
-            (json.dumps({k: v for k, v in ok.items() if k != "idempotency_key"}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "idempotency_key": "short"}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "comment": "x" * 5000}).encode(), 422, "bad_field"),
-            (json.dumps({**ok, "comment": "nul \u0000 byte"}).encode(), 422, "bad_field"),
-            (b'{"pair_id": %d, "side": "left", "idempotency_key": "abcdefgh12", "comment": "\\ud800"}' % shown["pair_id"], 422, "bad_field"),
+            (json.dumps({**ok, "pair_id": str(shown["pair_id"])}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "pair_id": True}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "pair_id": 1.5}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "pair_id": 10 ** 30}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "side": "a"}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "side": None}).encode(), 400, "bad_field"),
+            (json.dumps({k: v for k, v in ok.items() if k != "idempotency_key"}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "idempotency_key": "short"}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "comment": "x" * 5000}).encode(), 400, "bad_field"),
+            (json.dumps({**ok, "comment": "nul \u0000 byte"}).encode(), 400, "bad_field"),
+            (b'{"pair_id": %d, "side": "left", "idempotency_key": "abcdefgh12", "comment": "\\ud800"}' % shown["pair_id"], 400, "bad_field"),
         ]
         for raw, status, code in cases:
             r = bob.post("/api/answer", content=raw, headers={"Content-Type": "application/json"})
             assert r.status_code == status and error_of(r)["code"] == code, (raw[:80], r.status_code, r.text[:200])
-        assert bob.post("/api/login", content=b'{"token": 5}').status_code == 422
+        assert bob.post("/api/login", content=b'{"token": 5}').status_code == 400
+        r = bob.post("/api/answer", content=json.dumps(ok).encode(), headers={"Content-Type": "text/plain"})  # a form's kind
+        assert r.status_code == 415 and error_of(r)["code"] == "bad_content_type"  # as from `nextbit serve` (web/api.py)
         r = bob.http.get("/api/nowhere")
         assert r.status_code == 404 and error_of(r)["code"] == "no_route"
         r = bob.http.delete("/api/answer")

@@ -1,6 +1,8 @@
 """The package's rooms and the arrows between them: imports point down only.
 
     core/      model, config, tokenizer, chat template, checkpoint, optimizers, shards, devices, atomic writes
+    web/       the HTTP layer both web apps stand on (errors, bounded JSON, handlers, bearer, keys, uvicorn) and
+               the one client that calls a nextbit server                       -> core
     infer/     the generation engine (and `nextbit sample`)           -> core
     train/     the training machinery (loop, schedule, run folders, the stage base, batch layout; `nextbit train`)
                                                                       -> core
@@ -8,8 +10,9 @@
     prefs/     the preference-data stage: TRL formats, labelers, scorers, `nextbit compare`, pair sampling, the
                active-learning ensemble                               -> core, infer, train
     align/     the algorithms: sft, reward, ppo, dpo, batching        -> core, infer, train, prefs
-    serve/     the OpenAI-compatible server                           -> core, infer
-    evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve
+    serve/     the OpenAI-compatible server: thin routes, a serving class, protocol models, the engine process
+                                                                      -> core, infer, web
+    evals/     HumanEval in a sandbox, lm-eval through the API        -> core, infer, data's sources, serve, web
     label/     the labeling app: people compare pairs, into a database -> core, infer, prefs, align (reward models
                score pairs), web
     export/    Hugging Face folders, both ways                        -> core
@@ -24,14 +27,15 @@ PKG = Path(__file__).resolve().parents[1] / "nextbit"
 
 ALLOWED = {
     "core": {"core"},
+    "web": {"core", "web"},
     "infer": {"core", "infer"},
     "train": {"core", "train"},
     "data": {"core", "data"},
     "prefs": {"core", "infer", "train", "prefs"},
     "align": {"core", "infer", "train", "prefs", "align"},
-    "serve": {"core", "infer", "serve"},
+    "serve": {"core", "infer", "web", "serve"},
     "export": {"core", "export"},
-    "evals": {"core", "infer", "data", "serve", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
+    "evals": {"core", "infer", "data", "serve", "web", "evals"},  # the held-out data for its tasks; the server lm-eval talks to
     "label": {"core", "infer", "prefs", "align", "web", "label"},  # prefs: the pairs it samples; align: the reward models that score them
     "recipes": {"core", "infer", "train", "data", "prefs", "align", "serve", "web", "label", "export", "evals", "recipes"},
 }

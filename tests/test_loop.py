@@ -297,7 +297,7 @@ def test_bad_input_is_one_line_and_writes_nothing(work, labelled, tmp_path, caps
         (["--db", f"sqlite:///{tmp_path / 'nothing.db'}", *base], "--db: no labels database at"),
         (["--db", labelled, *base, "--policy", tmp_path / "no-policy"], "--policy: checkpoint not found"),
         (["--db", labelled, *base, "--policy", reward], "is a reward model (it has a 'reward' head)"),
-        (["--db", labelled, *base, "--serve", f"http://127.0.0.1:{free_port()}"], "the server does not answer"),
+        (["--db", labelled, *base, "--serve", f"http://127.0.0.1:{free_port()}"], "no server answering"),
         (["--db", labelled, *base, "--prompts", tmp_path / "none.jsonl"], "--prompts: file not found"),
         (["--db", labelled, *base, "--aggregate", "mean"], "--aggregate must be one of none, majority"),
         (["--db", labelled, *base, "--labeler", "psychic"], "unknown labeler 'psychic'"),
@@ -375,7 +375,7 @@ def test_a_server_gone_by_the_end_of_the_round_is_one_line_and_the_round_is_kept
         code, err = run_loop(capsys, "--db", labelled, "--policy", work["policy"], "--prompts", work["prompts"], "--out", out,
                              "--serve", live.url, "--serve-key", ADMIN, *ROUND, "--ppo-steps", "1", "--reward-steps", "1")
     errors = [l for l in err.splitlines() if not l.startswith("loop: warning:")]  # the round's figures' caveats
-    assert code == 1 and len(errors) == 1 and "the server does not answer" in err, err
+    assert code == 1 and len(errors) == 1 and "no server answering" in err, err
     r = json.loads((out / "round.json").read_text())
     assert f"the new policy is written: {r['checkpoint']}" in err
     assert r["served"]["reloaded"] is False and (Path(r["checkpoint"]) / "model.safetensors").is_file()

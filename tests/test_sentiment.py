@@ -13,7 +13,7 @@ pytest.importorskip("vaderSentiment")
 
 def test_win_rate_counts_a_tie_as_half_a_win():
     """The judge's win rate of our continuations over the base's, prompt by prompt: a win counts 1, a tie 1/2."""
-    from nextbit.align.scorers import VaderScorer
+    from nextbit.prefs.scorers import VaderScorer
     from nextbit.recipes.sentiment import win_rate
 
     judge = VaderScorer()

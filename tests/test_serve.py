@@ -495,6 +495,8 @@ def test_bad_input_misc(server, http):
     # a body past the limit: 413
     big = b'{"prompt": "' + b"a" * ((1 << 20) + 10) + b'"}'
     assert_error(http.post("/v1/completions", content=big), 413)
+    # a body declared as something other than JSON: 415, as from `nextbit label serve` (web/api.py)
+    assert_error(http.post("/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"}), 415)
     # unknown routes and methods: JSON 404 / 405
     assert_error(http.get("/v2/nothing"), 404)
     assert_error(http.get("/v1/completions"), 405)
@@ -885,6 +887,44 @@ def test_metrics(server, http):
     assert d("nextbit_inter_token_latency_seconds_count") == u["completion_tokens"] - 1
     assert metric(after, "nextbit_time_to_first_token_seconds_bucket", le="+Inf") >= 1
     assert metric(after, "nextbit_requests_running") == 0 and metric(after, "nextbit_requests_waiting") == 0
+
+
+def test_the_serving_class_answers_without_http(server, loaded):
+    """serve/serving.py alone, no app and no HTTP: a seeded completion is the engine's own for the same parameters,
+    its event stream says the same text, and a request past the context is a 400 naming the field."""
+    from nextbit.serve.metrics import Metrics
+    from nextbit.serve.protocol import ChatRequest, CompletionRequest
+    from nextbit.serve.serving import Serving
+    from nextbit.web.api import WebError
+
+    tok = loaded.tokenizer
+    serving = Serving(server.state, Metrics())
+
+    async def never() -> bool:
+        return False
+
+    async def go():
+        kw = dict(prompt="import os", max_tokens=12, temperature=0.9, seed=4)
+        whole = await serving.completions(CompletionRequest(**kw), never, time.perf_counter())
+        events = await serving.completions(CompletionRequest(**kw, stream=True), never, time.perf_counter())
+        return whole, [e async for e in events]
+
+    whole, events = asyncio.run(go())
+    want = generate(loaded.model, tok, [ids_of(tok, "import os")], SamplingParams(12, 0.9, seed=4), compile=False).completions[0].text
+    assert whole["object"] == "text_completion" and whole["choices"][0]["text"] == want
+    assert whole["usage"]["prompt_tokens"] == len(ids_of(tok, "import os"))
+    chunks = [json.loads(e.decode()[len("data: "):]) for e in events[:-1]]
+    assert events[-1] == b"data: [DONE]\n\n" and "".join(c["choices"][0]["text"] for c in chunks) == want
+    with pytest.raises(WebError) as e:
+        asyncio.run(serving.completions(CompletionRequest(prompt="x", max_tokens=10_000), never, 0.0))
+    assert (e.value.status, e.value.param) == (400, "max_tokens")
+    # a request turns itself into the engine's sampling parameters
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], top_k=10**9, stop=["\n", ""], logit_bias={"5": 2},
+                      temperature=0.5, frequency_penalty=0.25)
+    p = req.sampling_params(0, tok.vocab_size, [7])
+    assert (p.max_new_tokens, p.top_k, p.stop, p.stop_token_ids, p.logit_bias, p.temperature, p.frequency_penalty) == \
+        (1, 0, ["\n"], [7], {5: 2.0}, 0.5, 0.25)
+    assert req.sampling_params(3, tok.vocab_size) is not req.sampling_params(3, tok.vocab_size)  # one per engine request
 
 
 def test_a_bug_in_a_route_is_a_500_with_an_id_and_its_details_only_in_the_log(server, monkeypatch, capfd):

@@ -24,12 +24,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -44,6 +41,8 @@ from nextbit.core.errors import NextbitError, check
 from nextbit.evals.passk import mean_pass_at_k, parse_ks
 from nextbit.evals.sandbox import Limits, Run, Sandbox, describe
 from nextbit.infer.decoding import cut_at_stop, row_seed
+from nextbit.web.client import Client, ServerError
+from nextbit.web.keys import read_key
 
 DEFAULT_STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]  # Chen et al.'s stop sequences
 CHUNK = 16  # samples of one problem per server request (nextbit serve's default --max-n); also fixes the seeds
@@ -190,73 +189,9 @@ def sample_checkpoint(cfg: HumanEvalConfig, ck, problems: list[dict], stops: lis
 
 
 # ---- sampling from a server ------------------------------------------------------------------------------------
-class Client:
-    """A small OpenAI-API client on urllib (no optional dependency): /v1/models, /v1/completions, /tokenize."""
-
-    def __init__(self, url: str, api_key: str = ""):
-        self.url = url.rstrip("/")
-        if self.url.endswith("/v1"):
-            self.url = self.url[: -len("/v1")]
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-
-    def call(self, path: str, body: Optional[dict] = None, timeout: float = REQUEST_TIMEOUT) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method="POST" if data else "GET")
-        for attempt in range(6):
-            try:
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as e:
-                if e.code == 429 and attempt < 5:  # the server is at capacity: wait as it asks
-                    time.sleep(min(float(e.headers.get("Retry-After") or 1), 10))
-                    continue
-                raise ServerError(e.code, _error_message(e), path)
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, (socket.timeout, TimeoutError)):
-                    raise NextbitError(f"the server at {self.url} did not answer {path} within {timeout:g} s")
-                raise NextbitError(f"no server answering at {self.url} ({_why(reason)})")
-            except ValueError:
-                raise NextbitError(f"the server at {self.url} answered {path} with something that is not JSON")
-        raise NextbitError(f"the server at {self.url} stayed at capacity (HTTP 429) for {path}")
-
-
-class ServerError(NextbitError):
-    def __init__(self, code: int, message: str, path: str):
-        super().__init__(f"the server answered {path} with HTTP {code}: {message}")
-        self.code, self.message = code, message
-
-
-def _error_message(e: "urllib.error.HTTPError") -> str:
-    try:
-        body = json.loads(e.read())
-        return str(body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("error") or body)
-    except Exception:  # noqa: BLE001 — any body at all: fall back to the status line
-        return str(e.reason)
-
-
-def _why(reason) -> str:
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    return str(getattr(reason, "strerror", None) or reason)
-
-
 def server_model(client: Client) -> dict:
     """The first model /v1/models lists ({"id", "max_model_len"?}); fails fast when nothing answers."""
-    try:
-        models = client.call("/v1/models", timeout=CONNECT_TIMEOUT)
-    except ServerError as e:
-        if e.code in (401, 403):
-            if "Authorization" in client.headers:
-                raise NextbitError(f"the server at {client.url} refused the API key ({e.code}): check --api-key / --api-key-file")
-            raise NextbitError(f"the server at {client.url} needs an API key ({e.code}): give --api-key or --api-key-file")
-        raise
-    data = models.get("data") if isinstance(models, dict) else None
-    if not data:
-        raise NextbitError(f"the server at {client.url} lists no model at /v1/models")
-    return data[0]
+    return client.models(timeout=CONNECT_TIMEOUT)[0]
 
 
 def sample_server(cfg: HumanEvalConfig, client: Client, model: dict, problems: list[dict], stops: list[str],
@@ -269,14 +204,14 @@ def sample_server(cfg: HumanEvalConfig, client: Client, model: dict, problems: l
                 "top_p": cfg.top_p, "stop": stops, "n": n, "seed": request_seed(cfg.seed, i, chunk)}
         cut = False
         try:
-            got = client.call("/v1/completions", body)
+            got = client.post("/v1/completions", body)
         except ServerError as e:
-            if e.code != 400 or "context" not in e.message or not ctx:
+            if e.status != 400 or "context" not in e.message or not ctx:
                 raise
             # too long for the server's context: its own tokenization, the last tokens that leave room
-            ids = client.call("/tokenize", {"model": model["id"], "prompt": problems[i]["prompt"]})["tokens"]
+            ids = client.post("/tokenize", {"model": model["id"], "prompt": problems[i]["prompt"]})["tokens"]
             body["prompt"], cut = ids[-(ctx - max_new):], True
-            got = client.call("/v1/completions", body)
+            got = client.post("/v1/completions", body)
         choices = sorted(got.get("choices", []), key=lambda c: c.get("index", 0))
         if len(choices) != n:
             raise NextbitError(f"the server sent {len(choices)} choices for n={n}")
@@ -336,13 +271,11 @@ def humaneval(cfg: HumanEvalConfig) -> dict:
     t0 = time.perf_counter()
     ks, skipped = check_options(cfg)
     stops = [unescape(s) for s in cfg.stop if s]
-    from nextbit.serve.server import ServeConfig, read_key
-
     ck = client = model = None
-    api_key = read_key(ServeConfig(api_key=cfg.api_key or None, api_key_file=cfg.api_key_file or None))  # as serve reads its own
+    api_key = read_key(cfg.api_key, cfg.api_key_file)  # as serve reads its own
     check(not api_key or bool(cfg.server), "--api-key / --api-key-file are for --server")
     if cfg.server:
-        client = Client(cfg.server, api_key or "")
+        client = Client(cfg.server, api_key, timeout=REQUEST_TIMEOUT)
         checkpoint_path = None
     else:
         from nextbit.core.checkpoint import resolve
@@ -416,7 +349,7 @@ def humaneval(cfg: HumanEvalConfig) -> dict:
     counts = [(len(ss), sum(s.result == "passed" for s in ss)) for ss in per_problem]
     scores = mean_pass_at_k(counts, ks)
     settings = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
-    settings.update(max_new_tokens=max_new, stop=stops, api_key=bool(client and "Authorization" in client.headers))
+    settings.update(max_new_tokens=max_new, stop=stops, api_key=bool(client and client.key))
     summary = {
         "benchmark": "humaneval",
         **scores,

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,6 +27,9 @@ from typing import Optional
 from nextbit.core.atomic import write_json, write_text
 from nextbit.core.errors import NextbitError
 from nextbit.evals.lm_tasks import TASKS, write_tasks
+from nextbit.web.client import Client
+from nextbit.web.keys import read_key
+from nextbit.web.launch import in_thread
 
 
 @dataclass
@@ -49,59 +49,35 @@ class EvalLMConfig:
     device: str = "auto"  # the in-process server's device: auto | cpu | cuda
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class InProcessServer:
-    """`nextbit serve` in this process (engine loop thread + uvicorn thread) on a free local port."""
+    """`nextbit serve` in this process (engine loop thread + uvicorn thread, web/launch.py) on a free local port."""
 
     def __init__(self, cfg: EvalLMConfig):
-        import uvicorn
-
         from nextbit.serve.server import ServeConfig, build_app
 
-        self.port = _free_port()
-        app, self.runner, self.ckpt = build_app(ServeConfig(checkpoint=cfg.checkpoint, port=self.port, max_batch=cfg.max_batch,
-                                                            served_model_name=cfg.model_name, device=cfg.device))
-        self.name, self.max_len = cfg.model_name, app.state.nextbit.max_len
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.app, self.runner, self.ckpt = build_app(ServeConfig(checkpoint=cfg.checkpoint, max_batch=cfg.max_batch,
+                                                                 served_model_name=cfg.model_name, device=cfg.device))
+        self.name, self.max_len = cfg.model_name, self.app.state.nextbit.max_len
+        self.serving = in_thread(self.app)
 
     def __enter__(self) -> str:
         self.runner.start()
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
-            time.sleep(0.05)
-        if not self.server.started:
-            raise NextbitError("the in-process server did not start")
-        return f"http://127.0.0.1:{self.port}"
+        try:
+            return self.serving.__enter__()
+        except BaseException:
+            self.runner.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.runner.stop()
+        try:
+            self.serving.__exit__(*exc)
+        finally:
+            self.runner.stop()
 
 
 def _remote_model(url: str, api_key: Optional[str]) -> tuple[str, int]:
-    """(model name, context) of a running server, or one line saying why not."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=5.0)
-    except httpx.HTTPError as e:
-        raise NextbitError(f"--server {url} is not answering ({type(e).__name__}: {e})")
-    if r.status_code in (401, 403):
-        if api_key:
-            raise NextbitError(f"--server {url} refused the API key ({r.status_code}): check --api-key / --api-key-file")
-        raise NextbitError(f"--server {url} needs an API key ({r.status_code}): give --api-key or --api-key-file")
-    if r.status_code != 200:
-        raise NextbitError(f"--server {url}/v1/models answered {r.status_code}: {r.text[:200]}")
-    m = r.json()["data"][0]
+    """(model name, context) of a running server, or one line saying why not (web/client.py's errors)."""
+    m = Client(url, api_key, timeout=5.0).models()[0]
     return m["id"], int(m.get("max_model_len") or 2048)
 
 
@@ -128,9 +104,7 @@ def task_manager(tasks: list[str], task_dir: Path):
 
 def read_api_key(cfg: EvalLMConfig) -> Optional[str]:
     """--api-key or --api-key-file, read as `nextbit serve` reads its own (one line if both, or the file is missing or empty)."""
-    from nextbit.serve.server import ServeConfig, read_key
-
-    return read_key(ServeConfig(api_key=cfg.api_key, api_key_file=cfg.api_key_file))
+    return read_key(cfg.api_key, cfg.api_key_file)
 
 
 @contextlib.contextmanager

@@ -12,9 +12,11 @@ or Referer, come from this origin; otherwise 403 and nothing is stored. A bearer
 never attaches it by itself). GET /api/next hands out an assignment but no label; SameSite=Strict keeps it from
 other sites.
 
-Errors are JSON, {"error": {"message", "type", "code"}}, with a 4xx for anything the client sent: malformed JSON,
-wrong types, an unknown pair, a bad side, a body over the size bound. Store calls run in the threadpool, so a slow
-database write never holds up the event loop.
+Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}} (web/api.py, the same plumbing
+as `nextbit serve`: the same mistake gets the same status from both apps), with a 4xx for anything the client sent:
+a body that is not JSON (400), not declared as JSON (415) or over the size bound (413), a field of the wrong type
+or out of range (400, code bad_field), an unknown pair (404), a pair not assigned or already answered (409). Store
+calls run in the threadpool, so a slow database write never holds up the event loop.
 """
 
 from __future__ import annotations
@@ -23,26 +25,23 @@ import base64
 import hashlib
 import hmac
 import html
-import json
 import re
-import sys
 import threading
 import time
-import traceback
-import uuid
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from nextbit.label import store
 from nextbit.label.agreement import labeler_stats
 from nextbit.label.db import Database
+from nextbit.web.api import WebError, bearer, install_handlers, read_json
 
 COOKIE = "nextbit_label_session"
 CSRF_HEADER = "x-csrf-token"
@@ -51,18 +50,8 @@ ADMIN_PAGE = Path(__file__).with_name("admin.html")
 NOT_ADMIN_PAGE = Path(__file__).with_name("not_admin.html")  # {{name}}: the signed-in user, HTML-escaped
 SIDES = ("left", "right", "tie", "cant_tell")
 # the status of each store.LabelError code; anything else the store refuses is a 400
-LABEL_ERRORS = {"bad_side": 422, "bad_key": 422, "bad_comment": 422, "unknown_user": 404, "unknown_pair": 404,
+LABEL_ERRORS = {"bad_side": 400, "bad_key": 400, "bad_comment": 400, "unknown_user": 404, "unknown_pair": 404,
                 "not_assigned": 409, "already_answered": 409, "key_reused": 409, "expired": 409}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type_
-
-
-def error_body(message: str, type_: str, code: str) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code}}
 
 
 # ---- request bodies ---------------------------------------------------------------------------------------------
@@ -255,90 +244,48 @@ def create_app(state: LabelState) -> FastAPI:
     db = state.db
     labeling_page, admin_page = page_response(PAGE), page_response(ADMIN_PAGE)
 
-    # ---- plumbing -------------------------------------------------------------------------------------------------
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return JSONResponse(error_body(e.message, e.type, e.code), status_code=e.status)
+    # ---- plumbing (web/api.py), and the store's refusals ------------------------------------------------------------
+    install_handlers(app, "nextbit label")
 
     @app.exception_handler(store.LabelError)
     async def _label_error(request: Request, e: store.LabelError):
         code = getattr(e, "code", "bad_request")
         status = LABEL_ERRORS.get(code, 400)
         type_ = {404: "not_found_error", 409: "conflict_error"}.get(status, "invalid_request_error")
-        return JSONResponse(error_body(str(e), type_, code), status_code=status)
-
-    @app.exception_handler(404)
-    async def _not_found(request: Request, e):
-        return JSONResponse(error_body(f"no route {request.method} {request.url.path}", "invalid_request_error", "no_route"), 404)
-
-    @app.exception_handler(405)
-    async def _not_allowed(request: Request, e):
-        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
-                                       "method_not_allowed"), 405)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        # The details go to the server's log only: a database error's text can hold its SQL and parameters (other
-        # labelers' data). The labeler gets an id to quote.
-        ref = uuid.uuid4().hex[:12]
-        print(f"nextbit label: internal error {ref} on {request.method} {request.url.path}:", file=sys.stderr)
-        traceback.print_exception(e, file=sys.stderr)
-        return JSONResponse(error_body(f"internal error {ref}; the server's log has the details", "server_error", "internal"), 500)
+        return WebError(status, str(e), code, type_=type_).response()
 
     async def body(request: Request, model: type[BaseModel]):
-        """The JSON body, bounded in size and validated against `model` (400 malformed, 413 too big, 422 invalid)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > state.max_body:
-            raise ApiError(413, f"request body over {state.max_body} bytes", "body_too_large")
-        size, chunks = 0, []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > state.max_body:
-                raise ApiError(413, f"request body over {state.max_body} bytes", "body_too_large")
-            chunks.append(chunk)
-        try:
-            data = json.loads(b"".join(chunks) or b"null")
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
-            raise ApiError(400, f"the body is not valid JSON: {e}", "bad_json")
-        except RecursionError:
-            raise ApiError(400, "the body is not valid JSON: nested too deeply", "bad_json")
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object", "bad_json")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"]) or "body"
-            raise ApiError(422, f"{where}: {err['msg']}", "bad_field")
+        """The JSON body, bounded in size and validated against `model` (web/api.py's read_json)."""
+        return await read_json(request, model, state.max_body)
 
     # ---- who is asking --------------------------------------------------------------------------------------------
     def identify(request: Request) -> Who:
         """(in the threadpool) The user behind a bearer token or the session cookie; 401 if neither is valid."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            user = store.user_for_token(db, token.strip())
+        token = bearer(request)
+        if token is not None:
+            user = store.user_for_token(db, token)
             if user is None:
-                raise ApiError(401, "unknown token", "bad_token", "authentication_error")
+                raise WebError(401, "unknown token", "bad_token", type_="authentication_error")
             return Who(user, None, None)
         sid = request.cookies.get(COOKIE)
         if not sid:
-            raise ApiError(401, "not logged in: POST /api/login with your token", "not_logged_in", "authentication_error")
+            raise WebError(401, "not logged in: POST /api/login with your token", "not_logged_in", type_="authentication_error")
         got = store.session_user(db, sid)
         if got is None:
-            raise ApiError(401, "the session has expired or was logged out; log in again", "session_expired",
-                           "authentication_error")
+            raise WebError(401, "the session has expired or was logged out; log in again", "session_expired",
+                           type_="authentication_error")
         return Who(got[0], got[1], sid)
 
     async def who(request: Request, *, write: bool = False, admin: bool = False) -> Who:
         w = await run_in_threadpool(identify, request)
         if write and w.session_id is not None:  # a cookie is sent by the browser on its own: prove it is our page
             if not same_origin(request):
-                raise ApiError(403, "cross-origin request refused", "bad_origin", "permission_error")
+                raise WebError(403, "cross-origin request refused", "bad_origin", type_="permission_error")
             sent = request.headers.get(CSRF_HEADER, "")
             if not sent or not hmac.compare_digest(sent.encode(), (w.csrf or "").encode()):
-                raise ApiError(403, "missing or wrong CSRF token (send it in X-CSRF-Token)", "csrf", "permission_error")
+                raise WebError(403, "missing or wrong CSRF token (send it in X-CSRF-Token)", "csrf", type_="permission_error")
         if admin and not w.user.is_admin:
-            raise ApiError(403, "admins only", "admin_only", "permission_error")
+            raise WebError(403, "admins only", "admin_only", type_="permission_error")
         return w
 
     def me(w: Who) -> dict:
@@ -355,14 +302,14 @@ def create_app(state: LabelState) -> FastAPI:
     async def admin(request: Request):
         try:
             w = await who(request)
-        except ApiError as e:
+        except WebError as e:
             if e.status == 401:  # log in on the labeling page first; it links here for admins
                 return RedirectResponse("/?next=admin", status_code=303)
             raise
         if not w.user.is_admin:
             if wants_html(request):  # a browser: a page that says so; a script: the JSON error
                 return not_admin_response(w.user.name)
-            raise ApiError(403, "admins only", "admin_only", "permission_error")
+            raise WebError(403, "admins only", "admin_only", type_="permission_error")
         return admin_page()
 
     @app.get("/health")
@@ -373,13 +320,13 @@ def create_app(state: LabelState) -> FastAPI:
     @app.post("/api/login")
     async def login(request: Request):
         if not same_origin(request):  # no login CSRF: another site cannot log this browser in as someone else
-            raise ApiError(403, "cross-origin request refused", "bad_origin", "permission_error")
+            raise WebError(403, "cross-origin request refused", "bad_origin", type_="permission_error")
         req = await body(request, LoginBody)
 
         def run():
             got = store.login(db, req.token.strip(), ttl_s=state.session_ttl_s)
             if got is None:
-                raise ApiError(401, "unknown token", "bad_token", "authentication_error")
+                raise WebError(401, "unknown token", "bad_token", type_="authentication_error")
             user, sid, csrf = got
             return sid, me(Who(user, csrf, sid))
 
@@ -435,7 +382,7 @@ def create_app(state: LabelState) -> FastAPI:
         w = await who(request, write=True)
         pair_id = await run_in_threadpool(lambda: store.undo_last(db, w.user.id, timeout_s=state.timeout_s))
         if pair_id is None:
-            raise ApiError(409, "nothing to undo", "nothing_to_undo", "conflict_error")
+            raise WebError(409, "nothing to undo", "nothing_to_undo", type_="conflict_error")
         return {"pair_id": pair_id}
 
     @app.get("/api/labels")

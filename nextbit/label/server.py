@@ -11,12 +11,12 @@ Ctrl-C stops accepting connections, lets the requests in flight finish, closes t
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 from nextbit.core.errors import NextbitError, check
 from nextbit.core.net import listen
+from nextbit.web.launch import base_url, need_uvicorn, run
 
 SELECTS = ("random", "disagreement")
 
@@ -97,10 +97,7 @@ def build_label_app(cfg: LabelServeConfig):
 
 
 def label_serve(cfg: LabelServeConfig) -> None:
-    try:
-        import uvicorn
-    except ImportError:
-        raise NextbitError('nextbit label serve needs the [label] extra: pip install -e ".[label]"')
+    need_uvicorn("nextbit label serve", "label")
     check_config(cfg)
     sock = listen(cfg.host, cfg.port)
     try:
@@ -108,17 +105,14 @@ def label_serve(cfg: LabelServeConfig) -> None:
     except BaseException:
         sock.close()
         raise
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    base = f"http://{host}:{sock.getsockname()[1]}"  # the port the OS gave for --port 0
+    base = base_url(cfg.host, sock)
     extra = f", reward model {state.reward.path}" if state.reward is not None else ""
     print(f"nextbit label serve: {state.db.url} (overlap {cfg.overlap}, timeout {cfg.timeout:g} s, select {cfg.select}{extra})\n"
           f"  labeling page  {base}/\n  admin page     {base}/admin\nCtrl-C stops it.", flush=True)
-    config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.shutdown_timeout)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
+
+    def stop() -> None:
         if state.refresher is not None:
             state.refresher.join(cfg.shutdown_timeout)
         state.db.close()
-        sock.close()
-        print("nextbit label serve: stopped", file=sys.stderr, flush=True)
+
+    run(app, sock, name="nextbit label serve", log_level=cfg.log_level, shutdown_timeout=cfg.shutdown_timeout, on_stop=stop)

@@ -32,7 +32,7 @@ pair (a, b, tie, cant_tell) through the assignment's left/right order. A retry w
 the stored label (created=False); the answer is committed (synchronous on SQLite: synchronous=FULL) before the
 function returns, so an acknowledged answer survives a crash.
 
-LabelError codes (for the HTTP layer): bad_side, bad_key, bad_comment (422); unknown_user, unknown_pair (404);
+LabelError codes (for the HTTP layer): bad_side, bad_key, bad_comment (400); unknown_user, unknown_pair (404);
 not_assigned, already_answered, key_reused, expired (409).
 """
 

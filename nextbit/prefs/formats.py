@@ -189,7 +189,7 @@ def prompt_key(prompt: Prompt) -> str:
 def encode_prompt(tok: Tokenizer, prompt: Prompt) -> list[int]:
     """What the model is conditioned on: <|endoftext|> + text, or the chat ending in <|assistant|>."""
     if isinstance(prompt, str):
-        return [tok.eot_id] + tok.encode(prompt)
+        return tok.encode_document(prompt)
     return render_messages(tok, prompt, add_generation_prompt=True)[0]
 
 

@@ -32,12 +32,9 @@ The next round starts from this one: `--policy DIR/ppo`.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,6 +56,8 @@ from nextbit.train.batches import split_holdout
 from nextbit.train.interrupt import report_stop
 from nextbit.train.loop import LoopConfig
 from nextbit.train.rundir import check_outputs, remove_outputs, start_outputs
+from nextbit.web.client import Client, KeyRefused, ServerError, root_of
+from nextbit.web.keys import read_key
 
 OUTPUTS = ("config.json", "prefs.jsonl", "prompts.jsonl", "reward", "ppo", "samples.jsonl", "round.json")
 
@@ -96,71 +95,41 @@ class FeedbackLoopConfig:
     quiet: bool = False  # no progress output (errors still go to stderr)
 
 
-# ---- the server ------------------------------------------------------------------------------------------------------
-def read_serve_key(cfg: FeedbackLoopConfig) -> Optional[str]:
-    check(not (cfg.serve_key and cfg.serve_key_file), "give --serve-key or --serve-key-file, not both")
-    if cfg.serve_key_file:
-        p = Path(cfg.serve_key_file)
-        check(p.is_file(), f"--serve-key-file not found: {p}")
-        key = p.read_text(encoding="utf-8").strip()
-        check(bool(key), f"--serve-key-file {p} is empty")
-        return key
-    return cfg.serve_key or None
-
-
+# ---- the server (web/client.py calls it) -----------------------------------------------------------------------------
 def server_root(url: str) -> str:
     """The server's base URL: the API base (…/v1) people copy from the banner works too."""
-    url = url.strip().rstrip("/")
+    url = url.strip()
     check(url.startswith(("http://", "https://")), f"--serve must be an http:// or https:// URL, got {url!r}")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    return root_of(url)
 
 
-def call(method: str, root: str, route: str, key: Optional[str], body: Optional[dict] = None,
-         timeout: float = 60.0) -> tuple[int, object]:
-    """(status, JSON body) of one request to the server at `root`; one that does not answer is a NextbitError."""
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(root + route, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    except (urllib.error.URLError, OSError) as e:  # refused, unknown host, timed out
-        raise NextbitError(f"--serve {root}: the server does not answer ({getattr(e, 'reason', None) or e})")
-    try:
-        return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return status, raw[:200].decode(errors="replace")
-
-
-def error_message(obj) -> str:
-    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-        return str(obj["error"].get("message", obj))
-    return str(obj)
-
-
-def probe_server(root: str, key: Optional[str]) -> None:
+def probe_server(server: Client) -> None:
     """Before the round: the server answers, its engine runs, and it takes --serve-key for /admin/reload (an empty
     checkpoint is its 400 when the key is right, checked before anything is loaded; 401 when it is not)."""
-    status, obj = call("GET", root, "/health", None, timeout=10)
-    check(status == 200, f"--serve {root}: the server is not healthy ({status}: {error_message(obj)})")
-    status, obj = call("POST", root, "/admin/reload", key, {"checkpoint": ""}, timeout=10)
-    check(status != 401, f"--serve-key: the server at {root} refused the admin key ({error_message(obj)})")
-    check(status == 400, f"--serve {root}: /admin/reload answered {status} ({error_message(obj)}); is it a `nextbit serve`?")
+    server.get("/health", timeout=10)
+    try:
+        server.post("/admin/reload", {"checkpoint": ""}, timeout=10)
+    except KeyRefused:
+        raise
+    except ServerError as e:
+        if e.status == 400:
+            return
+        raise NextbitError(f"--serve {server.url}: /admin/reload answered {e.status} ({e.message}); is it a `nextbit serve`?")
+    raise NextbitError(f"--serve {server.url}: /admin/reload took an empty checkpoint; is it a `nextbit serve`?")
 
 
-def reload_server(root: str, key: Optional[str], checkpoint: Path) -> dict:
+def reload_server(server: Client, checkpoint: Path) -> dict:
     """Tell the server to serve `checkpoint`, then check that /v1/models shows it live."""
-    status, obj = call("POST", root, "/admin/reload", key, {"checkpoint": str(checkpoint)}, timeout=300)
-    check(status == 200, f"--serve {root}: the reload of {checkpoint} failed ({status}: {error_message(obj)})")
-    status, models = call("GET", root, "/v1/models", key, timeout=30)
-    check(status == 200, f"--serve {root}: /v1/models answered {status} ({error_message(models)}) after the reload")
-    live = [m.get("root") for m in models.get("data", [])] if isinstance(models, dict) else []
-    check(str(checkpoint) in live, f"--serve {root}: /v1/models shows {live} after the reload, not {checkpoint}")
-    return {"url": root, "checkpoint": str(checkpoint), "weights_sha256": obj.get("weights_sha256"), "reloaded": True}
+    try:
+        obj = server.post("/admin/reload", {"checkpoint": str(checkpoint)}, timeout=300)
+    except KeyRefused:
+        raise
+    except ServerError as e:
+        raise NextbitError(f"--serve {server.url}: the reload of {checkpoint} failed ({e.status}: {e.message})")
+    live = [m.get("root") for m in server.models(timeout=30) if isinstance(m, dict)]
+    check(str(checkpoint) in live, f"--serve {server.url}: /v1/models shows {live} after the reload, not {checkpoint}")
+    sha = obj.get("weights_sha256") if isinstance(obj, dict) else None
+    return {"url": server.url, "checkpoint": str(checkpoint), "weights_sha256": sha, "reloaded": True}
 
 
 # ---- the evaluation --------------------------------------------------------------------------------------------------
@@ -265,7 +234,8 @@ def loop(cfg: FeedbackLoopConfig) -> dict:
     except NextbitError as e:
         raise naming("--labeler", e)
     root = server_root(cfg.serve) if cfg.serve else None
-    key = read_serve_key(cfg)
+    key = read_key(cfg.serve_key, cfg.serve_key_file, "--serve-key")
+    server = Client(root, key, flag="--serve", key_flag="--serve-key", key_name="admin key") if root else None
     device = pick_device(cfg.device)
     try:
         policy = load_policy(cfg.policy, "cpu", reward_flag=None).path  # a language model, readable, not a reward model
@@ -275,8 +245,8 @@ def loop(cfg: FeedbackLoopConfig) -> dict:
           f"--policy {cfg.policy} is inside --out {out}, which this round would replace; write the next round to a new folder")
     train_prompts, heldout = read_prompts(cfg)
     records = labelled_preferences(cfg.db, cfg.aggregate)
-    if root:
-        probe_server(root, key)
+    if server:
+        probe_server(server)
 
     new = start_outputs(out, OUTPUTS)
     try:
@@ -291,9 +261,9 @@ def loop(cfg: FeedbackLoopConfig) -> dict:
         say(cfg, line)
     for w in result["warnings"]:  # to stderr, even with --quiet: the figures above mean less than they seem to
         print(f"loop: warning: {w}", file=sys.stderr, flush=True)
-    if root:  # last: the checkpoint and round.json are written whatever the server says
+    if server:  # last: the checkpoint and round.json are written whatever the server says
         try:
-            result["served"] = reload_server(root, key, Path(result["checkpoint"]))
+            result["served"] = reload_server(server, Path(result["checkpoint"]))
         except NextbitError as e:
             result["served"] = {"url": root, "reloaded": False, "error": str(e)}
             write_json(out / "round.json", result)

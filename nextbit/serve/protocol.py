@@ -1,12 +1,14 @@
-"""The request bodies of the OpenAI-compatible API (and vLLM's tokenizer routes), as pydantic models, and the OpenAI
-error shape. Unknown fields are ignored, as vLLM and OpenAI do; wrong types and out-of-range values are a 400 that
-names the field."""
+"""The request bodies of the OpenAI-compatible API (and vLLM's tokenizer routes), as pydantic models. Unknown fields
+are ignored, as vLLM and OpenAI do; wrong types and out-of-range values are a 400 that names the field (web/api.py's
+read_json). A generation request turns itself into the engine's sampling parameters (`sampling_params`)."""
 
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nextbit.infer.decoding import SamplingParams
 
 TokenIds = list[int]
 
@@ -53,6 +55,15 @@ class _Sampling(_Body):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    def sampling_params(self, max_new_tokens: int, vocab_size: int, stop_token_ids: Optional[list[int]] = None) -> SamplingParams:
+        """The engine's sampling parameters for one choice of this request (a new object each call: the engine's
+        request owns it). A top_k of -1, 0 or past the vocabulary keeps every candidate."""
+        top_k = self.top_k if 0 < self.top_k < vocab_size else 0
+        return SamplingParams(max_new_tokens=max(1, max_new_tokens), temperature=self.temperature, top_k=top_k,
+                              top_p=self.top_p, stop=self.stops(), stop_token_ids=stop_token_ids,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              logit_bias=self.token_bias())
 
 
 class CompletionRequest(_Sampling):
@@ -123,6 +134,3 @@ class DetokenizeRequest(_Body):
 class ReloadRequest(_Body):
     checkpoint: str
 
-
-def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[Union[int, str]] = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

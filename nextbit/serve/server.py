@@ -10,15 +10,15 @@ they arrive); uvicorn serves HTTP. Ctrl-C stops accepting connections, lets the 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.net import listen
+from nextbit.web.keys import read_key
+from nextbit.web.launch import base_url, need_uvicorn, run
 
 
 @dataclass
@@ -42,25 +42,12 @@ class ServeConfig:
     log_level: str = "warning"  # uvicorn's access and error log level
 
 
-def read_key(cfg: ServeConfig) -> Optional[str]:
-    if cfg.api_key and cfg.api_key_file:
-        raise NextbitError("give --api-key or --api-key-file, not both")
-    if cfg.api_key_file:
-        p = Path(cfg.api_key_file)
-        if not p.is_file():
-            raise NextbitError(f"--api-key-file not found: {p}")
-        key = p.read_text(encoding="utf-8").strip()
-        if not key:
-            raise NextbitError(f"--api-key-file {p} is empty")
-        return key
-    return cfg.api_key or None
-
-
 def build_app(cfg: ServeConfig):
     """The app and its engine loop (not yet started), from the config: what `serve` runs and tests start."""
-    from nextbit.serve.app import ServerState, create_app
+    from nextbit.serve.app import create_app
     from nextbit.serve.core import check_servable, default_threads
     from nextbit.serve.runner import EngineRunner, in_fresh_thread
+    from nextbit.serve.serving import ServerState
 
     for name in ("max_batch", "max_n", "max_body_bytes"):
         if getattr(cfg, name) < 1:
@@ -73,7 +60,7 @@ def build_app(cfg: ServeConfig):
         raise NextbitError(f"--engine-threads must be >= 0, got {cfg.engine_threads}")
     if cfg.engine_threads and cfg.engine == "thread":
         raise NextbitError("--engine-threads is for --engine process (a thread engine uses this process's torch threads)")
-    key = read_key(cfg)
+    key = read_key(cfg.api_key, cfg.api_key_file)
     device = pick_device(cfg.device)
     in_process = cfg.engine == "thread"
     # The HTTP side needs the tokenizer and the model's shape; with an engine process, only that process holds the
@@ -95,24 +82,13 @@ def build_app(cfg: ServeConfig):
 
 
 def serve(cfg: ServeConfig) -> None:
-    try:
-        import uvicorn
-    except ImportError:
-        raise NextbitError('nextbit serve needs the [serve] extra: pip install -e ".[serve]"')
+    need_uvicorn("nextbit serve", "serve")
     app, runner, ck = build_app(cfg)
     sock = listen(cfg.host, cfg.port)
     runner.start()
     state = app.state.nextbit
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    base = f"http://{host}:{sock.getsockname()[1]}"  # the port the OS gave for --port 0
+    base = base_url(cfg.host, sock)
     print(f"nextbit serve: {ck.path} as {state.model_name!r} ({ck.model.num_params() / 1e6:.2f}M params, context {state.max_len}, "
           f"{cfg.max_batch} slots, {state.device})\n  API        {base}/v1  (OpenAI-compatible{', key required' if state.api_key else ''})\n"
           f"  chat page  {base}/\n  metrics    {base}/metrics\nCtrl-C stops it.", flush=True)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                            timeout_graceful_shutdown=cfg.shutdown_timeout)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        runner.stop()
-        sock.close()
-        print("nextbit serve: stopped", file=sys.stderr, flush=True)
+    run(app, sock, name="nextbit serve", log_level=cfg.log_level, shutdown_timeout=cfg.shutdown_timeout, on_stop=runner.stop)
