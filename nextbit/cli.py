@@ -19,9 +19,16 @@ GROUPS = {"eval": "evaluate a model: HumanEval pass@k, lm-evaluation-harness tas
           "label": "people compare two outputs in the browser: the labeling app, its users, pairs and exports"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors (an unknown flag, a value not among a flag's choices) are one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"nextbit: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(cmds) -> argparse.ArgumentParser:
     """One subcommand per registry entry; a name with a space ("eval lm") is a subcommand of a group ("eval")."""
-    parser = argparse.ArgumentParser(prog="nextbit", description="Make GPT-style language models from scratch.")
+    parser = Parser(prog="nextbit", description="Make GPT-style language models from scratch.")
     parser.add_argument("--version", action="version", version=f"nextbit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups = {}

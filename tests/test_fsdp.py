@@ -135,7 +135,7 @@ def test_fsdp_under_a_time_budget_cuts_every_evaluation_alike(dataset, tmp_path)
     evaluates on all of them), with one cut of the held-out split for both, and the run ends decayed."""
     out = tmp_path / "budget"
     _two(*COMMON, "--data", dataset, "--out", out, "--fsdp", "--steps", "100000", "--time-budget", "12",
-         "--eval-every", "1", "--warmup", "-1")
+         "--eval-every", "1")
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["val_tokens"] for r in recs if "val_loss" in r}
     full = json.loads((dataset / "manifest.json").read_text())["splits"]["val"]["tokens"]

@@ -44,7 +44,7 @@ def test_training_lowers_loss_and_writes_outputs(dataset, tmp_path):
 
 def test_train_leaves_the_callers_config_as_it_was(dataset, tmp_path):
     """Derived values (optimizer, LR, model shape, batch layout) go into the run's config.json, not into `cfg`."""
-    cfg = small_train(dataset, tmp_path / "run", steps=2, lr=0.0)
+    cfg = small_train(dataset, tmp_path / "run", steps=2, lr=None)
     cfg.batch_tokens, cfg.micro_batch, cfg.eval_tokens, cfg.model = 200, 0, 256, ModelConfig(depth=2, seq_len=32)
     before = copy.deepcopy(cfg)
     train(cfg)

@@ -12,7 +12,7 @@ from conftest import cli_error
     (["--batch-tokens", "1"], "--batch-tokens 1 is less than one sequence of 256 tokens"),
     (["--width", "100"], "--width 100 is not a multiple of 64"),
     (["--seq-len", "100000"], "--seq-len 100000 is more than 8x the context a depth-2 model derives (256)"),
-    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
     (["--muon-lr", "0"], "--muon-lr must be > 0"),
     (["--depth", "0"], "--depth must be >= 1"),
     (["--width", "128", "--n-head", "3"], "--width 128 is not divisible by --n-head 3"),

@@ -22,7 +22,7 @@ def lr_factors(run):
 
 def test_time_budget_fits_warmup_and_decay_to_the_budget_not_the_cap(dataset, tmp_path):
     run = tmp_path / "run"
-    result = train(small_train(dataset, run, steps=10**6, warmup=-1, time_budget=8))
+    result = train(small_train(dataset, run, steps=10**6, time_budget=8))
     f = lr_factors(run)
     assert result["step"] == len(f) and 10 < len(f) < 10**6
     assert max(f) > 0.95  # out of warmup (2% of the cap would be 20000 steps)
@@ -93,7 +93,7 @@ def test_time_budget_counts_evaluations_and_ends_decayed(dataset, tmp_path, monk
     reads = slow_evaluations(monkeypatch, budget / 3)
     run = tmp_path / "run"
     t0 = time.time()
-    result = train(small_train(dataset, run, steps=10**6, warmup=-1, time_budget=budget, eval_every=10, quiet=False))
+    result = train(small_train(dataset, run, steps=10**6, time_budget=budget, eval_every=10, quiet=False))
     wall = time.time() - t0
     assert abs(wall - budget) <= 0.1 * budget, wall
     f = lr_factors(run)
@@ -109,7 +109,7 @@ def test_time_budget_keeps_a_given_eval_size(dataset, tmp_path, monkeypatch):
     """--eval-tokens is the user's choice: a budget keeps it and makes room for it (the final evaluation too)."""
     budget = 4.0
     reads = slow_evaluations(monkeypatch, budget / 4)
-    cfg = small_train(dataset, tmp_path / "run", steps=10**6, warmup=-1, time_budget=budget)
+    cfg = small_train(dataset, tmp_path / "run", steps=10**6, time_budget=budget)
     cfg.eval_tokens = 10**9  # more than the split: all of it, every time
     t0 = time.time()
     train(cfg)
@@ -123,7 +123,7 @@ def test_time_budget_plans_evaluations_up_to_the_steps_cap(dataset, tmp_path, mo
     """A --steps cap that ends the run long before the budget: its two evaluations fit easily, so neither is cut."""
     slow_evaluations(monkeypatch, 1.0)
     run = tmp_path / "run"
-    result = train(small_train(dataset, run, steps=20, warmup=-1, time_budget=120, eval_every=10))
+    result = train(small_train(dataset, run, steps=20, time_budget=120, eval_every=10))
     evals = [r["val_tokens"] for r in records(run) if "val_loss" in r]
     assert result["step"] == 20 and len(evals) == 2
     assert evals[0] == evals[1] > 0.95 * Dataset(dataset).split("val").tokens  # the whole split (whole windows)
@@ -134,7 +134,7 @@ def test_an_evaluation_at_the_first_step_is_planned_too(dataset, tmp_path, monke
     slow_evaluations(monkeypatch, 2.0)
     run = tmp_path / "run"
     t0 = time.time()
-    train(small_train(dataset, run, steps=10**6, warmup=-1, time_budget=5, eval_every=1))
+    train(small_train(dataset, run, steps=10**6, time_budget=5, eval_every=1))
     assert time.time() - t0 < 5 * 1.1
     evals = [r["val_tokens"] for r in records(run) if "val_loss" in r]
     assert len(set(evals)) == 1 and evals[0] < Dataset(dataset).split("val").tokens

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from nextbit.core.options import opt
 from nextbit.align.batching import sequence_logprobs
 from nextbit.align.reward import EncodedPair, encode_preferences, halves, pair_batch, read_preferences
 from nextbit.core.atomic import write_json
@@ -32,20 +33,21 @@ from nextbit.train.stage import open_base, prepare_stage, run_loop
 
 @dataclass
 class DPOConfig:
-    init_from: str = "runs/sft"  # the policy's starting checkpoint (also the reference unless --ref-from)
-    ref_from: Optional[str] = None  # the frozen reference model; default: --init-from
-    data: str = "prefs.jsonl"  # JSONL: {"prompt", "chosen", "rejected"} (+ "tie", "labeler", ...)
-    out: str = "runs/dpo"  # run folder: config.json, metrics.jsonl, loss.png, eval.json, checkpoint/
-    beta: float = 0.1  # strength of the implicit KL leash: higher stays closer to the reference
-    label_smoothing: float = 0.0  # assumed share of flipped labels (conservative DPO)
-    batch_size: int = 32  # pairs per optimizer step
-    micro_batch: int = 0  # pairs per forward pass; 0 = the whole batch
-    max_len: int = 0  # tokens per prompt + response; 0 = the model's context
-    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 1); with --time-budget a cap, none by default
-    val_frac: float = 0.05  # share of pairs held out
-    append_eot: bool = True  # end plain-text responses with <|endoftext|>
-    force: bool = False  # start over in an existing run folder
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, weight_decay=0.0, warmup=-1))
+    init_from: str = opt("runs/sft", "the policy's starting checkpoint (also the reference unless --ref-from)")
+    ref_from: Optional[str] = opt(None, "the frozen reference model; default: --init-from")
+    data: str = opt("prefs.jsonl", "JSONL: {\"prompt\", \"chosen\", \"rejected\"} (+ \"tie\", \"labeler\", ...)")
+    out: str = opt("runs/dpo", "run folder: config.json, metrics.jsonl, loss.png, eval.json, checkpoint/")
+    beta: float = opt(0.1, "strength of the implicit KL leash: higher stays closer to the reference")
+    label_smoothing: float = opt(0.0, "assumed share of flipped labels (conservative DPO)")
+    batch_size: int = opt(32, "pairs per optimizer step")
+    micro_batch: int = opt(0, "pairs per forward pass; 0 = the whole batch")
+    max_len: int = opt(0, "tokens per prompt + response; 0 = the model's context")
+    epochs: Optional[float] = opt(None, "passes over the pairs when --steps is 0 (default 1); with --time-budget a "
+                                        "cap, none by default")
+    val_frac: float = opt(0.05, "share of pairs held out")
+    append_eot: bool = opt(True, "end plain-text responses with <|endoftext|>")
+    force: bool = opt(False, "start over in an existing run folder")
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, weight_decay=0.0))
 
 
 @dataclass

@@ -34,15 +34,16 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nextbit.core.options import check as check_options, opt
 from nextbit.align.plots import plot_overoptimization, plot_ppo
 from nextbit.align.reward import HEAD as REWARD_HEAD
 from nextbit.align.reward import RewardModel, is_reward_model, load_reward_model
@@ -68,62 +69,50 @@ VALUE_HEAD = "value"
 
 @dataclass
 class PPOConfig:
-    policy: str = "runs/sft"  # the starting policy; also the frozen reference
-    reward_model: str = "runs/reward"  # checkpoint with a "reward" head (written by `nextbit reward`)
-    prompts: str = "prompts.jsonl"  # JSONL {"prompt": ...} or a text file, one prompt a line
-    out: str = "runs/ppo"  # run folder: config.json, metrics.jsonl, eval.jsonl, plots, checkpoint/
-    oracles: list[str] = field(default_factory=list)  # independent scorers logged beside the proxy reward: vader, classifier:PATH
-    steps: int = 100  # PPO steps (each: one batch of rollouts, then ppo_epochs of updates)
-    batch_size: int = 64  # rollouts per step
-    minibatch: int = 16  # rollouts per gradient step
-    ppo_epochs: int = 4  # passes over each batch of rollouts
-    lr: float = 0.0  # AdamW LR; 0 = 1/20 of the pretraining default for the width
-    max_new_tokens: int = 24  # response length limit
-    temperature: float = 1.0  # rollout temperature (1 keeps the KL estimate honest)
-    init_kl_coef: float = 0.1  # beta at the start
-    target_kl: float = 6.0  # nats per response the adaptive controller aims at; 0 = fixed beta
-    horizon: int = 10000  # adaptive controller's horizon, in rollouts
-    kl_penalty: str = "k1"  # per-token KL penalty in the reward: k1 (log p/q) | k3 (non-negative per token)
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value prediction clip
-    vf_coef: float = 0.1  # value loss weight
-    ent_coef: float = 0.0  # entropy bonus weight
-    score_clip: float = 10.0  # clip the reward model's score to +-this; 0 = off
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a response that hit the length limit without ending
-    append_eot: bool = True  # score responses followed by <|endoftext|> (as the reward model was trained)
-    grad_clip: float = 1.0  # 0 = off
-    eval_every: int = 10  # steps between held-out evaluations (0 = start and end only)
-    eval_size: int = -1  # prompts held out (the last ones in the file) for evaluation; -1 = auto: 10% of the prompts, 1 to 128
-    save_every: int = 0  # steps between checkpoints; 0 = at the end only
-    stop_after: int = 0  # stop after this many steps of this invocation, with a checkpoint (continue with --resume); 0 = off
-    resume: bool = False  # continue the run in --out from its checkpoint, exactly as if it had not stopped
-    seed: int = 1337
-    device: str = "auto"
-    force: bool = False  # start over in an existing run folder
-    quiet: bool = False
+    policy: str = opt("runs/sft", "the starting policy; also the frozen reference")
+    reward_model: str = opt("runs/reward", "checkpoint with a \"reward\" head (written by `nextbit reward`)")
+    prompts: str = opt("prompts.jsonl", "JSONL {\"prompt\": ...} or a text file, one prompt a line")
+    out: str = opt("runs/ppo", "run folder: config.json, metrics.jsonl, eval.jsonl, plots, checkpoint/")
+    oracles: list[str] = opt(factory=list, help="independent scorers logged beside the proxy reward: vader, "
+                                                "classifier:PATH")
+    steps: int = opt(100, "PPO steps (each: one batch of rollouts, then ppo_epochs of updates)", ge=1)
+    batch_size: int = opt(64, "rollouts per step", ge=1)
+    minibatch: int = opt(16, "rollouts per gradient step")
+    ppo_epochs: int = opt(4, "passes over each batch of rollouts", ge=1)
+    lr: float = opt(0.0, "AdamW LR; 0 = 1/20 of the pretraining default for the width", ge=0)
+    max_new_tokens: int = opt(24, "response length limit", ge=1)
+    temperature: float = opt(1.0, "rollout temperature (1 keeps the KL estimate honest)", gt=0)
+    init_kl_coef: float = opt(0.1, "beta at the start", ge=0)
+    target_kl: float = opt(6.0, "nats per response the adaptive controller aims at; 0 = fixed beta", ge=0)
+    horizon: int = opt(10000, "adaptive controller's horizon, in rollouts", ge=1)
+    kl_penalty: Literal["k1", "k3"] = opt("k1", "per-token KL penalty in the reward: k1 (log p/q) | k3 (non-negative per token)")
+    gamma: float = opt(1.0, "discount per token in GAE (1: the score at the end counts fully at every token)", gt=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    cliprange: float = opt(0.2, "policy ratio clip", ge=0)
+    cliprange_value: float = opt(0.2, "value prediction clip", ge=0)
+    vf_coef: float = opt(0.1, "value loss weight", ge=0)
+    ent_coef: float = opt(0.0, "entropy bonus weight", ge=0)
+    score_clip: float = opt(10.0, "clip the reward model's score to +-this; 0 = off", ge=0)
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of a response that hit the length limit without "
+                                          "ending")
+    append_eot: bool = opt(True, "score responses followed by <|endoftext|> (as the reward model was trained)")
+    grad_clip: float = opt(1.0, "0 = off", ge=0)
+    eval_every: int = opt(10, "steps between held-out evaluations (0 = start and end only)", ge=0)
+    eval_size: int = opt(-1, "prompts held out (the last ones in the file) for evaluation; -1 = auto: 10% of the "
+                             "prompts, 1 to 128", ge=-1)
+    save_every: int = opt(0, "steps between checkpoints; 0 = at the end only", ge=0)
+    stop_after: int = opt(0, "stop after this many steps of this invocation, with a checkpoint (continue with "
+                             "--resume); 0 = off", ge=0)
+    resume: bool = opt(False, "continue the run in --out from its checkpoint, exactly as if it had not stopped")
+    seed: int = opt(1337, "seed of the rollouts and the minibatch order")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy, reference, value and reward models run")
+    force: bool = opt(False, "start over in an existing run folder")
+    quiet: bool = opt(False, "no progress output (errors still go to stderr)")
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "ppo_epochs", "max_new_tokens", "horizon"):
-            if getattr(self, name) < 1:
-                raise NextbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "stop_after", "init_kl_coef", "target_kl", "lr", "grad_clip", "score_clip",
-                     "ent_coef", "vf_coef", "cliprange", "cliprange_value"):
-            if getattr(self, name) < 0:
-                raise NextbitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.minibatch <= self.batch_size:
+        check_options(self)
+        if self.minibatch > self.batch_size or self.minibatch < 1:
             raise NextbitError(f"--minibatch must be in [1, --batch-size {self.batch_size}], got {self.minibatch}")
-        if self.kl_penalty not in ("k1", "k3"):
-            raise NextbitError(f"--kl-penalty must be k1 or k3, got {self.kl_penalty!r}")
-        if not 0 <= self.lam <= 1:
-            raise NextbitError(f"--lam must be in [0, 1], got {self.lam}")
-        if not 0 < self.gamma <= 1:
-            raise NextbitError(f"--gamma must be in (0, 1], got {self.gamma}")
-        if self.temperature <= 0:
-            raise NextbitError(f"--temperature must be > 0 for PPO rollouts, got {self.temperature}")
-        if self.eval_size < -1:
-            raise NextbitError(f"--eval-size must be >= 0 (or -1: auto), got {self.eval_size}")
 
     def eval_prompts(self, n: int) -> int:
         """How many of `n` prompts are held out: --eval-size, or (-1) a tenth of them, at least 1 and at most 128, and

@@ -18,10 +18,11 @@ file that holds nothing else is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
+from nextbit.core.options import opt
 from nextbit.align.batching import read_reward
 from nextbit.align.stats import rate_note
 from nextbit.core.atomic import write_json
@@ -43,18 +44,21 @@ POOLS = ("last", "mean")
 
 @dataclass
 class RewardConfig:
-    init_from: str = "runs/train"  # checkpoint whose backbone the reward model starts from
-    data: str = "prefs.jsonl"  # JSONL: {"prompt", "chosen", "rejected"} (+ "tie", "labeler", ...)
-    out: str = "runs/reward"  # run folder: config.json, metrics.jsonl, loss.png, eval.json, checkpoint/
-    batch_size: int = 32  # pairs per optimizer step
-    micro_batch: int = 0  # pairs per forward pass; 0 = the whole batch
-    max_len: int = 0  # tokens per prompt + response; 0 = the model's context
-    epochs: Optional[float] = None  # passes over the pairs when --steps is 0 (default 2); with --time-budget a cap, none by default
-    val_frac: float = 0.1  # share of pairs held out for pairwise accuracy
-    append_eot: bool = True  # end plain-text responses with <|endoftext|> (must match how they are scored later)
-    pool: str = "last"  # where the reward is read: last (the last token) | mean (averaged over the response tokens)
-    center_coef: float = 0.0  # penalty on (r_chosen + r_rejected)^2, keeps rewards centred (TRL's center_rewards_coefficient)
-    force: bool = False  # start over in an existing run folder
+    init_from: str = opt("runs/train", "checkpoint whose backbone the reward model starts from")
+    data: str = opt("prefs.jsonl", "JSONL: {\"prompt\", \"chosen\", \"rejected\"} (+ \"tie\", \"labeler\", ...)")
+    out: str = opt("runs/reward", "run folder: config.json, metrics.jsonl, loss.png, eval.json, checkpoint/")
+    batch_size: int = opt(32, "pairs per optimizer step")
+    micro_batch: int = opt(0, "pairs per forward pass; 0 = the whole batch")
+    max_len: int = opt(0, "tokens per prompt + response; 0 = the model's context")
+    epochs: Optional[float] = opt(None, "passes over the pairs when --steps is 0 (default 2); with --time-budget a "
+                                        "cap, none by default")
+    val_frac: float = opt(0.1, "share of pairs held out for pairwise accuracy")
+    append_eot: bool = opt(True, "end plain-text responses with <|endoftext|> (must match how they are scored later)")
+    pool: Literal["last", "mean"] = opt("last", "where the reward is read: last (the last token) | mean (averaged over the response "
+                            "tokens)")
+    center_coef: float = opt(0.0, "penalty on (r_chosen + r_rejected)^2, keeps rewards centred (TRL's "
+                                  "center_rewards_coefficient)")
+    force: bool = opt(False, "start over in an existing run folder")
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, weight_decay=0.0))
 
 

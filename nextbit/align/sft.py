@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from nextbit.core.options import opt
 from nextbit.align.batching import hidden_states
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import lm_loss
@@ -24,17 +25,18 @@ from nextbit.train.stage import open_base, prepare_stage, run_loop
 
 @dataclass
 class SFTConfig:
-    init_from: str = "runs/train"  # the pretrained checkpoint (or a run folder holding checkpoint/)
-    data: str = "sft.jsonl"  # JSONL: {"prompt", "completion"} or {"messages": [...]}
-    out: str = "runs/sft"  # run folder: config.json, metrics.jsonl, loss.png, checkpoint/
-    batch_size: int = 16  # sequences per optimizer step
-    micro_batch: int = 0  # sequences per forward pass; 0 = the whole batch
-    max_len: int = 0  # tokens per example (prompt + completion); 0 = the model's context
-    epochs: Optional[float] = None  # passes over the data when --steps is 0 (default 2); with --time-budget a cap, none by default
-    val_frac: float = 0.05  # share of examples held out for the validation loss
-    append_eot: bool = True  # end plain-text completions with <|endoftext|> so the model learns to stop
-    force: bool = False  # start over in an existing run folder
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, warmup=-1, schedule="cosine", weight_decay=0.0))
+    init_from: str = opt("runs/train", "the pretrained checkpoint (or a run folder holding checkpoint/)")
+    data: str = opt("sft.jsonl", "JSONL: {\"prompt\", \"completion\"} or {\"messages\": [...]}")
+    out: str = opt("runs/sft", "run folder: config.json, metrics.jsonl, loss.png, checkpoint/")
+    batch_size: int = opt(16, "sequences per optimizer step")
+    micro_batch: int = opt(0, "sequences per forward pass; 0 = the whole batch")
+    max_len: int = opt(0, "tokens per example (prompt + completion); 0 = the model's context")
+    epochs: Optional[float] = opt(None, "passes over the data when --steps is 0 (default 2); with --time-budget a cap, "
+                                        "none by default")
+    val_frac: float = opt(0.05, "share of examples held out for the validation loss")
+    append_eot: bool = opt(True, "end plain-text completions with <|endoftext|> so the model learns to stop")
+    force: bool = opt(False, "start over in an existing run folder")
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, schedule="cosine", weight_decay=0.0))
 
 
 class SFTObjective:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from nextbit.core.options import opt
 from nextbit.core.errors import NextbitError
 
 ASPECT = 64  # width per layer of depth
@@ -27,17 +28,18 @@ def _round_to(x: float, m: int) -> int:
 
 @dataclass
 class ModelConfig:
-    depth: int = 4  # the one dial: width = 64 x depth, heads = width / 64
-    vocab_size: int = 4096  # set from the tokenizer when training (padded to a multiple of 64)
-    width: Optional[int] = None  # 64 * depth
-    n_head: Optional[int] = None  # width / 64
-    n_kv_head: Optional[int] = None  # = n_head (set lower for grouped-query attention)
-    mlp_hidden: Optional[int] = None  # SwiGLU hidden size: 8/3 * width rounded to 64 (same params as a 4x GELU MLP)
-    seq_len: Optional[int] = None  # max context: 2^round(log2(64 * depth)) clamped to [256, 2048]
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3-style)
-    tie_embeddings: bool = True
+    depth: int = opt(4, "the one dial: width = 64 x depth, heads = width / 64")
+    vocab_size: int = opt(4096, "set from the tokenizer when training (padded to a multiple of 64)")
+    width: Optional[int] = opt(None, "64 * depth")
+    n_head: Optional[int] = opt(None, "width / 64")
+    n_kv_head: Optional[int] = opt(None, "= n_head (set lower for grouped-query attention)")
+    mlp_hidden: Optional[int] = opt(None, "SwiGLU hidden size: 8/3 * width rounded to 64 (same params as a 4x GELU "
+                                          "MLP)")
+    seq_len: Optional[int] = opt(None, "max context: 2^round(log2(64 * depth)) clamped to [256, 2048]")
+    rope_theta: float = opt(10000.0, "the rotary embeddings' base")
+    norm_eps: float = opt(1e-6, "RMSNorm's epsilon")
+    qk_norm: bool = opt(False, "RMSNorm on queries and keys per head (Qwen3-style)")
+    tie_embeddings: bool = opt(True, "share the input embedding and the output head")
 
     def resolved(self) -> "ModelConfig":
         c = dataclasses.replace(self)

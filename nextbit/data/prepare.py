@@ -8,13 +8,14 @@ The output folder appears atomically when everything is written.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
 
+from nextbit.core.options import opt
 from nextbit.core.atomic import atomic_dir, write_json
 from nextbit.core.errors import NextbitError
 from nextbit.core.shards import FORMAT, VERSION, dtype_for
@@ -24,16 +25,16 @@ from nextbit.data.sources import Document, Skipped, document_stream
 
 @dataclass
 class PrepareConfig:
-    sources: list[str] = field(default_factory=lambda: ["stdlib"])
-    out: str = "data/stdlib"
-    vocab_size: int = 4096  # for a new tokenizer; ignored with --tokenizer
-    tokenizer: Optional[str] = None  # reuse: a tokenizer.json, or a dataset / checkpoint folder holding one
-    val_every: int = 50  # every n-th document is held out
-    text_field: str = "text"  # field read from .jsonl files
-    shard_tokens: int = 2**28  # tokens per shard file
-    batch_bytes: int = 4 << 20  # text per encode_batch call
-    force: bool = False  # replace an existing output folder
-    quiet: bool = False
+    sources: list[str] = opt(factory=lambda: ["stdlib"], help="where the documents come from: stdlib, reviews, imdb, rotten_tomatoes, files, folders, globs, .jsonl files")
+    out: str = opt("data/stdlib", "the dataset folder: tokenizer.json, token shards, manifest.json")
+    vocab_size: int = opt(4096, "for a new tokenizer; ignored with --tokenizer")
+    tokenizer: Optional[str] = opt(None, "reuse: a tokenizer.json, or a dataset / checkpoint folder holding one")
+    val_every: int = opt(50, "every n-th document is held out")
+    text_field: str = opt("text", "field read from .jsonl files")
+    shard_tokens: int = opt(2**28, "tokens per shard file")
+    batch_bytes: int = opt(4 << 20, "text per encode_batch call")
+    force: bool = opt(False, "replace an existing output folder")
+    quiet: bool = opt(False, "no progress output")
 
     def validate(self) -> None:
         if not self.sources:

@@ -29,13 +29,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from nextbit.core.options import opt
 from nextbit.core.atomic import write_json, write_text
 from nextbit.core.errors import NextbitError, check
 from nextbit.evals.passk import mean_pass_at_k, parse_ks
@@ -52,27 +53,32 @@ REQUEST_TIMEOUT = 600.0  # seconds for one completion request
 
 @dataclass
 class HumanEvalConfig:
-    checkpoint: str = ""  # a checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo, unless --server)
-    server: str = ""  # evaluate a running `nextbit serve` (any OpenAI-compatible /v1/completions) at this URL instead of a checkpoint
-    api_key: str = ""  # with --server: sent as "Authorization: Bearer KEY"
-    api_key_file: str = ""  # with --server: read the key from this file instead (kept out of the process list, which samples can read)
-    limit: int = 0  # evaluate only the first N problems (0 = all 164)
-    n: int = 10  # samples per problem
-    k: str = "1,10,100"  # pass@k for these k, comma-separated (a k above --n is skipped, with a note)
-    temperature: float = 0.8  # sampling temperature (0 = greedy, which makes all --n samples alike)
-    top_p: float = 0.95  # nucleus sampling (1 = off)
-    max_new_tokens: int = 0  # tokens per completion at most (0 = min(300, half the model's context))
-    stop: list[str] = field(default_factory=lambda: list(DEFAULT_STOP))  # stop sequences; \n and \t are read as newline and tab
-    seed: int = 0  # the sampling seed (the same seed gives the same samples)
-    out: str = ""  # results folder (default: <run folder>/humaneval for a checkpoint, ./humaneval with --server)
-    timeout: float = 3.0  # wall-clock seconds each sample may run (its tests included)
-    workers: int = 2  # samples executed in parallel, each in its own sandbox
-    memory_mb: int = 1024  # address space per sandboxed process, in MiB
-    python: str = ""  # the interpreter that runs samples (default: this one if the sandbox's user can run it, else the system's python3)
-    batch: int = 64  # sequences generated together (checkpoint)
-    requests: int = 4  # with --server: completion requests in flight at once (each asks for up to 16 samples)
-    device: str = "auto"  # auto | cpu | cuda (checkpoint only)
-    quiet: bool = False  # no progress bars
+    checkpoint: str = opt("", "a checkpoint folder, or a run folder holding checkpoint/ (default: runs/demo, unless "
+                              "--server)")
+    server: str = opt("", "evaluate a running `nextbit serve` (any OpenAI-compatible /v1/completions) at this URL "
+                          "instead of a checkpoint")
+    api_key: str = opt("", "with --server: sent as \"Authorization: Bearer KEY\"")
+    api_key_file: str = opt("", "with --server: read the key from this file instead (kept out of the process list, "
+                                "which samples can read)")
+    limit: int = opt(0, "evaluate only the first N problems (0 = all 164)")
+    n: int = opt(10, "samples per problem")
+    k: str = opt("1,10,100", "pass@k for these k, comma-separated (a k above --n is skipped, with a note)")
+    temperature: float = opt(0.8, "sampling temperature (0 = greedy, which makes all --n samples alike)")
+    top_p: float = opt(0.95, "nucleus sampling (1 = off)")
+    max_new_tokens: int = opt(0, "tokens per completion at most (0 = min(300, half the model's context))")
+    stop: list[str] = opt(factory=lambda: list(DEFAULT_STOP), help="stop sequences; \\n and \\t are read as newline and "
+                                                                   "tab")
+    seed: int = opt(0, "the sampling seed (the same seed gives the same samples)")
+    out: str = opt("", "results folder (default: <run folder>/humaneval for a checkpoint, ./humaneval with --server)")
+    timeout: float = opt(3.0, "wall-clock seconds each sample may run (its tests included)")
+    workers: int = opt(2, "samples executed in parallel, each in its own sandbox")
+    memory_mb: int = opt(1024, "address space per sandboxed process, in MiB")
+    python: str = opt("", "the interpreter that runs samples (default: this one if the sandbox's user can run it, else "
+                          "the system's python3)")
+    batch: int = opt(64, "sequences generated together (checkpoint)")
+    requests: int = opt(4, "with --server: completion requests in flight at once (each asks for up to 16 samples)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto | cpu | cuda (checkpoint only)")
+    quiet: bool = opt(False, "no progress bars")
 
 
 @dataclass

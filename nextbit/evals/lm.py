@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
+from nextbit.core.options import opt
 from nextbit.core.atomic import write_json, write_text
 from nextbit.core.errors import NextbitError
 from nextbit.evals.lm_tasks import TASKS, write_tasks
@@ -34,19 +35,21 @@ from nextbit.web.launch import in_thread
 
 @dataclass
 class EvalLMConfig:
-    checkpoint: str = "runs/demo"  # the checkpoint to serve and evaluate (ignored with --server)
-    server: Optional[str] = None  # evaluate a running `nextbit serve` at this URL (http://host:port) instead
-    api_key: Optional[str] = None  # with --server: its API key (sent as `Authorization: Bearer KEY`)
-    api_key_file: Optional[str] = None  # with --server: read its API key from this file instead (kept out of the process list)
-    tasks: list[str] = field(default_factory=lambda: ["imdb_sentiment", "stdlib_next_line"])  # nextbit's tasks or any lm-eval task name
-    limit: int = 0  # documents per task at most (0 = all)
-    num_fewshot: Optional[int] = None  # few-shot examples (default: the task's own)
-    out: str = ""  # results folder (default: <run folder>/lm_eval, or ./lm_eval with --server)
-    model_name: str = "nextbit"  # the name the in-process server serves (with --server: read from /v1/models)
-    max_batch: int = 8  # the in-process server's slots
-    concurrency: int = 4  # requests lm-eval keeps in flight
-    seed: int = 1234
-    device: str = "auto"  # the in-process server's device: auto | cpu | cuda
+    checkpoint: str = opt("runs/demo", "the checkpoint to serve and evaluate (ignored with --server)")
+    server: Optional[str] = opt(None, "evaluate a running `nextbit serve` at this URL (http://host:port) instead")
+    api_key: Optional[str] = opt(None, "with --server: its API key (sent as `Authorization: Bearer KEY`)")
+    api_key_file: Optional[str] = opt(None, "with --server: read its API key from this file instead (kept out of the "
+                                            "process list)")
+    tasks: list[str] = opt(factory=lambda: ["imdb_sentiment", "stdlib_next_line"], help="nextbit's tasks or any "
+                                                                                        "lm-eval task name")
+    limit: int = opt(0, "documents per task at most (0 = all)")
+    num_fewshot: Optional[int] = opt(None, "few-shot examples (default: the task's own)")
+    out: str = opt("", "results folder (default: <run folder>/lm_eval, or ./lm_eval with --server)")
+    model_name: str = opt("nextbit", "the name the in-process server serves (with --server: read from /v1/models)")
+    max_batch: int = opt(8, "the in-process server's slots")
+    concurrency: int = opt(4, "requests lm-eval keeps in flight")
+    seed: int = opt(1234, "seed of lm-eval's sampling of few-shot examples and of the generations")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "the in-process server's device: auto | cpu | cuda")
 
 
 class InProcessServer:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
 
+from nextbit.core.options import opt
 from nextbit.core.atomic import atomic_dir
 from nextbit.core.checkpoint import load_checkpoint, resolve, save_checkpoint
 from nextbit.core.errors import NextbitError
@@ -26,22 +27,24 @@ VERIFY_ATOL = 1e-3  # max |logit difference| --verify accepts (fp32 on CPU is ~1
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = "runs/demo"  # a checkpoint folder, or a run folder holding checkpoint/
-    out: str = ""  # the Hugging Face folder to write (config.json, safetensors, tokenizer files, README.md)
-    force: bool = False  # replace --out if it exists (atomically: written beside it, then swapped in)
-    shard_size: str = "2GB"  # largest weight file; past it the weights are sharded with model.safetensors.index.json
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (nextbit trains and keeps float32)
-    name: str = ""  # the model's name in the card (default: the --out folder's name)
-    verify: bool = False  # load the folder with transformers and check its logits and tokenizer against nextbit's
-    quiet: bool = False
+    checkpoint: str = opt("runs/demo", "a checkpoint folder, or a run folder holding checkpoint/")
+    out: str = opt("", "the Hugging Face folder to write (config.json, safetensors, tokenizer files, README.md)")
+    force: bool = opt(False, "replace --out if it exists (atomically: written beside it, then swapped in)")
+    shard_size: str = opt("2GB", "largest weight file; past it the weights are sharded with "
+                                 "model.safetensors.index.json")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "float32 | bfloat16 | float16 (nextbit trains and keeps float32)")
+    name: str = opt("", "the model's name in the card (default: the --out folder's name)")
+    verify: bool = opt(False, "load the folder with transformers and check its logits and tokenizer against nextbit's")
+    quiet: bool = opt(False, "print nothing but errors")
 
 
 @dataclass
 class ImportConfig:
-    hf_dir: str = ""  # a local Hugging Face folder: config.json, model.safetensors (or shards + index), tokenizer.json
-    out: str = ""  # the nextbit checkpoint folder to write
-    force: bool = False  # replace --out if it exists (atomically)
-    quiet: bool = False
+    hf_dir: str = opt("", "a local Hugging Face folder: config.json, model.safetensors (or shards + index), "
+                          "tokenizer.json")
+    out: str = opt("", "the nextbit checkpoint folder to write")
+    force: bool = opt(False, "replace --out if it exists (atomically)")
+    quiet: bool = opt(False, "print nothing but errors")
 
 
 def _reason(e: Exception) -> str:

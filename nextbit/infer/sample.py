@@ -4,12 +4,13 @@ batch, through the one generation engine."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
+from nextbit.core.options import opt
 from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
@@ -20,21 +21,22 @@ from nextbit.infer.engine import Completion, generate
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = "runs/demo"  # a checkpoint folder, or a run folder holding checkpoint/
-    prompt: str = ""  # text to continue ("" = start a new document)
-    prompt_file: Optional[str] = None  # read the prompt from this file instead
-    chat: Optional[str] = None  # a user message, rendered in the chat template (for SFT chat models); the reply ends at <|end|>
-    system: Optional[str] = None  # with --chat: a system message before the user's
-    num_samples: int = 1  # sequences generated together in one batch
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 50  # 0 = off
-    top_p: float = 0.95  # 1 = off
-    stop: list[str] = field(default_factory=list)  # stop strings
-    frequency_penalty: float = 0.0  # in [-2, 2]: taken off a token's logit once per time it was generated
-    presence_penalty: float = 0.0  # in [-2, 2]: taken once off the logit of every token generated so far
-    seed: Optional[int] = None
-    device: str = "auto"  # auto | cpu | cuda
+    checkpoint: str = opt("runs/demo", "a checkpoint folder, or a run folder holding checkpoint/")
+    prompt: str = opt("", "text to continue (\"\" = start a new document)")
+    prompt_file: Optional[str] = opt(None, "read the prompt from this file instead")
+    chat: Optional[str] = opt(None, "a user message, rendered in the chat template (for SFT chat models); the reply "
+                                    "ends at <|end|>")
+    system: Optional[str] = opt(None, "with --chat: a system message before the user's")
+    num_samples: int = opt(1, "sequences generated together in one batch")
+    max_new_tokens: int = opt(200, "tokens generated per sample at most")
+    temperature: float = opt(0.8, "0 = greedy")
+    top_k: int = opt(50, "0 = off")
+    top_p: float = opt(0.95, "1 = off")
+    stop: list[str] = opt(factory=list, help="stop strings")
+    frequency_penalty: float = opt(0.0, "in [-2, 2]: taken off a token's logit once per time it was generated")
+    presence_penalty: float = opt(0.0, "in [-2, 2]: taken once off the logit of every token generated so far")
+    seed: Optional[int] = opt(None, "sampling seed: the same seed and prompt give the same samples; default: random")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto | cpu | cuda")
 
 
 def load_prompt(cfg: SampleConfig) -> str:

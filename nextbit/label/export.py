@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union, get_args
 
 from nextbit.core.errors import NextbitError
 from nextbit.label.db import Database
 from nextbit.label.store import Pair, all_labels, pairs
 from nextbit.prefs.formats import write_jsonl
 
-AGGREGATES = ("none", "majority")
+Aggregate = Literal["none", "majority"]  # several people's labels of one pair: a line each, or one by majority
+AGGREGATES = get_args(Aggregate)
 
 
 def majority(a: int, b: int, tie: int) -> str:

@@ -22,14 +22,15 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from nextbit.core.options import check as check_options, opt
 from nextbit.core.errors import NextbitError
 from nextbit.label.db import DEFAULT_URL, Database, open_db
-from nextbit.label.export import AGGREGATES, export_preferences
+from nextbit.label.export import Aggregate, export_preferences
 from nextbit.label.store import add_user, check_name, check_pair, import_pairs, reset_token, user_summaries
 from nextbit.prefs.compare import CompareConfig, sample_pairs
 from nextbit.prefs.formats import parse_prompt, read_jsonl
@@ -65,9 +66,9 @@ def opened(url: str) -> Iterator[Database]:
 
 @dataclass
 class AddUserConfig:
-    name: str = ""  # the user's name, as the admin page shows it
-    admin: bool = False  # the user may open the admin page (agreement statistics)
-    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+    name: str = opt("", "the user's name, as the admin page shows it")
+    admin: bool = opt(False, "the user may open the admin page (agreement statistics)")
+    db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
 
 
 def new_token(command: str, name: str, url: str, make: Callable[[Database, str], str], done: str, *,
@@ -91,8 +92,8 @@ def label_add_user(cfg: AddUserConfig) -> str:
 
 @dataclass
 class LabelUsersConfig:
-    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
-    json: bool = False  # print a JSON list of {"name", "role", "labels"} instead of a table
+    db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
+    json: bool = opt(False, "print a JSON list of {\"name\", \"role\", \"labels\"} instead of a table")
 
 
 def label_users(cfg: LabelUsersConfig) -> list[dict]:
@@ -114,8 +115,8 @@ def label_users(cfg: LabelUsersConfig) -> list[dict]:
 
 @dataclass
 class ResetTokenConfig:
-    name: str = ""  # the user whose token is replaced (`nextbit label users` lists them)
-    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
+    name: str = opt("", "the user whose token is replaced (`nextbit label users` lists them)")
+    db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
 
 
 def label_reset_token(cfg: ResetTokenConfig) -> str:
@@ -125,9 +126,9 @@ def label_reset_token(cfg: ResetTokenConfig) -> str:
 
 @dataclass
 class LabelImportConfig:
-    file: str = ""  # JSONL of pairs {"prompt", "a", "b"} (e.g. what `nextbit compare` writes as <out>.pairs.jsonl)
-    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
-    source: str = ""  # recorded with each pair (default: the file's name)
+    file: str = opt("", "JSONL of pairs {\"prompt\", \"a\", \"b\"} (e.g. what `nextbit compare` writes as <out>.pairs.jsonl)")
+    db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
+    source: str = opt("", "recorded with each pair (default: the file's name)")
 
 
 def read_pairs(path: str) -> list[dict]:
@@ -159,19 +160,19 @@ def label_import(cfg: LabelImportConfig) -> tuple[int, int]:
 
 @dataclass
 class LabelSampleConfig:
-    policy: str = "runs/train"  # checkpoint that samples the responses
-    prompts: str = "prompts.jsonl"  # JSONL {"prompt": ...} or a text file with one prompt a line
-    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
-    pairs_per_prompt: int = 1  # pairs sampled for each prompt
-    max_pairs: int = 5000  # pairs at most
-    max_new_tokens: int = 24  # response length limit
-    temperature: float = 1.0  # sampling temperature of the responses
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    batch_size: int = 128  # sequences generated together
-    seed: int = 0  # sampling seed (the same seed and prompts give the same pairs, which are then skipped)
-    device: str = "auto"
-    quiet: bool = False
+    policy: str = opt("runs/train", "checkpoint that samples the responses")
+    prompts: str = opt("prompts.jsonl", "JSONL {\"prompt\": ...} or a text file with one prompt a line")
+    db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
+    pairs_per_prompt: int = opt(1, "pairs sampled for each prompt")
+    max_pairs: int = opt(5000, "pairs at most")
+    max_new_tokens: int = opt(24, "response length limit")
+    temperature: float = opt(1.0, "sampling temperature of the responses")
+    top_k: int = opt(0, "0 = off")
+    top_p: float = opt(1.0, "1 = off")
+    batch_size: int = opt(128, "sequences generated together")
+    seed: int = opt(0, "sampling seed (the same seed and prompts give the same pairs, which are then skipped)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy samples")
+    quiet: bool = opt(False, "no progress output")
 
 
 def label_sample(cfg: LabelSampleConfig) -> dict:
@@ -194,15 +195,15 @@ def label_sample(cfg: LabelSampleConfig) -> dict:
 
 @dataclass
 class LabelExportConfig:
-    db: str = DEFAULT_URL  # labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB
-    out: str = "prefs.jsonl"  # preference JSONL to write (what `nextbit reward --data` reads)
-    aggregate: str = "none"  # none: one line per answer; majority: one line per pair, a or b only with strictly more votes than the other and than tie, else a tie
-    force: bool = False  # overwrite an existing output file
+    db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
+    out: str = opt("prefs.jsonl", "preference JSONL to write (what `nextbit reward --data` reads)")
+    aggregate: Aggregate = opt("none", "none: one line per answer; majority: one line per pair, a or b only with strictly "
+                                 "more votes than the other and than tie, else a tie")
+    force: bool = opt(False, "overwrite an existing output file")
 
 
 def label_export(cfg: LabelExportConfig) -> dict:
-    if cfg.aggregate not in AGGREGATES:
-        raise NextbitError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
+    check_options(cfg)
     if Path(cfg.out).exists() and not cfg.force:
         raise NextbitError(f"--out: {cfg.out} already exists; pass --force to replace it")
     with open_db(cfg.db, create=False) as db:

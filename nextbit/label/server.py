@@ -12,8 +12,9 @@ Ctrl-C stops accepting connections, lets the requests in flight finish, closes t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
+from nextbit.core.options import opt
 from nextbit.core.errors import NextbitError, check
 from nextbit.core.net import listen
 from nextbit.web.launch import base_url, need_uvicorn, run
@@ -23,23 +24,29 @@ SELECTS = ("random", "disagreement")
 
 @dataclass
 class LabelServeConfig:
-    db: str = "sqlite:///labels.db"  # the labels database: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB
-    create: bool = False  # make the database when --db names none (else it must exist: `label import`, `label sample` or `label add-user` make it)
-    host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for every interface)
-    port: int = 8001  # port to listen on (0: any free port; the printed URL says which)
-    overlap: int = 1  # labelers per pair (k): a pair leaves the queue once k people have answered it
-    timeout: float = 600.0  # seconds a shown but unanswered pair stays with its labeler before it goes back to the queue
-    select: str = "random"  # which pair comes next: random | disagreement (where an ensemble of reward models disagrees most)
-    seed: int = 0  # seed of the random order of pairs (and of the left/right order)
-    refresh_every: int = 20  # with --select disagreement: refit the ensemble and re-rank the queue every N new labels
-    backbone: Optional[str] = None  # with --select disagreement: checkpoint whose features the ensemble is fitted on (default: --reward)
-    members: int = 5  # with --select disagreement: reward heads in the ensemble
-    reward: Optional[str] = None  # reward model checkpoint: the admin page shows each labeler's agreement with it
-    session_days: float = 7.0  # how long a login lasts
-    secure_cookie: bool = False  # mark the session cookie Secure (when people reach the app over https, via a proxy)
-    max_body_bytes: int = 1 << 16  # largest request body accepted
-    shutdown_timeout: float = 5.0  # seconds Ctrl-C waits for requests in flight
-    log_level: str = "warning"  # uvicorn's access and error log level
+    db: str = opt("sqlite:///labels.db", "the labels database: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB")
+    create: bool = opt(False, "make the database when --db names none (else it must exist: `label import`, `label "
+                              "sample` or `label add-user` make it)")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = opt(8001, "port to listen on (0: any free port; the printed URL says which)")
+    overlap: int = opt(1, "labelers per pair (k): a pair leaves the queue once k people have answered it")
+    timeout: float = opt(600.0, "seconds a shown but unanswered pair stays with its labeler before it goes back to the "
+                                "queue")
+    select: Literal["random", "disagreement"] = opt("random", "which pair comes next: random | disagreement (where an ensemble of reward models "
+                                "disagrees most)")
+    seed: int = opt(0, "seed of the random order of pairs (and of the left/right order)")
+    refresh_every: int = opt(20, "with --select disagreement: refit the ensemble and re-rank the queue every N new "
+                                 "labels")
+    backbone: Optional[str] = opt(None, "with --select disagreement: checkpoint whose features the ensemble is fitted "
+                                        "on (default: --reward)")
+    members: int = opt(5, "with --select disagreement: reward heads in the ensemble")
+    reward: Optional[str] = opt(None, "reward model checkpoint: the admin page shows each labeler's agreement with it")
+    session_days: float = opt(7.0, "how long a login lasts")
+    secure_cookie: bool = opt(False, "mark the session cookie Secure (when people reach the app over https, via a "
+                                     "proxy)")
+    max_body_bytes: int = opt(1 << 16, "largest request body accepted")
+    shutdown_timeout: float = opt(5.0, "seconds Ctrl-C waits for requests in flight")
+    log_level: str = opt("warning", "uvicorn's access and error log level")
 
 
 def check_config(cfg: LabelServeConfig) -> None:

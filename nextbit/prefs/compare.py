@@ -12,8 +12,9 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
+from nextbit.core.options import opt
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
@@ -26,26 +27,26 @@ from nextbit.train.stage import single_process
 
 @dataclass
 class CompareConfig:
-    policy: str = "runs/train"  # checkpoint that samples the responses
-    prompts: str = "prompts.jsonl"  # JSONL {"prompt": ...} or a text file with one prompt a line
-    out: str = "prefs.jsonl"  # preference JSONL to write (config beside it as <name>.config.json)
-    pairs: Optional[str] = None  # label these unlabelled pairs ({"prompt", "a", "b"} JSONL) instead of sampling
-    labeler: str = "oracle"  # oracle | oracle:vader | oracle:classifier:PATH | jsonl:PATH | none
-    scorer: str = "vader"  # the oracle's scorer: vader | classifier:PATH
-    bt_scale: float = 1.0  # oracle noise: P(a preferred) = sigmoid((s_a - s_b) / bt_scale); 0 = noiseless
-    random_frac: float = 0.1  # oracle noise: share of answers that are coin flips
-    max_pairs: int = 5000  # comparisons at most
-    pairs_per_prompt: int = 1  # pairs sampled for each prompt
-    max_new_tokens: int = 24  # response length limit
-    temperature: float = 1.0  # sampling temperature of the responses
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    append_eot: bool = True  # unused here; kept so one flag set drives compare, reward and dpo alike
-    batch_size: int = 128  # sequences generated together
-    seed: int = 0
-    device: str = "auto"
-    force: bool = False  # overwrite an existing output file
-    quiet: bool = False
+    policy: str = opt("runs/train", "checkpoint that samples the responses")
+    prompts: str = opt("prompts.jsonl", "JSONL {\"prompt\": ...} or a text file with one prompt a line")
+    out: str = opt("prefs.jsonl", "preference JSONL to write (config beside it as <name>.config.json)")
+    pairs: Optional[str] = opt(None, "label these unlabelled pairs ({\"prompt\", \"a\", \"b\"} JSONL) instead of sampling")
+    labeler: str = opt("oracle", "oracle | oracle:vader | oracle:classifier:PATH | jsonl:PATH | none")
+    scorer: str = opt("vader", "the oracle's scorer: vader | classifier:PATH")
+    bt_scale: float = opt(1.0, "oracle noise: P(a preferred) = sigmoid((s_a - s_b) / bt_scale); 0 = noiseless")
+    random_frac: float = opt(0.1, "oracle noise: share of answers that are coin flips")
+    max_pairs: int = opt(5000, "comparisons at most")
+    pairs_per_prompt: int = opt(1, "pairs sampled for each prompt")
+    max_new_tokens: int = opt(24, "response length limit")
+    temperature: float = opt(1.0, "sampling temperature of the responses")
+    top_k: int = opt(0, "0 = off")
+    top_p: float = opt(1.0, "1 = off")
+    append_eot: bool = opt(True, "unused here; kept so one flag set drives compare, reward and dpo alike")
+    batch_size: int = opt(128, "sequences generated together")
+    seed: int = opt(0, "sampling seed (the same seed and prompts give the same pairs)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy samples")
+    force: bool = opt(False, "overwrite an existing output file")
+    quiet: bool = opt(False, "no progress output")
 
 
 def _read_pairs(path: str) -> list[Query]:

@@ -7,6 +7,8 @@ bytes, and print samples. Outputs land in --out (config.json, metrics.jsonl, los
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 import bz2
 import json
 import lzma
@@ -15,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from nextbit.core.options import opt
 from nextbit.core.errors import NextbitError
 from nextbit.train.loop import LoopConfig
 from nextbit.core.config import ModelConfig
@@ -26,24 +29,25 @@ from nextbit.train.pretrain import TrainConfig, train
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    minutes: float = 5.0  # wall-time budget for the whole demo; training gets what preparing and reporting leave
-    reserve: float = 25.0  # seconds kept back for the compressors and the samples (the final evaluation is inside the training budget)
-    train_seconds: float = 0  # train for exactly this long instead of what --minutes leaves; 0 = off
-    depth: int = 4  # the one dial (width = 64 x depth)
-    vocab_size: int = 4096
-    seq_len: int = 256
-    batch_tokens: int = 4096
-    qk_norm: bool = True
-    tie_embeddings: bool = False
-    optimizer: str = "muon"  # Muon for the blocks' matrices, AdamW for embeddings and head
-    muon_lr: float = 0.04
-    lr: float = 0.0  # AdamW LR; 0 = derived from width
-    warmup: int = 10
-    min_lr_ratio: float = 0.0  # cosine all the way down
-    num_samples: int = 3
-    seed: int = 1337
-    quiet: bool = False
+    out: str = opt("runs/demo", "the run folder: config.json, metrics.jsonl, loss.png, checkpoint/, data/, demo.json")
+    minutes: float = opt(5.0, "wall-time budget for the whole demo; training gets what preparing and reporting leave")
+    reserve: float = opt(25.0, "seconds kept back for the compressors and the samples (the final evaluation is inside "
+                               "the training budget)")
+    train_seconds: float = opt(0, "train for exactly this long instead of what --minutes leaves; 0 = off")
+    depth: int = opt(4, "the one dial (width = 64 x depth)")
+    vocab_size: int = opt(4096, "the tokenizer's vocabulary (BPE trained on the corpus)")
+    seq_len: int = opt(256, "context length in tokens")
+    batch_tokens: int = opt(4096, "tokens per optimizer step")
+    qk_norm: bool = opt(True, "RMSNorm on queries and keys per head")
+    tie_embeddings: bool = opt(False, "share the input embedding and the output head")
+    optimizer: Literal["adamw", "muon", "auto"] = opt("muon", "Muon for the blocks' matrices, AdamW for embeddings and head")
+    muon_lr: float = opt(0.04, "Muon's LR for the blocks' matrices")
+    lr: Optional[float] = opt(None, "AdamW LR; default: derived from the width", gt=0)
+    warmup: int = opt(10, "warmup steps")
+    min_lr_ratio: float = opt(0.0, "cosine all the way down")
+    num_samples: int = opt(3, "samples printed at the end (one per prompt)")
+    seed: int = opt(1337, "seed of the weights, the batches and the samples")
+    quiet: bool = opt(False, "no progress bars")
 
 
 def compressor_bpb(data: bytes) -> dict[str, float]:

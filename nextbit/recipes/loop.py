@@ -37,8 +37,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
+from nextbit.core.options import check as check_bounds, opt
 from nextbit.align.ppo import PPOConfig, load_policy, ppo
 from nextbit.align.reward import RewardConfig, load_reward_model, train_reward
 from nextbit.align.stats import WIDE, rate_interval, rate_note, too_few
@@ -49,7 +50,7 @@ from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError, check
 from nextbit.infer.decoding import SamplingParams
 from nextbit.label.db import open_db
-from nextbit.label.export import AGGREGATES, preference_records
+from nextbit.label.export import Aggregate, preference_records
 from nextbit.prefs.formats import Prompt, load_prompts, prompt_key, write_jsonl
 from nextbit.prefs.labelers import Labeler, make_labeler, oracle_scorer
 from nextbit.train.batches import split_holdout
@@ -64,35 +65,44 @@ OUTPUTS = ("config.json", "prefs.jsonl", "prompts.jsonl", "reward", "ppo", "samp
 
 @dataclass
 class FeedbackLoopConfig:
-    db: str = "sqlite:///labels.db"  # the labels database (`nextbit label serve --db`): sqlite:///FILE or postgresql+psycopg://...
-    policy: str = "runs/demo"  # the policy the labelled pairs came from: where this round starts, and PPO's KL reference
-    prompts: str = "prompts.jsonl"  # prompts for PPO and the evaluation: JSONL {"prompt": ...} or a text file, one a line
-    out: str = "runs/loop"  # this round's folder: config.json, prefs.jsonl, reward/, ppo/ (the new policy), round.json
-    serve: Optional[str] = None  # URL of a running `nextbit serve` to hot-reload with the new policy (e.g. http://127.0.0.1:8000)
-    serve_key: Optional[str] = None  # the server's admin key (its --admin-key, or its --api-key when none); also sent to /v1/models
-    serve_key_file: Optional[str] = None  # read --serve-key from this file instead (kept out of the process list)
-    aggregate: str = "none"  # labels of several people on one pair: none (one line each) | majority (one line per pair)
-    heldout_frac: float = 0.2  # share of --prompts held out of PPO for the evaluation (seeded; at least one prompt)
-    labeler: Optional[str] = None  # simulated labeler that also judges the evaluation (without noise): oracle:vader | oracle:classifier:PATH
-    reward_steps: int = 0  # reward model optimizer steps; 0 = --reward-epochs passes over the preferences
-    reward_epochs: float = 2.0  # passes over the preferences when --reward-steps is 0
-    reward_batch: int = 16  # preference pairs per reward model step
-    reward_lr: float = 0.0  # reward model peak LR; 0 = `nextbit reward`'s default for the width
-    reward_val_frac: float = 0.1  # share of the preferences held out for the reward model's pairwise accuracy
-    ppo_steps: int = 20  # PPO steps (each: one batch of rollouts, then --ppo-epochs passes of updates)
-    ppo_batch: int = 16  # rollouts per PPO step
-    ppo_minibatch: int = 8  # rollouts per PPO gradient step
-    ppo_epochs: int = 2  # passes over each batch of rollouts
-    ppo_lr: float = 0.0  # PPO's AdamW LR; 0 = `nextbit ppo`'s default for the width
-    init_kl_coef: float = 0.1  # PPO's starting KL penalty (beta)
-    target_kl: float = 6.0  # nats per response PPO's adaptive KL controller aims at; 0 = fixed beta
-    max_new_tokens: int = 24  # response length in PPO's rollouts and in the evaluation
-    eval_temperature: float = 1.0  # sampling temperature of the evaluation's continuations (old and new alike)
-    append_eot: bool = True  # score responses followed by <|endoftext|> in the reward model and PPO
-    seed: int = 0  # every stage's seed: the held-out split, training order, rollouts, the evaluation's samples
-    device: str = "auto"  # auto | cpu | cuda
-    force: bool = False  # replace a round already in --out
-    quiet: bool = False  # no progress output (errors still go to stderr)
+    db: str = opt("sqlite:///labels.db", "the labels database (`nextbit label serve --db`): sqlite:///FILE or "
+                                         "postgresql+psycopg://...")
+    policy: str = opt("runs/demo", "the policy the labelled pairs came from: where this round starts, and PPO's KL "
+                                   "reference")
+    prompts: str = opt("prompts.jsonl", "prompts for PPO and the evaluation: JSONL {\"prompt\": ...} or a text file, one "
+                                        "a line")
+    out: str = opt("runs/loop", "this round's folder: config.json, prefs.jsonl, reward/, ppo/ (the new policy), "
+                                "round.json")
+    serve: Optional[str] = opt(None, "URL of a running `nextbit serve` to hot-reload with the new policy (e.g. "
+                                     "http://127.0.0.1:8000)")
+    serve_key: Optional[str] = opt(None, "the server's admin key (its --admin-key, or its --api-key when none); also "
+                                         "sent to /v1/models")
+    serve_key_file: Optional[str] = opt(None, "read --serve-key from this file instead (kept out of the process list)")
+    aggregate: Aggregate = opt("none", "labels of several people on one pair: none (one line each) | majority (one line per "
+                                 "pair)")
+    heldout_frac: float = opt(0.2, "share of --prompts held out of PPO for the evaluation (seeded; at least one "
+                                   "prompt)", gt=0, lt=1)
+    labeler: Optional[str] = opt(None, "simulated labeler that also judges the evaluation (without noise): "
+                                       "oracle:vader | oracle:classifier:PATH")
+    reward_steps: int = opt(0, "reward model optimizer steps; 0 = --reward-epochs passes over the preferences", ge=0)
+    reward_epochs: float = opt(2.0, "passes over the preferences when --reward-steps is 0")
+    reward_batch: int = opt(16, "preference pairs per reward model step", ge=1)
+    reward_lr: float = opt(0.0, "reward model peak LR; 0 = `nextbit reward`'s default for the width", ge=0)
+    reward_val_frac: float = opt(0.1, "share of the preferences held out for the reward model's pairwise accuracy", ge=0, lt=1)
+    ppo_steps: int = opt(20, "PPO steps (each: one batch of rollouts, then --ppo-epochs passes of updates)", ge=1)
+    ppo_batch: int = opt(16, "rollouts per PPO step", ge=1)
+    ppo_minibatch: int = opt(8, "rollouts per PPO gradient step")
+    ppo_epochs: int = opt(2, "passes over each batch of rollouts", ge=1)
+    ppo_lr: float = opt(0.0, "PPO's AdamW LR; 0 = `nextbit ppo`'s default for the width", ge=0)
+    init_kl_coef: float = opt(0.1, "PPO's starting KL penalty (beta)", ge=0)
+    target_kl: float = opt(6.0, "nats per response PPO's adaptive KL controller aims at; 0 = fixed beta", ge=0)
+    max_new_tokens: int = opt(24, "response length in PPO's rollouts and in the evaluation", ge=1)
+    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation's continuations (old and new alike)", ge=0)
+    append_eot: bool = opt(True, "score responses followed by <|endoftext|> in the reward model and PPO")
+    seed: int = opt(0, "every stage's seed: the held-out split, training order, rollouts, the evaluation's samples")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto | cpu | cuda")
+    force: bool = opt(False, "replace a round already in --out")
+    quiet: bool = opt(False, "no progress output (errors still go to stderr)")
 
 
 # ---- the server (web/client.py calls it) -----------------------------------------------------------------------------
@@ -145,17 +155,9 @@ def evaluate_round(cfg: FeedbackLoopConfig, old_path: str, new_path: Path, rewar
 
 # ---- the round ---------------------------------------------------------------------------------------------------------
 def check_options(cfg: FeedbackLoopConfig) -> None:
-    check(cfg.aggregate in AGGREGATES, f"--aggregate must be one of {', '.join(AGGREGATES)}, got {cfg.aggregate!r}")
-    check(0 < cfg.heldout_frac < 1, f"--heldout-frac must be in (0, 1), got {cfg.heldout_frac}")
-    check(0 <= cfg.reward_val_frac < 1, f"--reward-val-frac must be in [0, 1), got {cfg.reward_val_frac}")
-    check(cfg.reward_steps >= 0, f"--reward-steps must be >= 0 (0: --reward-epochs passes), got {cfg.reward_steps}")
+    check_bounds(cfg)
     check(cfg.reward_steps > 0 or cfg.reward_epochs > 0, f"--reward-epochs must be > 0 (or give --reward-steps), got {cfg.reward_epochs:g}")
-    for name in ("reward_batch", "ppo_steps", "ppo_batch", "ppo_epochs", "max_new_tokens"):
-        check(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check(1 <= cfg.ppo_minibatch <= cfg.ppo_batch, f"--ppo-minibatch must be in [1, --ppo-batch {cfg.ppo_batch}], got {cfg.ppo_minibatch}")
-    for name in ("reward_lr", "ppo_lr", "init_kl_coef", "target_kl"):
-        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    check(cfg.eval_temperature >= 0, f"--eval-temperature must be >= 0 (0: greedy), got {cfg.eval_temperature}")
 
 
 def labelled_preferences(url: str, aggregate: str) -> list[dict]:

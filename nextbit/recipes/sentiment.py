@@ -24,11 +24,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
+from nextbit.core.options import opt
 from nextbit.align.dpo import DPOConfig, dpo
 from nextbit.align.plots import plot_overoptimization
 from nextbit.align.ppo import PPOConfig, evaluate, ppo
@@ -66,25 +67,28 @@ SIZES = {
 
 @dataclass
 class SentimentConfig:
-    out: str = "runs/sentiment"  # every stage's outputs, summary.json, RESULTS.md, overoptimization.png
-    size: str = "cpu"  # cpu (small: about an hour on one core) | gpu (124M-class model, compiled; ~10 min on an H100, unmeasured)
-    comparisons: int = 5000  # simulated comparisons at most (the budget)
-    prompt_words: int = 8  # a prompt is the first this-many words of a review
-    response_tokens: int = 48  # continuation length (longer = more evidence per comparison)
-    snippet_words: int = 32  # the labeller learns from windows this long (about a continuation's length)
-    labeller_l2: float = 1e-3  # the labeller's L2: weight on sentiment words, logits calibrated on held-out snippets
-    pretrain_minutes: float = 0.0  # 0 = the size's default
-    ppo_steps: int = 0  # 0 = the size's default
-    ppo_lr: float = 0.0  # 0 = PPO's default for the width
-    init_kl_coef: float = 0.1  # PPO's starting beta
-    target_kl: float = 8.0  # PPO's adaptive-controller target, nats per continuation
-    kl_horizon: int = 0  # the controller's horizon in rollouts; 0 = a tenth of the run's (beta can move e^±2 in a run)
-    dpo_beta: float = 0.1
-    bt_scale: float = 1.0  # labelling noise: P(a) = sigmoid((logit_a - logit_b) / bt_scale)
-    random_frac: float = 0.1  # labelling noise: share of coin-flip answers
-    device: str = "auto"
-    seed: int = 1337
-    force: bool = False  # redo every stage instead of reusing outputs that exist
+    out: str = opt("runs/sentiment", "every stage's outputs, summary.json, RESULTS.md, overoptimization.png")
+    size: Literal["cpu", "gpu"] = opt("cpu", "cpu (small: about an hour on one core) | gpu (124M-class model, compiled; ~10 min on an "
+                           "H100, unmeasured)")
+    comparisons: int = opt(5000, "simulated comparisons at most (the issue's budget)")
+    prompt_words: int = opt(8, "a prompt is the first this-many words of a review")
+    response_tokens: int = opt(48, "continuation length (longer = more evidence per comparison)")
+    snippet_words: int = opt(32, "the labeller learns from windows this long (about a continuation's length)")
+    labeller_l2: float = opt(1e-3, "the labeller's L2: weight on sentiment words, logits calibrated on held-out "
+                                   "snippets")
+    pretrain_minutes: float = opt(0.0, "0 = the size's default")
+    ppo_steps: int = opt(0, "0 = the size's default")
+    ppo_lr: float = opt(0.0, "0 = PPO's default for the width")
+    init_kl_coef: float = opt(0.1, "PPO's starting beta")
+    target_kl: float = opt(8.0, "PPO's adaptive-controller target, nats per continuation")
+    kl_horizon: int = opt(0, "the controller's horizon in rollouts; 0 = a tenth of the run's (beta can move e^±2 in a "
+                             "run)")
+    dpo_beta: float = opt(0.1, "DPO's beta: how far the policy may move from the reference")
+    bt_scale: float = opt(1.0, "labelling noise: P(a) = sigmoid((logit_a - logit_b) / bt_scale)")
+    random_frac: float = opt(0.1, "labelling noise: share of coin-flip answers")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where every stage runs")
+    seed: int = opt(1337, "every stage's seed")
+    force: bool = opt(False, "redo every stage instead of reusing outputs that exist")
 
 
 def _stage(path: Path, force: bool) -> bool:

@@ -11,8 +11,9 @@ they arrive); uvicorn serves HTTP. Ctrl-C stops accepting connections, lets the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
+from nextbit.core.options import check as check_options, opt
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
@@ -23,23 +24,28 @@ from nextbit.web.launch import base_url, need_uvicorn, run
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = "runs/demo"  # a checkpoint folder, or a run folder holding checkpoint/
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: Optional[str] = None  # require `Authorization: Bearer KEY` on /v1 and the tokenizer routes
-    api_key_file: Optional[str] = None  # read the key from this file instead (kept out of the process list)
-    admin_key: Optional[str] = None  # the key for /admin/reload; default: the API key (no key: open, like the API)
-    max_batch: int = 32  # engine slots: requests decoded together
-    max_waiting: int = 256  # requests queued for a slot at most; past it the server answers 429 with Retry-After
-    max_model_len: int = 0  # tokens per sequence (prompt + completion); 0 = the model's context
-    max_n: int = 16  # choices per request at most (`n`)
-    max_body_bytes: int = 1 << 20  # largest request body accepted
-    served_model_name: Optional[str] = None  # the name clients pass as `model`; default: the checkpoint folder's name
-    shutdown_timeout: float = 10.0  # seconds Ctrl-C waits for requests in flight
-    device: str = "auto"  # auto | cpu | cuda
-    engine: str = "process"  # process: the engine loop in its own process (no GIL shared with HTTP) | thread: in this one
-    engine_threads: int = 0  # torch threads of the engine process on CPU; 0 = every core but one (the HTTP side's)
-    log_level: str = "warning"  # uvicorn's access and error log level
+    checkpoint: str = opt("runs/demo", "a checkpoint folder, or a run folder holding checkpoint/")
+    host: str = opt("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
+    port: int = opt(8000, "the TCP port to listen on (0: any free port)", ge=0, le=65535)
+    api_key: Optional[str] = opt(None, "require `Authorization: Bearer KEY` on /v1 and the tokenizer routes")
+    api_key_file: Optional[str] = opt(None, "read the key from this file instead (kept out of the process list)")
+    admin_key: Optional[str] = opt(None, "the key for /admin/reload; default: the API key (no key: open, like the API)")
+    max_batch: int = opt(32, "engine slots: requests decoded together", ge=1)
+    max_waiting: int = opt(256, "requests queued for a slot at most; past it the server answers 429 with Retry-After",
+                           ge=0)
+    max_model_len: Optional[int] = opt(None, "tokens per sequence (prompt + completion); default: the model's context",
+                                       ge=1)
+    max_n: int = opt(16, "choices per request at most (`n`)", ge=1)
+    max_body_bytes: int = opt(1 << 20, "largest request body accepted", ge=1)
+    served_model_name: Optional[str] = opt(None, "the name clients pass as `model`; default: the checkpoint folder's "
+                                                 "name")
+    shutdown_timeout: float = opt(10.0, "seconds Ctrl-C waits for requests in flight", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the engine runs (auto: CUDA when there is one)")
+    engine: Literal["process", "thread"] = opt("process", "process: the engine loop in its own process (no GIL shared "
+                                                          "with HTTP); thread: in this one")
+    engine_threads: int = opt(0, "torch threads of the engine process on CPU; 0 = every core but one (the HTTP side's)",
+                              ge=0)
+    log_level: str = opt("warning", "uvicorn's access and error log level")
 
 
 def build_app(cfg: ServeConfig):
@@ -49,15 +55,7 @@ def build_app(cfg: ServeConfig):
     from nextbit.serve.runner import EngineRunner, in_fresh_thread
     from nextbit.serve.serving import ServerState
 
-    for name in ("max_batch", "max_n", "max_body_bytes"):
-        if getattr(cfg, name) < 1:
-            raise NextbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_waiting < 0 or cfg.max_model_len < 0:
-        raise NextbitError("--max-waiting and --max-model-len must be >= 0")
-    if cfg.engine not in ("process", "thread"):
-        raise NextbitError(f"--engine must be process or thread, got {cfg.engine!r}")
-    if cfg.engine_threads < 0:
-        raise NextbitError(f"--engine-threads must be >= 0, got {cfg.engine_threads}")
+    check_options(cfg)
     if cfg.engine_threads and cfg.engine == "thread":
         raise NextbitError("--engine-threads is for --engine process (a thread engine uses this process's torch threads)")
     key = read_key(cfg.api_key, cfg.api_key_file)

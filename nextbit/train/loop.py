@@ -14,11 +14,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Literal, Optional, Protocol
 
 import torch
 from tqdm import tqdm
 
+from nextbit.core.options import check as check_options, opt
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.core.device import autocast_for
 from nextbit.core.errors import NextbitError
@@ -33,54 +34,38 @@ from nextbit.train.metrics import OVERFIT_PATIENCE, MetricsLog, overfitting, plo
 
 @dataclass
 class LoopConfig:
-    steps: int = 1000  # optimizer steps (the schedule's length)
-    lr: float = 0.0  # peak AdamW LR; 0 = derived from the model width
-    optimizer: str = "auto"  # adamw | muon | auto (muon for pretraining, adamw under --fsdp and for fine-tuning)
-    muon_lr: float = 0.04
-    warmup: int = -1  # warmup steps; -1 = 2% of steps
-    schedule: str = "cosine"  # cosine | wsd | constant
-    min_lr_ratio: float = 0.1
-    decay_frac: float = 0.2  # wsd: fraction of steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end (and on Ctrl-C)
-    log_every: int = 0  # steps between metric lines (each one waits for the device); 0 = 1 on CPU, 10 on GPU
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
-    stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end
-    time_budget: float = 0  # seconds of wall time for the whole run, its evaluations and checkpoints included: the schedule is fitted to it (steps becomes a cap); 0 = off
-    resume: bool = False
-    quiet: bool = False
+    steps: int = opt(1000, "optimizer steps (the schedule's length)", ge=1)
+    lr: Optional[float] = opt(None, "peak AdamW LR; default: derived from the model width (and the stage)", gt=0)
+    optimizer: Literal["adamw", "muon", "auto"] = opt("auto", "auto: muon for pretraining, adamw under --fsdp and for "
+                                                              "fine-tuning")
+    muon_lr: float = opt(0.04, "Muon's peak LR for the blocks' matrices (with --optimizer muon)", gt=0)
+    warmup: Optional[int] = opt(None, "warmup steps; default: 2% of the run", ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = opt("cosine", "the LR after the warmup: cosine decay, "
+                                                                   "warmup-stable-decay, or constant")
+    min_lr_ratio: float = opt(0.1, "the LR at the end of the decay, as a fraction of the peak", ge=0, le=1)
+    decay_frac: float = opt(0.2, "wsd: fraction of steps spent decaying", gt=0, le=1)
+    weight_decay: float = opt(0.1, "AdamW's decoupled weight decay (matrices only)", ge=0)
+    beta1: float = opt(0.9, "AdamW's first-moment decay", ge=0, lt=1)
+    beta2: float = opt(0.95, "AdamW's second-moment decay", ge=0, lt=1)
+    grad_clip: float = opt(1.0, "clip the gradient's global norm to this; 0 = off", ge=0)
+    eval_every: int = opt(0, "steps between evaluations; 0 = only at the end", ge=0)
+    save_every: int = opt(0, "steps between checkpoints; 0 = only at the end (and on Ctrl-C)", ge=0)
+    log_every: int = opt(0, "steps between metric lines (each one waits for the device); 0 = 1 on CPU, 10 on GPU", ge=0)
+    seed: int = opt(1337, "seed of the weights and the batch order")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train (auto: CUDA when there is one)")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = opt(False, "torch.compile the model")
+    stop_after: int = opt(0, "stop (with a checkpoint) after this many steps in this invocation; 0 = run to the end",
+                          ge=0)
+    time_budget: float = opt(0, "seconds of wall time for the whole run, its evaluations and checkpoints included: the "
+                                "schedule is fitted to it (steps becomes a cap); 0 = off", ge=0)
+    resume: bool = opt(False, "continue the run in --out from its checkpoint (exact with the same flags)")
+    quiet: bool = opt(False, "no progress bar or evaluation lines")
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise NextbitError(f"--steps must be >= 1, got {self.steps}")
-        if self.lr < 0:
-            raise NextbitError(f"--lr must be >= 0 (0: derived from the model width), got {self.lr}")
-        if self.muon_lr <= 0:
-            raise NextbitError(f"--muon-lr must be > 0, got {self.muon_lr}")
-        if self.warmup < -1:
-            raise NextbitError(f"--warmup must be >= 0 (or -1: 2% of the run), got {self.warmup}")
-        if self.warmup > self.steps:
+        check_options(self)
+        if self.warmup is not None and self.warmup > self.steps:
             raise NextbitError(f"--warmup {self.warmup} is longer than the run (--steps {self.steps})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise NextbitError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 < self.decay_frac <= 1:
-            raise NextbitError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise NextbitError(f"--schedule must be cosine, wsd or constant, got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise NextbitError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.optimizer not in ("adamw", "muon", "auto"):
-            raise NextbitError(f"--optimizer must be adamw, muon or auto, got {self.optimizer!r}")
-        for name in ("eval_every", "save_every", "stop_after", "grad_clip", "weight_decay", "time_budget", "log_every"):
-            if getattr(self, name) < 0:
-                raise NextbitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 class Objective(Protocol):
@@ -285,7 +270,7 @@ class TrainLoop:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             total = int(t.item())
         self.total = total
-        if self.cfg.warmup > total and not self._warned_warmup and total < self.cfg.steps:
+        if self.cfg.warmup is not None and self.cfg.warmup > total and not self._warned_warmup and total < self.cfg.steps:
             self._warned_warmup = True
             if self.d.main:
                 tqdm.write(f"warning: --time-budget {self.cfg.time_budget:g} reaches about {total} steps, fewer than "

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from nextbit.core.options import check as check_options, opt
 from nextbit.core.atomic import write_json
 from nextbit.train.bpb import evaluate_split
 from nextbit.core.checkpoint import load_checkpoint
@@ -24,17 +25,21 @@ from nextbit.core.shards import BatchSampler, Dataset
 
 @dataclass
 class TrainConfig:
-    data: str = "data/stdlib"  # a folder written by `nextbit prepare`
-    out: str = "runs/train"  # run folder: config.json, metrics.jsonl, loss.png, checkpoint/
-    preset: Optional[str] = None  # tiny | small | 124m | 350m | 1b | 1.5b: a named depth, overrides --depth
-    init_from: Optional[str] = None  # start from a checkpoint's weights (continued pretraining)
-    batch_tokens: int = 0  # tokens per optimizer step; 0 = derived from depth
-    micro_batch: int = 0  # sequences per forward pass per process; 0 = derived (<= 16k tokens)
-    eval_tokens: int = 0  # held-out tokens per evaluation; 0 = the whole val split (under --time-budget: as much of it as lets the evaluations take a quarter of the budget)
-    force: bool = False  # start over in an existing run folder
-    fsdp: bool = False  # shard weights, grads and AdamW state over the processes (FSDP2; bf16 params / fp32 reduce on CUDA)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: far less memory, ~1/3 more compute
-    loss_chunk: int = 0  # rows per chunk of a fused LM-head + cross-entropy that never holds all fp32 logits; 0 = off
+    data: str = opt("data/stdlib", "a folder written by `nextbit prepare`")
+    out: str = opt("runs/train", "run folder: config.json, metrics.jsonl, loss.png, checkpoint/")
+    preset: Optional[str] = opt(None, "tiny | small | 124m | 350m | 1b | 1.5b: a named depth, overrides --depth")
+    init_from: Optional[str] = opt(None, "start from a checkpoint's weights (continued pretraining)")
+    batch_tokens: int = opt(0, "tokens per optimizer step; 0 = derived from depth", ge=0)
+    micro_batch: int = opt(0, "sequences per forward pass per process; 0 = derived (<= 16k tokens)", ge=0)
+    eval_tokens: int = opt(0, "held-out tokens per evaluation; 0 = the whole val split (under --time-budget: as much "
+                              "of it as lets the evaluations take a quarter of the budget)", ge=0)
+    force: bool = opt(False, "start over in an existing run folder")
+    fsdp: bool = opt(False, "shard weights, grads and AdamW state over the processes (FSDP2; bf16 params / fp32 reduce "
+                            "on CUDA)")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward: far less memory, ~1/3 "
+                                                "more compute")
+    loss_chunk: int = opt(0, "rows per chunk of a fused LM-head + cross-entropy that never holds all fp32 logits; 0 = "
+                             "off", ge=0)
     # the model defaults of nextbit's recipe: QK-norm and an untied head (chosen by the CPU ablation in BENCHMARKS.md,
     # and with Muon the H100 time-to-quality run); ModelConfig's own defaults stay GPT-2-like for comparisons
     model: ModelConfig = field(default_factory=lambda: ModelConfig(qk_norm=True, tie_embeddings=False))
@@ -130,9 +135,7 @@ def train(cfg: TrainConfig, d: Optional[Dist] = None) -> dict:
     """Pretrain as `cfg` says. `cfg` is not changed: the run's resolved settings go to <out>/config.json."""
     started = time.time()
     cfg.loop.validate()
-    for name in ("batch_tokens", "micro_batch", "eval_tokens", "loss_chunk"):
-        if getattr(cfg, name) < 0:
-            raise NextbitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    check_options(cfg)
     d = d or setup(cfg.loop.device)
     ds = Dataset(cfg.data)
     train_split, val_split = ds.split("train"), ds.splits.get("val")

@@ -19,9 +19,9 @@ WARMUP_FRAC = 0.02  # the default warmup: this fraction of the run
 KEYS = ("steps", "warmup", "schedule", "min_lr_ratio", "decay_frac")
 
 
-def warmup_for(warmup: int, total: int) -> int:
-    """Warmup steps of a run of `total` steps: `warmup` (--warmup), or 2% of the run when it is -1."""
-    return warmup if warmup >= 0 else max(1, int(WARMUP_FRAC * total))
+def warmup_for(warmup: Optional[int], total: int) -> int:
+    """Warmup steps of a run of `total` steps: `warmup` (--warmup), or 2% of the run when it is not given."""
+    return warmup if warmup is not None else max(1, int(WARMUP_FRAC * total))
 
 
 def factor(cfg, step: int, total: int) -> float:
@@ -49,7 +49,7 @@ def resume_note(saved: Optional[dict], cfg, step: int) -> Optional[str]:
     if not changed:
         return None
     flags = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {new[k]}" for k in changed)
-    if "warmup" in changed and cfg.warmup < 0:
+    if "warmup" in changed and cfg.warmup is None:
         flags += " (the default warmup is 2% of --steps)"
     if all(_factor(saved, s) == _factor(new, s) for s in range(step)):
         return (f"note: --resume with {flags}: every step so far had the learning rate the new schedule gives it, "
