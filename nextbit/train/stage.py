@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,13 @@ class Base:
     tok: Tokenizer
     path: Path  # the checkpoint read
     max_len: int  # tokens per example (--max-len, or the model's context)
+    started: float = 0.0  # when the stage began (before the checkpoint was read): --time-budget counts from here
 
 
 def open_base(cfg, *, keep_lm_head: bool = True, head: str = "") -> Base:
     """Join the processes, load `cfg.init_from`, add the scalar `head` if asked and missing, freeze what the stage's
     loss never touches, and check `cfg.max_len` against the model's context."""
+    started = time.time()
     d = setup(cfg.loop.device)
     ck = load_checkpoint(cfg.init_from)
     model = ck.model
@@ -105,7 +108,7 @@ def open_base(cfg, *, keep_lm_head: bool = True, head: str = "") -> Base:
     max_len = cfg.max_len or ctx
     if not 2 <= max_len <= ctx:
         raise NextbitError(f"--max-len must be in [2, {ctx}] (the model's context), got {cfg.max_len}")
-    return Base(d, model, ck.tokenizer, ck.path, max_len)
+    return Base(d, model, ck.tokenizer, ck.path, max_len, started)
 
 
 @dataclass
@@ -168,7 +171,7 @@ def run_loop(stage: Stage, objective: Objective, evaluate: Optional[Callable[[GP
     torch.manual_seed(stage.loop.seed)
     loop = TrainLoop(stage.model, stage.tok, stage.loop, stage.out, stage.d, objective, accum=stage.accum,
                      evaluate=evaluate if stage.val else None, run_config=stage.run_config,
-                     title=run_title(stage.command, stage.out))
+                     title=run_title(stage.command, stage.out), started=stage.base.started)
     write_config(stage.out, stage.run_config, stage.d.main)
     if not stage.loop.quiet and stage.d.main:
         print(stage.summary, flush=True)
