@@ -128,7 +128,7 @@ def loop_round(tmp_path, tokenizer) -> Path:
         "policy": str(pre / "checkpoint"), "checkpoint": str((ppo / "checkpoint").resolve()),
         "labels": {"preferences": 9, "labelers": ["ana", "bo", "cy"], "ties": 1, "pairs": 3, "aggregate": "none"},
         "reward_model": {"val_accuracy": 0.75}, "ppo": {"steps": 20},
-        "eval": {"prompts": 1, "reward_model": {"win_rate": 0.625}}}))
+        "eval": {"prompts": 8, "reward_model": {"win_rate": 0.625, "n": 8, "interval95": [0.306, 0.863]}}}))
     return ppo
 
 
@@ -150,7 +150,7 @@ def test_card_of_a_reviews_model_aligned_with_peoples_labels(tokenizer, tmp_path
     rows = measured_rows(card)
     assert rows["held-out reward (the reward model's score)"] == "0.100 → 0.900"
     assert rows["held-out vader score"] == "0.050 → 0.400"
-    assert rows["win rate over the starting policy, by the reward model"] == "0.625"
+    assert rows["win rate over the starting policy, by the reward model on 8 held-out prompts"] == "0.625 (95% interval 0.31–0.86)"
     assert len(rows) <= 6 and not any(k in card for k in ("samples_per_s", "gen_share", "value_loss", "clipfrac"))
 
 

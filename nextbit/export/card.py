@@ -541,11 +541,13 @@ def figures_of(name: str, d: Any) -> list[tuple[str, str]]:
     if isinstance(d.get("eval"), dict) and isinstance(d.get("labels"), dict):  # a loop round's round.json
         ev = d["eval"]
         rm = ev.get("reward_model") or {}
-        if _num(rm.get("win_rate")):
-            out.append(("win rate over the starting policy, by the reward model", _f(rm["win_rate"], 3)))
         lab = ev.get("labeler") or {}
-        if _num(lab.get("win_rate")):
-            out.append((f"win rate over the starting policy, by {lab.get('labeler')}", _f(lab["win_rate"], 3)))
+        for who, w in (("the reward model", rm), (lab.get("labeler"), lab)):
+            if _num(w.get("win_rate")):
+                n = f" on {w['n']} held-out prompts" if isinstance(w.get("n"), int) else ""
+                ci = w.get("interval95")
+                ci = f" (95% interval {_f(ci[0], 2)}–{_f(ci[1], 2)})" if isinstance(ci, list) and len(ci) == 2 else ""
+                out.append((f"win rate over the starting policy, by {who}{n}", _f(w["win_rate"], 3) + ci))
         return out
     if "val_accuracy" in d:  # reward / DPO eval.json
         what = "pairwise accuracy" if "val_pairs" in d or "raw_reward_mean" in d else "preference accuracy (DPO)"

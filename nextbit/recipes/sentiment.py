@@ -276,7 +276,7 @@ def sentiment(cfg: SentimentConfig) -> dict:
     dev = pick_device(device)
     start = load_checkpoint(pre, dev).model.eval()
     ck_tok = load_checkpoint(pre, dev).tokenizer
-    rm = load_reward_model(str(rm_dir), dev, ck_tok)
+    rm = load_reward_model(str(rm_dir), dev, ck_tok, what="the recipe's reward model")
     judge = VaderScorer()
     params = SamplingParams(cfg.response_tokens, 1.0, seed=cfg.seed + 7)
     base_texts = [c[0].text for c in sample_responses(start, ck_tok, eval_prompts, params, batch_size=128, progress="judge: start")]
