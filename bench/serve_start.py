@@ -1,0 +1,202 @@
+"""Start time and peak memory of `nextbit serve` on a checkpoint of 100M+ parameters, per engine mode.
+
+    python bench/serve_start.py --cache /tmp/nextbit-serve-start --label before            # both engines, 3 starts each
+    python bench/serve_start.py --cache DIR --label after --engines process --repeats 5
+    # smoke run: a tiny model, one start each
+    python bench/serve_start.py --cache DIR --label smoke --depth 1 --vocab-size 512 --repeats 1
+
+The checkpoint is made once and kept in --cache (a random model of the 124M preset: depth 12, width 768, a 50,304-row
+embedding, tied, context 1024; every weight random; the tokenizer is a small BPE trained on stdlib files, its
+vocabulary padded up to the embedding's rows as training pads it). Making it takes a minute and about 0.5 GB of disk.
+
+Each start: `python -m nextbit serve CKPT --port P --engine E --max-batch B --device cpu` as a subprocess. Start time
+= from just before the subprocess is spawned until GET /health first answers 200 (polled every 20 ms). Peak memory =
+each process's VmHWM (peak resident set, from /proc/PID/status) read at that moment, for the server process and for
+every process under it (the engine process, multiprocessing's helpers), and their sum. The KV cache (B slots x the
+context) is allocated in the engine at start, so B is kept small (4: 0.3 GB) to leave the weights' share visible.
+Then the server gets SIGINT and the next start begins (never two at once).
+
+One JSON line per start, then one summary line per engine (medians), printed and appended to
+bench/results/serve_start_<label>.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_checkpoint(args) -> Path:
+    """The random checkpoint, made once per shape and kept in --cache."""
+    import torch
+
+    from nextbit.core.checkpoint import save_checkpoint
+    from nextbit.core.config import ModelConfig
+    from nextbit.core.model import GPT
+    from nextbit.core.tokenizer import train_tokenizer
+    from nextbit.data.sources import stdlib_files
+
+    out = Path(args.cache) / f"random-d{args.depth}-v{args.vocab_size}" / "checkpoint"
+    if (out / "config.json").is_file():
+        return out
+    texts, size = [], 0
+    for f in stdlib_files():
+        texts.append(f.read_text(encoding="utf-8", errors="replace"))
+        size += len(texts[-1])
+        if size > 300 * args.tokenizer_vocab:
+            break
+    tok = train_tokenizer(texts, args.tokenizer_vocab)
+    cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size).resolved()
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.02 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p))
+    return save_checkpoint(out, model, tok, meta={"kind": "random", "by": "bench/serve_start.py"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Every process under pid (from /proc/*/stat's parent ids)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def status(pid: int) -> dict:
+    """VmHWM and VmRSS in MiB and the process's name, from /proc/PID/status."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = round(int(val.split()[0]) / 1024, 1)
+            elif key == "Name":
+                out["name"] = val.strip()
+        out["cmd"] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120].strip()
+    except OSError:
+        pass
+    return out
+
+
+def one_start(ckpt: Path, engine: str, args) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "nextbit", "serve", str(ckpt), "--port", str(port), "--engine", engine,
+           "--max-batch", str(args.max_batch), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(ROOT))
+    url = f"http://127.0.0.1:{port}/health"
+    ready = None
+    try:
+        while time.perf_counter() - t0 < args.timeout:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        ready = time.perf_counter() - t0
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.02)
+        if ready is None:
+            raise SystemExit(f"no 200 from /health within {args.timeout} s")
+        procs = {proc.pid: status(proc.pid)}
+        for c in children(proc.pid):
+            procs[c] = status(c)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    http = procs[proc.pid].get("VmHWM", 0.0)
+    engine_mib = sum(s.get("VmHWM", 0.0) for s in procs.values() if "spawn_main" in s.get("cmd", ""))  # the engine process
+    total = sum(s.get("VmHWM", 0.0) for s in procs.values())
+    return {"start_s": round(ready, 3), "peak_http_mib": http, "peak_engine_mib": round(engine_mib, 1),
+            "peak_total_mib": round(total, 1), "processes": len(procs),
+            "detail": [{"pid": p, **s} for p, s in procs.items()]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", required=True, help="folder for the random checkpoint (made once, reused)")
+    ap.add_argument("--label", required=True, help="results go to bench/results/serve_start_<label>.jsonl")
+    ap.add_argument("--engines", default="process,thread", help="comma-separated: process, thread")
+    ap.add_argument("--repeats", type=int, default=3, help="starts per engine (the summary takes medians)")
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--vocab-size", type=int, default=50304, help="the embedding's rows")
+    ap.add_argument("--tokenizer-vocab", type=int, default=4096, help="the BPE tokenizer's vocabulary")
+    ap.add_argument("--max-batch", type=int, default=4, help="the server's slots (its KV cache is allocated at start)")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    args = ap.parse_args()
+
+    ckpt = make_checkpoint(args)
+    cfg = json.loads((ckpt / "config.json").read_text())["model"]
+    from nextbit.core.config import ModelConfig
+    from nextbit.core.model import GPT
+    import torch
+
+    with torch.device("meta"):
+        params = GPT(ModelConfig.from_dict(cfg)).num_params()
+    weights_mib = round((ckpt / "model.safetensors").stat().st_size / 2**20, 1)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    common = {"bench": "serve_start", "label": args.label, "commit": git, "params_m": round(params / 1e6, 2),
+              "weights_mib": weights_mib, "max_batch": args.max_batch, "cpus": os.cpu_count(),
+              "python": platform.python_version(), "torch": torch.__version__}
+    out = ROOT / "bench" / "results" / f"serve_start_{args.label}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        for engine in args.engines.split(","):
+            runs = []
+            for i in range(args.repeats):
+                rec = {**common, "engine": engine, "run": i, **one_start(ckpt, engine, args)}
+                runs.append(rec)
+                print(f"{engine:8s} run {i}: start {rec['start_s']:6.2f} s   peak RSS http {rec['peak_http_mib']:7.1f} MiB  "
+                      f"engine {rec['peak_engine_mib']:7.1f} MiB  total {rec['peak_total_mib']:7.1f} MiB "
+                      f"({rec['processes']} processes)", flush=True)
+                f.write(json.dumps(rec) + "\n")
+            med = lambda k: round(statistics.median(r[k] for r in runs), 3 if k == "start_s" else 1)  # noqa: E731
+            summary = {**common, "engine": engine, "summary": True, "repeats": len(runs),
+                       **{k: med(k) for k in ("start_s", "peak_http_mib", "peak_engine_mib", "peak_total_mib")}}
+            print(f"{engine:8s} median: start {summary['start_s']:6.2f} s   peak RSS http {summary['peak_http_mib']:7.1f} MiB  "
+                  f"engine {summary['peak_engine_mib']:7.1f} MiB  total {summary['peak_total_mib']:7.1f} MiB", flush=True)
+            f.write(json.dumps(summary) + "\n")
+    print(f"{params / 1e6:.1f}M parameters ({weights_mib} MiB of weights); results appended to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
