@@ -704,7 +704,7 @@ def test_an_engine_fault_mid_stream_is_an_error_event(small):
 def test_the_engine_loop_survives_callers_that_went_away(loaded, ckpt2):
     """A reload or a scoring call whose caller cancelled it (a server shutting down does) is dropped; the loop lives,
     and the reload still takes effect: /v1/models names the checkpoint the engine serves."""
-    from nextbit.serve.core import ServeCheck
+    from nextbit.serve.engine_process import ServeCheck
     from nextbit.serve.runner import EngineRunner
 
     runner = EngineRunner(loaded.tokenizer, str(loaded.path), slots=2, max_len=64, max_waiting=2, model=loaded.model)
@@ -1163,7 +1163,7 @@ def test_a_broken_pipe_is_an_engine_gone_and_takes_nothing(loaded):
 
 def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
     from nextbit.core.errors import NextbitError
-    from nextbit.serve.core import core_process
+    from nextbit.serve.engine_process import core_process
     from nextbit.serve.runner import EngineRunner, thread_pipe
 
     ours, theirs = thread_pipe()

@@ -35,7 +35,7 @@ from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
-from nextbit.serve.core import ServeCheck
+from nextbit.serve.engine_process import ServeCheck
 from nextbit.serve.runner import EngineFailed, EngineGone, EngineRunner, QueueFull, ReloadSuperseded, Sink
 
 PAGE = Path(__file__).with_name("chat.html")

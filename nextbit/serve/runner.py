@@ -1,4 +1,4 @@
-"""The HTTP side's handle on the engine core (serve/core.py), which runs in its own process or in a thread.
+"""The HTTP side's handle on the engine core (serve/engine_process.py), which runs in its own process or in a thread.
 
     runner = EngineRunner(tokenizer, checkpoint, slots=32, max_len=1024, max_waiting=256, device="cpu")  # a process
     runner = EngineRunner(tokenizer, checkpoint, ..., model=model)    # the core in a thread of this process
@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.infer.engine import Request, TokenLogprobs
-from nextbit.serve.core import EngineCore, ServeCheck, core_process
+from nextbit.serve.engine_process import EngineCore, ServeCheck, core_process
 
 Emit = Callable[[tuple], None]
 READY_TIMEOUT = 600.0  # seconds a new engine process may take to load the checkpoint (a large model on a slow disk)

@@ -59,7 +59,7 @@ def read_key(cfg: ServeConfig) -> Optional[str]:
 def build_app(cfg: ServeConfig):
     """The app and its engine loop (not yet started), from the config: what `serve` runs and tests start."""
     from nextbit.serve.app import ServerState, create_app
-    from nextbit.serve.core import check_servable, default_threads
+    from nextbit.serve.engine_process import check_servable, default_threads
     from nextbit.serve.runner import EngineRunner, in_fresh_thread
 
     for name in ("max_batch", "max_n", "max_body_bytes"):
