@@ -1161,6 +1161,32 @@ def test_a_broken_pipe_is_an_engine_gone_and_takes_nothing(loaded):
         runner.stop()
 
 
+def test_the_http_side_reads_no_weights_and_the_engine_process_checks_them(ckpt, tmp_path):
+    """With an engine process, the HTTP side reads the config and the tokenizer only (the model is a shape on the
+    meta device): a checkpoint whose weights do not match their hash builds an app, and the engine process, which
+    loads them, refuses them in one line."""
+    import shutil
+
+    from nextbit.serve.engine_process import core_process
+    from nextbit.serve.runner import thread_pipe
+
+    bad = tmp_path / "checkpoint"
+    shutil.copytree(ckpt, bad)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte in the last tensor: still readable, no longer the recorded hash
+    weights.write_bytes(bytes(data))
+    app, runner, ck = build_app(ServeConfig(checkpoint=str(bad), device="cpu"))  # --engine process, not started
+    assert {p.device.type for p in ck.model.parameters()} == {"meta"}
+    assert ck.model.num_params() == load_checkpoint(ckpt).model.num_params() and app.state.nextbit.max_len == CTX
+    ours, theirs = thread_pipe()
+    core_process(theirs, str(bad), "cpu", 2, 64, 1)  # the engine process's main, here
+    kind, why = ours.recv()
+    assert kind == "failed" and "does not match its recorded hash" in why and "\n" not in why
+    with pytest.raises(Exception, match="recorded hash"):
+        build_app(ServeConfig(checkpoint=str(bad), device="cpu", engine="thread"))  # a thread engine loads them here
+
+
 def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
     from nextbit.core.errors import NextbitError
     from nextbit.serve.engine_process import core_process

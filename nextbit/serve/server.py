@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from nextbit.core.checkpoint import load_checkpoint
+from nextbit.core.checkpoint import load_checkpoint, load_shape
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.net import listen
@@ -76,9 +76,9 @@ def build_app(cfg: ServeConfig):
     key = read_key(cfg)
     device = pick_device(cfg.device)
     in_process = cfg.engine == "thread"
-    # The HTTP side needs the tokenizer and the model's shape; with an engine process, only that process holds the
-    # model on the device. No torch work in this (the HTTP) thread: see in_fresh_thread.
-    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device if in_process else "cpu"))
+    # With an engine process, the HTTP side reads the tokenizer and the model's shape only (no weights, no hash): that
+    # process alone loads and checks the weights. No torch work in this (the HTTP) thread: see in_fresh_thread.
+    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device) if in_process else load_shape(cfg.checkpoint))
     check_servable(ck)
     ctx = ck.model.cfg.seq_len
     max_len = cfg.max_model_len or ctx
@@ -88,8 +88,6 @@ def build_app(cfg: ServeConfig):
     threads = cfg.engine_threads or (default_threads() if device.type == "cpu" else 0)
     runner = EngineRunner(ck.tokenizer, str(ck.path.resolve()), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting,
                           device=device, model=ck.model if in_process else None, threads=threads)
-    if not in_process:  # this process keeps the shape only: the engine process holds the weights
-        ck.model.to("meta")
     state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
     return create_app(state), runner, ck
 
