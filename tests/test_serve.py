@@ -33,10 +33,11 @@ from conftest import ROOT, run_cli, run_main
 from live import uvicorn_in_thread
 from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
-from nextbit.infer.engine import Request, generate, stop_ids_for
+from nextbit.infer.engine import generate, stop_ids_for
 from nextbit.infer.sample import SampleConfig, sample
 from nextbit.infer.sampling import SamplingParams, cut_at_stop
 from nextbit.serve.choices import Choice
+from nextbit.serve.engine_process import Submission
 from nextbit.serve.server import ServeConfig, build_app
 
 KEY, ADMIN = "sk-test-key", "admin-test-key"
@@ -987,16 +988,16 @@ def test_streamed_deltas_add_up_to_the_final_text(tokenizer, data):
     ids = data.draw(st.lists(st.sampled_from(plain), max_size=16))
     stops = data.draw(st.lists(st.text(alphabet="ae \n(", min_size=1, max_size=3), max_size=2))
     end = data.draw(st.sampled_from([None, tok.eot_id, tok.end_id]))
-    req = Request([tok.eot_id], SamplingParams(stop=stops), 0)
+    req = Submission([tok.eot_id], SamplingParams(stop=stops), 0)
     c = Choice(0, req, tok, stops)
     streamed, finish = "", "length"
     for t in ids + ([end] if end is not None else []):
-        req.tokens.append(t)
+        c.add(t)
         streamed += c.delta()
         if t in stop_ids_for(tok, req.params):
             finish = "token"
             break
-        if cut_at_stop(tok.decode(req.tokens), stops)[1]:
+        if cut_at_stop(tok.decode(c.tokens), stops)[1]:
             finish = "string"
             break
     c.finish = finish
@@ -1019,12 +1020,12 @@ def test_incremental_text_equals_decoding_the_whole_response(tokenizer, pieces, 
     add up to the final text."""
     ids = [t for p in pieces for t in ([p] if isinstance(p, int) else tokenizer.encode(p))]
     assert len(tokenizer.encode("🙂")) > 1  # a character's bytes over several tokens: a cut can fall inside it
-    req = Request([1], SamplingParams(max_new_tokens=100, stop=stops, stop_token_ids=[]), 0)
+    req = Submission([1], SamplingParams(max_new_tokens=100, stop=stops, stop_token_ids=[]), 0)
     c = Choice(0, req, tokenizer, stops)
     streamed = ""
     for t in ids:
-        req.tokens.append(t)
-        assert c.text() == cut_at_stop(tokenizer.decode(req.tokens), stops)[0]
+        c.add(t)
+        assert c.text() == cut_at_stop(tokenizer.decode(c.tokens), stops)[0]
         streamed += c.delta()
     c.finish = "length"
     streamed += c.delta()
@@ -1149,7 +1150,7 @@ def test_a_broken_pipe_is_an_engine_gone_and_takes_nothing(loaded):
             raise BrokenPipeError(32, "Broken pipe")
 
         runner._conn.send = broken
-        reqs = [Request([1, 2], SamplingParams(max_new_tokens=2), 0) for _ in range(2)]
+        reqs = [Submission([1, 2], SamplingParams(max_new_tokens=2), 0) for _ in range(2)]
         with pytest.raises(EngineGone):
             runner.submit_many(reqs, [lambda e: None] * 2)
         assert runner.load == (0, 0)

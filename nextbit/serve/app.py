@@ -29,13 +29,12 @@ from pydantic import BaseModel, ValidationError
 from nextbit.core.chat import render_messages
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import SPECIAL_TOKENS
-from nextbit.infer.engine import Request as EngineRequest
 from nextbit.infer.sampling import SamplingParams, row_seed
 from nextbit.serve.choices import Choice, legacy_logprobs
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest,
                                     error_body)
-from nextbit.serve.engine_process import ServeCheck
+from nextbit.serve.engine_process import ServeCheck, Submission
 from nextbit.serve.runner import EngineFailed, EngineGone, EngineRunner, QueueFull, ReloadSuperseded, Sink
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -215,25 +214,20 @@ def create_app(state: ServerState) -> FastAPI:
                                         top_p=req.top_p, stop=req.stops(), stop_token_ids=stop_ids,
                                         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                         logit_bias=bias)
-                out.append(Choice(len(out), EngineRequest(ids, params, row_seed(base + i if req.seed is None else base, j),
-                                                          logprobs=logprobs), tok, req.stops()))
+                out.append(Choice(len(out), Submission(ids, params, row_seed(base + i if req.seed is None else base, j),
+                                                       logprobs=logprobs), tok, req.stops()))
         return out
 
     async def run(choices: list[Choice], request: Request, t0: float) -> AsyncIterator[Choice]:
         """Submit the choices, then yield a choice each time it has new tokens or finished, until all are done.
         A client that goes away cancels whatever is still running."""
         sink = Sink(asyncio.get_running_loop())
-        reqs = [c.req for c in choices]
-        by_req = {id(c.req): c for c in choices}
+        by_id = {id(c): c for c in choices}
         last: dict[int, float] = {}
         emit = state.runner.emitter(sink)
-        ends = []
-        for c in choices:
-            c.req.on_token = lambda r, t, lp: emit((id(r), "token"))
-            ends.append(lambda event, rid=id(c.req): emit((rid, *event)))
         need_engine()
         try:
-            state.runner.submit_many(reqs, ends)
+            state.runner.submit_many([c.req for c in choices], [lambda event, rid=id(c): emit((rid, *event)) for c in choices])
         except QueueFull:
             raise APIError(429, "the server is at capacity; retry shortly", type_="rate_limit_error", headers={"Retry-After": "1"})
         except EngineGone:
@@ -250,8 +244,9 @@ def create_app(state: ServerState) -> FastAPI:
                         return
                 moved: dict[int, Choice] = {}  # the choices that moved on, in order: one chunk each for all their news
                 for stamp, (rid, kind, *rest) in events:
-                    c = moved[rid] = by_req[rid]
+                    c = moved[rid] = by_id[rid]
                     if kind == "token":
+                        c.add(*rest)
                         metrics.generation_tokens.inc()
                         (metrics.itl.observe(stamp - last[rid]) if rid in last else metrics.ttft.observe(stamp - t0))
                         last[rid] = stamp
@@ -267,7 +262,7 @@ def create_app(state: ServerState) -> FastAPI:
                     state.runner.cancel(c.req)
 
     def usage(choices: list[Choice], prompt_tokens: int) -> dict:
-        completion = sum(len(c.req.tokens) for c in choices)
+        completion = sum(len(c.tokens) for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
     def fail_if_errored(choices: list[Choice]) -> None:
@@ -418,7 +413,7 @@ def create_app(state: ServerState) -> FastAPI:
         def piece(c: Choice) -> Optional[dict]:
             text, lp = c.delta(), None
             if req.logprobs:
-                n = len(c.req.tokens)
+                n = len(c.tokens)
                 lp = c.chat_logprobs(sent_lp[c.index], n)
                 sent_lp[c.index] = n
             return chunk(c, {"content": text} if text else {}, c.finish_reason, lp) if text or c.done or (lp and lp["content"]) else None
