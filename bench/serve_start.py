@@ -1,7 +1,8 @@
 """Start time and peak memory of `nextbit serve` on a checkpoint of 100M+ parameters, per engine mode.
 
-    python bench/serve_start.py --cache /tmp/nextbit-serve-start --label before            # both engines, 3 starts each
+    python bench/serve_start.py --cache /tmp/nextbit-serve-start --label after             # both engines, 3 starts each
     python bench/serve_start.py --cache DIR --label after --engines process --repeats 5
+    python bench/serve_start.py --summarize before after                                  # medians of what was recorded
     # smoke run: a tiny model, one start each
     python bench/serve_start.py --cache DIR --label smoke --depth 1 --vocab-size 512 --repeats 1
 
@@ -16,8 +17,17 @@ every process under it (the engine process, multiprocessing's helpers), and thei
 context) is allocated in the engine at start, so B is kept small (4: 0.3 GB) to leave the weights' share visible.
 Then the server gets SIGINT and the next start begins (never two at once).
 
-One JSON line per start, then one summary line per engine (medians), printed and appended to
-bench/results/serve_start_<label>.jsonl.
+One JSON line per start (with the CPU seconds each process used until then, which a busy machine inflates less
+than the wall time), appended to bench/results/serve_start_<label>.jsonl; then the medians per engine over every
+start in that file. On a shared machine, alternate short runs of the two trees (--code) so that slow spells hit
+both, and compare the medians:
+
+    git archive BASE | tar -x -C /tmp/before
+    for i in 1 2 3 4; do
+        python bench/serve_start.py --cache DIR --label before --code /tmp/before --commit BASE --repeats 1
+        python bench/serve_start.py --cache DIR --label after --repeats 1
+    done
+    python bench/serve_start.py --summarize before after
 """
 
 from __future__ import annotations
@@ -95,9 +105,13 @@ def children(pid: int) -> list[int]:
 
 
 def status(pid: int) -> dict:
-    """VmHWM and VmRSS in MiB and the process's name, from /proc/PID/status."""
+    """VmHWM and VmRSS in MiB, the command line, and the CPU seconds it used so far (user + system, its threads
+    included), from /proc/PID/status, cmdline and stat."""
     out = {}
     try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        out["cpu_s"] = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime + stime
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, val = line.partition(":")
             if key in ("VmHWM", "VmRSS"):
@@ -114,9 +128,9 @@ def one_start(ckpt: Path, engine: str, args) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "nextbit", "serve", str(ckpt), "--port", str(port), "--engine", engine,
            "--max-batch", str(args.max_batch), "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(args.code)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(args.code))
     url = f"http://127.0.0.1:{port}/health"
     ready = None
     try:
@@ -146,23 +160,55 @@ def one_start(ckpt: Path, engine: str, args) -> dict:
     http = procs[proc.pid].get("VmHWM", 0.0)
     engine_mib = sum(s.get("VmHWM", 0.0) for s in procs.values() if "spawn_main" in s.get("cmd", ""))  # the engine process
     total = sum(s.get("VmHWM", 0.0) for s in procs.values())
-    return {"start_s": round(ready, 3), "peak_http_mib": http, "peak_engine_mib": round(engine_mib, 1),
-            "peak_total_mib": round(total, 1), "processes": len(procs),
+    cpu = sum(s.get("cpu_s", 0.0) for s in procs.values())
+    return {"start_s": round(ready, 3), "cpu_s": round(cpu, 2), "cpu_http_s": procs[proc.pid].get("cpu_s", 0.0),
+            "peak_http_mib": http, "peak_engine_mib": round(engine_mib, 1), "peak_total_mib": round(total, 1), "processes": len(procs),
             "detail": [{"pid": p, **s} for p, s in procs.items()]}
+
+
+KEYS = ("start_s", "cpu_s", "cpu_http_s", "peak_http_mib", "peak_engine_mib", "peak_total_mib")
+
+
+def summarize(label: str) -> list[dict]:
+    """Medians per engine over every start in bench/results/serve_start_<label>.jsonl (all its invocations)."""
+    path = ROOT / "bench" / "results" / f"serve_start_{label}.jsonl"
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for engine in dict.fromkeys(r["engine"] for r in runs if not r.get("summary")):
+        mine = [r for r in runs if r["engine"] == engine and not r.get("summary")]
+        med = {k: round(statistics.median(r[k] for r in mine), 2) for k in KEYS if all(k in r for r in mine)}
+        rec = {"label": label, "engine": engine, "starts": len(mine), **med,
+               "start_s_range": [min(r["start_s"] for r in mine), max(r["start_s"] for r in mine)]}
+        print(f"{label:8s} {engine:8s} {len(mine)} starts: start {med['start_s']:6.2f} s (range {rec['start_s_range'][0]:.2f}-"
+              f"{rec['start_s_range'][1]:.2f})  CPU {med.get('cpu_s', float('nan')):6.2f} s (http "
+              f"{med.get('cpu_http_s', float('nan')):5.2f})  peak RSS http {med['peak_http_mib']:7.1f} MiB  engine "
+              f"{med['peak_engine_mib']:7.1f} MiB  total {med['peak_total_mib']:7.1f} MiB", flush=True)
+        out.append(rec)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", required=True, help="folder for the random checkpoint (made once, reused)")
-    ap.add_argument("--label", required=True, help="results go to bench/results/serve_start_<label>.jsonl")
+    ap.add_argument("--cache", help="folder for the random checkpoint (made once, reused)")
+    ap.add_argument("--label", help="results go to bench/results/serve_start_<label>.jsonl")
+    ap.add_argument("--code", default=str(ROOT), help="the nextbit tree the server runs (its PYTHONPATH; default: this one), "
+                                                      "e.g. an unpacked `git archive` of an earlier commit")
+    ap.add_argument("--commit", help="the commit --code holds, for the records (default: git rev-parse there)")
     ap.add_argument("--engines", default="process,thread", help="comma-separated: process, thread")
-    ap.add_argument("--repeats", type=int, default=3, help="starts per engine (the summary takes medians)")
+    ap.add_argument("--repeats", type=int, default=3, help="starts per engine")
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--vocab-size", type=int, default=50304, help="the embedding's rows")
     ap.add_argument("--tokenizer-vocab", type=int, default=4096, help="the BPE tokenizer's vocabulary")
     ap.add_argument("--max-batch", type=int, default=4, help="the server's slots (its KV cache is allocated at start)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--summarize", nargs="+", metavar="LABEL", help="only print the medians of these labels' results")
     args = ap.parse_args()
+    if args.summarize:
+        for label in args.summarize:
+            summarize(label)
+        return
+    if not (args.cache and args.label):
+        ap.error("--cache and --label are needed (or --summarize)")
 
     ckpt = make_checkpoint(args)
     cfg = json.loads((ckpt / "config.json").read_text())["model"]
@@ -173,29 +219,24 @@ def main() -> None:
     with torch.device("meta"):
         params = GPT(ModelConfig.from_dict(cfg)).num_params()
     weights_mib = round((ckpt / "model.safetensors").stat().st_size / 2**20, 1)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    common = {"bench": "serve_start", "label": args.label, "commit": git, "params_m": round(params / 1e6, 2),
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.code, capture_output=True,
+                                           text=True).stdout.strip()
+    common = {"bench": "serve_start", "label": args.label, "commit": commit, "params_m": round(params / 1e6, 2),
               "weights_mib": weights_mib, "max_batch": args.max_batch, "cpus": os.cpu_count(),
-              "python": platform.python_version(), "torch": torch.__version__}
+              "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__}
     out = ROOT / "bench" / "results" / f"serve_start_{args.label}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         for engine in args.engines.split(","):
-            runs = []
             for i in range(args.repeats):
-                rec = {**common, "engine": engine, "run": i, **one_start(ckpt, engine, args)}
-                runs.append(rec)
-                print(f"{engine:8s} run {i}: start {rec['start_s']:6.2f} s   peak RSS http {rec['peak_http_mib']:7.1f} MiB  "
-                      f"engine {rec['peak_engine_mib']:7.1f} MiB  total {rec['peak_total_mib']:7.1f} MiB "
-                      f"({rec['processes']} processes)", flush=True)
+                rec = {**common, "engine": engine, "run": i, "load_avg_1m": os.getloadavg()[0], **one_start(ckpt, engine, args)}
+                print(f"{engine:8s} run {i}: start {rec['start_s']:6.2f} s  CPU {rec['cpu_s']:6.2f} s  peak RSS http "
+                      f"{rec['peak_http_mib']:7.1f} MiB  engine {rec['peak_engine_mib']:7.1f} MiB  total "
+                      f"{rec['peak_total_mib']:7.1f} MiB ({rec['processes']} processes)", flush=True)
                 f.write(json.dumps(rec) + "\n")
-            med = lambda k: round(statistics.median(r[k] for r in runs), 3 if k == "start_s" else 1)  # noqa: E731
-            summary = {**common, "engine": engine, "summary": True, "repeats": len(runs),
-                       **{k: med(k) for k in ("start_s", "peak_http_mib", "peak_engine_mib", "peak_total_mib")}}
-            print(f"{engine:8s} median: start {summary['start_s']:6.2f} s   peak RSS http {summary['peak_http_mib']:7.1f} MiB  "
-                  f"engine {summary['peak_engine_mib']:7.1f} MiB  total {summary['peak_total_mib']:7.1f} MiB", flush=True)
-            f.write(json.dumps(summary) + "\n")
+                f.flush()
     print(f"{params / 1e6:.1f}M parameters ({weights_mib} MiB of weights); results appended to {out.relative_to(ROOT)}")
+    summarize(args.label)
 
 
 if __name__ == "__main__":
