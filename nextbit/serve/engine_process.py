@@ -2,7 +2,8 @@
 thread of the server's process. It talks to the HTTP side (serve/runner.py) only through messages on a duplex
 connection, so the two sides never share a GIL when they are two processes (vLLM's engine core does the same).
 
-Messages to the core (plain tuples; ids are the HTTP side's, `cid` names a call that gets a reply):
+Messages to the core (tuples of plain values and small dataclasses; ids are the HTTP side's, `cid` names a call that
+gets a reply):
 
     ("submit", rid, Submission)                       a request joins the queue (and the batch at the next step)
     ("cancel", rid)                                   its client went away: its slot is freed at once
