@@ -4,7 +4,7 @@
     python bench/serve_start.py --cache DIR --label after --engines process --repeats 5
     python bench/serve_start.py --summarize before after                                  # medians of what was recorded
     # smoke run: a tiny model, one start each
-    python bench/serve_start.py --cache DIR --label smoke --depth 1 --vocab-size 512 --repeats 1
+    python bench/serve_start.py --cache DIR --label smoke --results /tmp --depth 1 --vocab-size 512 --repeats 1
 
 The checkpoint is made once and kept in --cache (a random model of the 124M preset: depth 12, width 768, a 50,304-row
 embedding, tied, context 1024; every weight random; the tokenizer is a small BPE trained on stdlib files, its
@@ -169,9 +169,9 @@ def one_start(ckpt: Path, engine: str, args) -> dict:
 KEYS = ("start_s", "cpu_s", "cpu_http_s", "peak_http_mib", "peak_engine_mib", "peak_total_mib")
 
 
-def summarize(label: str) -> list[dict]:
-    """Medians per engine over every start in bench/results/serve_start_<label>.jsonl (all its invocations)."""
-    path = ROOT / "bench" / "results" / f"serve_start_{label}.jsonl"
+def summarize(label: str, results: Path) -> list[dict]:
+    """Medians per engine over every start in <results>/serve_start_<label>.jsonl (all its invocations)."""
+    path = results / f"serve_start_{label}.jsonl"
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = []
     for engine in dict.fromkeys(r["engine"] for r in runs if not r.get("summary")):
@@ -202,10 +202,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=4, help="the server's slots (its KV cache is allocated at start)")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--summarize", nargs="+", metavar="LABEL", help="only print the medians of these labels' results")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="the folder of the .jsonl results")
     args = ap.parse_args()
     if args.summarize:
         for label in args.summarize:
-            summarize(label)
+            summarize(label, Path(args.results))
         return
     if not (args.cache and args.label):
         ap.error("--cache and --label are needed (or --summarize)")
@@ -224,7 +225,7 @@ def main() -> None:
     common = {"bench": "serve_start", "label": args.label, "commit": commit, "params_m": round(params / 1e6, 2),
               "weights_mib": weights_mib, "max_batch": args.max_batch, "cpus": os.cpu_count(),
               "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__}
-    out = ROOT / "bench" / "results" / f"serve_start_{args.label}.jsonl"
+    out = Path(args.results) / f"serve_start_{args.label}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         for engine in args.engines.split(","):
@@ -235,8 +236,8 @@ def main() -> None:
                       f"{rec['peak_total_mib']:7.1f} MiB ({rec['processes']} processes)", flush=True)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
-    print(f"{params / 1e6:.1f}M parameters ({weights_mib} MiB of weights); results appended to {out.relative_to(ROOT)}")
-    summarize(args.label)
+    print(f"{params / 1e6:.1f}M parameters ({weights_mib} MiB of weights); results appended to {out}")
+    summarize(args.label, Path(args.results))
 
 
 if __name__ == "__main__":
