@@ -57,19 +57,12 @@ def make_checkpoint(args) -> Path:
     from nextbit.core.checkpoint import save_checkpoint
     from nextbit.core.config import ModelConfig
     from nextbit.core.model import GPT
-    from nextbit.core.tokenizer import train_tokenizer
-    from nextbit.data.sources import stdlib_files
+    from _common import stdlib_tokenizer
 
     out = Path(args.cache) / f"random-d{args.depth}-v{args.vocab_size}" / "checkpoint"
     if (out / "config.json").is_file():
         return out
-    texts, size = [], 0
-    for f in stdlib_files():
-        texts.append(f.read_text(encoding="utf-8", errors="replace"))
-        size += len(texts[-1])
-        if size > 300 * args.tokenizer_vocab:
-            break
-    tok = train_tokenizer(texts, args.tokenizer_vocab)
+    tok = stdlib_tokenizer(args.tokenizer_vocab)
     cfg = ModelConfig(depth=args.depth, vocab_size=args.vocab_size).resolved()
     torch.manual_seed(0)
     model = GPT(cfg)
