@@ -90,3 +90,17 @@ def timed(fn, steps: int, warmup: int, dev: torch.device) -> float:
 def quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def stdlib_tokenizer(vocab: int):
+    """A byte-level BPE of `vocab` tokens trained on the standard library's files (about 300 characters per token)."""
+    from nextbit.core.tokenizer import train_tokenizer
+    from nextbit.data.sources import stdlib_files
+
+    texts, size = [], 0
+    for f in stdlib_files():
+        texts.append(f.read_text(encoding="utf-8", errors="replace"))
+        size += len(texts[-1])
+        if size > 300 * vocab:
+            break
+    return train_tokenizer(texts, vocab)

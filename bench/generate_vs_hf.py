@@ -82,7 +82,10 @@ def base_runner(base, model, tok, args, compiled: bool, plain: bool):
     old = baseline_model(base, model)
     if (Path(base.__file__).parent / "infer" / "engine.py").exists():
         from nextbit_base.infer.engine import Engine
-        from nextbit_base.infer.sampling import SamplingParams
+        try:  # infer/decoding.py; a baseline from before the rename has infer/sampling.py
+            from nextbit_base.infer.decoding import SamplingParams
+        except ImportError:
+            from nextbit_base.infer.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_k=args.top_k, seed=0, stop_token_ids=[])
         eng = Engine(old, tok, compile=compiled and not plain)

@@ -139,3 +139,20 @@ def test_the_docs_name_bench_scripts_results_and_stages_that_exist():
         for args in re.findall(r"bench/gpu_stages\.sh((?: [a-z_]+)+)", text):
             missing += [f"{doc.name}: stage {s}" for s in args.split() if s not in stages]
     assert not missing, missing
+
+
+def test_serve_start_measures_each_engine_at_a_tiny_shape(tmp_path):
+    """bench/serve_start.py starts `nextbit serve` on a random checkpoint (made once in --cache), once per engine, and
+    records the start time and each process's peak memory: with an engine process there are two processes that
+    hold memory, with a thread engine one."""
+    args = [sys.executable, str(ROOT / "bench" / "serve_start.py"), "--cache", str(tmp_path / "cache"), "--label", "t",
+            "--results", str(tmp_path), "--depth", "1", "--vocab-size", "320", "--tokenizer-vocab", "300", "--repeats", "1"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["engine"]: r for r in map(json.loads, (tmp_path / "serve_start_t.jsonl").read_text().splitlines())}
+    assert set(rows) == {"process", "thread"}
+    for r in rows.values():
+        assert r["start_s"] > 0 and r["cpu_s"] > 0 and r["peak_http_mib"] > 50 and r["peak_total_mib"] >= r["peak_http_mib"]
+    assert rows["process"]["peak_engine_mib"] > 50 and rows["process"]["processes"] >= 2
+    assert rows["thread"]["peak_engine_mib"] == 0 and rows["thread"]["processes"] == 1
+    assert "process  1 starts" in out.stdout and "thread   1 starts" in out.stdout

@@ -84,7 +84,7 @@ def server(checkpoint):
         req.params.max_new_tokens = min(req.params.max_new_tokens, need)
 
     def text(self):
-        return self.script[: CHARS_PER_TOKEN * len(self.req.tokens)]
+        return self.script[: CHARS_PER_TOKEN * len(self.tokens)]
 
     def finish_reason(self):
         return None if self.finish is None else ("stop" if self.text() == self.script else "length")

@@ -7,7 +7,7 @@ import torch
 
 from nextbit.core.errors import NextbitError
 from nextbit.infer.decoding import SamplingParams, counter_uniform, cut_at_stop, draw, row_seed, sample_tokens
-from nextbit.infer.engine import Engine, Request, generate
+from nextbit.infer.engine import Engine, Finish, Request, completion, finish_reason, generate
 from nextbit.infer.reference import reference_generate
 
 from conftest import peaky_model
@@ -57,6 +57,26 @@ def test_greedy_equals_the_reference_for_ragged_batches_stop_strings_and_stop_to
     got = eng.generate(prompts, by_string).completions
     _same(got, reference_generate(model, tokenizer, prompts, by_string))
     assert got[0].finish_reason == "stop" and ref[0].text[6:8] not in got[0].text and ref[0].text.startswith(got[0].text)
+
+
+def test_a_finish_keeps_its_word_from_the_engine_to_the_api(model, tokenizer):
+    """The engine's Request.finish is what completion() takes, unchanged: "length" stays "length" (it used to turn
+    into None on the way and back into "length"), a stop token or string is "stop", and only a stop token is cut."""
+    from typing import get_args
+
+    assert set(get_args(Finish)) == {"token", "string", "length", "cancelled"}
+    toks = tokenizer.encode("x = 1") + [tokenizer.end_id]
+    want = {"token": ("stop", toks[:-1]), "string": ("stop", toks), "length": ("length", toks)}
+    for finish, (reason, body) in want.items():
+        c = completion(tokenizer, toks, finish, [])
+        assert (c.finish_reason, c.text, c.tokens) == (reason, tokenizer.decode(body), toks) and finish_reason(finish) == reason
+    eng = Engine(model, tokenizer, compile=False)
+    eng.start(slots=1, max_len=64)
+    req = Request(tokenizer.encode("x"), SamplingParams(max_new_tokens=3, stop_token_ids=[]), 0)
+    eng.submit(req)
+    while eng.busy:
+        eng.step()
+    assert req.finish == "length" and completion(tokenizer, req.tokens, req.finish, []).finish_reason == "length"
 
 
 @pytest.mark.parametrize("temperature,sync_every", [(0.0, 1), (1.0, 1), (1.0, 3)])

@@ -34,9 +34,10 @@ from live import uvicorn_in_thread
 from nextbit.core.chat import render_messages
 from nextbit.core.checkpoint import load_checkpoint, save_checkpoint
 from nextbit.infer.decoding import SamplingParams, cut_at_stop
-from nextbit.infer.engine import Request, generate, stop_ids_for
+from nextbit.infer.engine import generate, stop_ids_for
 from nextbit.infer.sample import SampleConfig, sample
 from nextbit.serve.choices import Choice
+from nextbit.serve.engine_process import Submission
 from nextbit.serve.server import ServeConfig, build_app
 
 KEY, ADMIN = "sk-test-key", "admin-test-key"
@@ -706,7 +707,7 @@ def test_an_engine_fault_mid_stream_is_an_error_event(small):
 def test_the_engine_loop_survives_callers_that_went_away(loaded, ckpt2):
     """A reload or a scoring call whose caller cancelled it (a server shutting down does) is dropped; the loop lives,
     and the reload still takes effect: /v1/models names the checkpoint the engine serves."""
-    from nextbit.serve.core import ServeCheck
+    from nextbit.serve.engine_process import ServeCheck
     from nextbit.serve.runner import EngineRunner
 
     runner = EngineRunner(loaded.tokenizer, str(loaded.path), slots=2, max_len=64, max_waiting=2, model=loaded.model)
@@ -1027,16 +1028,16 @@ def test_streamed_deltas_add_up_to_the_final_text(tokenizer, data):
     ids = data.draw(st.lists(st.sampled_from(plain), max_size=16))
     stops = data.draw(st.lists(st.text(alphabet="ae \n(", min_size=1, max_size=3), max_size=2))
     end = data.draw(st.sampled_from([None, tok.eot_id, tok.end_id]))
-    req = Request([tok.eot_id], SamplingParams(stop=stops), 0)
+    req = Submission([tok.eot_id], SamplingParams(stop=stops), 0)
     c = Choice(0, req, tok, stops)
     streamed, finish = "", "length"
     for t in ids + ([end] if end is not None else []):
-        req.tokens.append(t)
+        c.add(t)
         streamed += c.delta()
         if t in stop_ids_for(tok, req.params):
             finish = "token"
             break
-        if cut_at_stop(tok.decode(req.tokens), stops)[1]:
+        if cut_at_stop(tok.decode(c.tokens), stops)[1]:
             finish = "string"
             break
     c.finish = finish
@@ -1059,12 +1060,12 @@ def test_incremental_text_equals_decoding_the_whole_response(tokenizer, pieces, 
     add up to the final text."""
     ids = [t for p in pieces for t in ([p] if isinstance(p, int) else tokenizer.encode(p))]
     assert len(tokenizer.encode("🙂")) > 1  # a character's bytes over several tokens: a cut can fall inside it
-    req = Request([1], SamplingParams(max_new_tokens=100, stop=stops, stop_token_ids=[]), 0)
+    req = Submission([1], SamplingParams(max_new_tokens=100, stop=stops, stop_token_ids=[]), 0)
     c = Choice(0, req, tokenizer, stops)
     streamed = ""
     for t in ids:
-        req.tokens.append(t)
-        assert c.text() == cut_at_stop(tokenizer.decode(req.tokens), stops)[0]
+        c.add(t)
+        assert c.text() == cut_at_stop(tokenizer.decode(c.tokens), stops)[0]
         streamed += c.delta()
     c.finish = "length"
     streamed += c.delta()
@@ -1189,7 +1190,7 @@ def test_a_broken_pipe_is_an_engine_gone_and_takes_nothing(loaded):
             raise BrokenPipeError(32, "Broken pipe")
 
         runner._conn.send = broken
-        reqs = [Request([1, 2], SamplingParams(max_new_tokens=2), 0) for _ in range(2)]
+        reqs = [Submission([1, 2], SamplingParams(max_new_tokens=2), 0) for _ in range(2)]
         with pytest.raises(EngineGone):
             runner.submit_many(reqs, [lambda e: None] * 2)
         assert runner.load == (0, 0)
@@ -1201,9 +1202,35 @@ def test_a_broken_pipe_is_an_engine_gone_and_takes_nothing(loaded):
         runner.stop()
 
 
+def test_the_http_side_reads_no_weights_and_the_engine_process_checks_them(ckpt, tmp_path):
+    """With an engine process, the HTTP side reads the config and the tokenizer only (the model is a shape on the
+    meta device): a checkpoint whose weights do not match their hash builds an app, and the engine process, which
+    loads them, refuses them in one line."""
+    import shutil
+
+    from nextbit.serve.engine_process import core_process
+    from nextbit.serve.runner import thread_pipe
+
+    bad = tmp_path / "checkpoint"
+    shutil.copytree(ckpt, bad)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a flipped byte in the last tensor: still readable, no longer the recorded hash
+    weights.write_bytes(bytes(data))
+    app, runner, ck = build_app(ServeConfig(checkpoint=str(bad), device="cpu"))  # --engine process, not started
+    assert {p.device.type for p in ck.model.parameters()} == {"meta"}
+    assert ck.model.num_params() == load_checkpoint(ckpt).model.num_params() and app.state.nextbit.max_len == CTX
+    ours, theirs = thread_pipe()
+    core_process(theirs, str(bad), "cpu", 2, 64, 1)  # the engine process's main, here
+    kind, why = ours.recv()
+    assert kind == "failed" and "does not match its recorded hash" in why and "\n" not in why
+    with pytest.raises(Exception, match="recorded hash"):
+        build_app(ServeConfig(checkpoint=str(bad), device="cpu", engine="thread"))  # a thread engine loads them here
+
+
 def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
     from nextbit.core.errors import NextbitError
-    from nextbit.serve.core import core_process
+    from nextbit.serve.engine_process import core_process
     from nextbit.serve.runner import EngineRunner, thread_pipe
 
     ours, theirs = thread_pipe()
@@ -1215,7 +1242,9 @@ def test_an_engine_process_that_cannot_start_says_why(loaded, tmp_path):
         runner.start()
     assert not runner.alive
     r = run_main("serve", loaded.path, "--engine", "fork")
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["nextbit: error: --engine must be process or thread, got 'fork'"], r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "nextbit: error: argument --engine: invalid choice: 'fork' (choose from 'process', 'thread') "
+        "(`nextbit serve --help` lists the options)"], r.stderr
     r = run_main("serve", loaded.path, "--engine", "thread", "--engine-threads", "2")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "nextbit: error: --engine-threads is for --engine process (a thread engine uses this process's torch threads)"], r.stderr

@@ -210,10 +210,9 @@ def read_train_state(path: str | Path) -> Optional[dict]:
         raise NextbitError(f"checkpoint {path} has corrupted training state: {e}")
 
 
-def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", *, with_train_state: bool = False, verify: bool = True
-) -> Checkpoint:
-    p = resolve(path)
+def _open(p: Path, device: str | torch.device, verify: bool = False) -> tuple[dict, Tokenizer, GPT]:
+    """A checkpoint's config.json, its tokenizer (checked against the recorded hash) and its model built on `device`,
+    weights not loaded (`verify`: model.safetensors checked against its recorded hash first)."""
     info = read_info(p)
     weights = p / "model.safetensors"
     if not weights.is_file():
@@ -222,14 +221,32 @@ def load_checkpoint(
         raise NextbitError(f"checkpoint {p} is corrupted or truncated: model.safetensors does not match its recorded hash")
     tokenizer = Tokenizer.load(p)
     tokenizer.check_hash(info["tokenizer_hash"], f"checkpoint {p}")
+    with torch.device(device):
+        model = GPT(ModelConfig.from_dict(info["model"]))
+        for name in info.get("heads", []):
+            model.add_scalar_head(name)
+    return info, tokenizer, model
+
+
+def load_shape(path: str | Path) -> Checkpoint:
+    """A checkpoint without its weights: config, tokenizer, metadata, and the model on the meta device (its shape,
+    heads and parameter count; no memory). What a process that never runs the model needs (the server's HTTP side).
+    The weights are neither read nor hashed: the process that loads them checks them."""
+    p = resolve(path)
+    info, tokenizer, model = _open(p, "meta")
+    return Checkpoint(p, model, tokenizer, info)
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", *, with_train_state: bool = False, verify: bool = True
+) -> Checkpoint:
+    p = resolve(path)
+    info, tokenizer, model = _open(p, "cpu", verify)
     try:
-        state = load_file(str(weights))
+        state = load_file(str(p / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise NextbitError(f"checkpoint {p} is corrupted: {e}")
-    cfg = ModelConfig.from_dict(info["model"])
-    model = GPT(cfg)
-    for name in info.get("heads", []):
-        model.add_scalar_head(name)
+    cfg = model.cfg
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

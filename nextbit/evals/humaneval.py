@@ -189,7 +189,7 @@ def sample_checkpoint(cfg: HumanEvalConfig, ck, problems: list[dict], stops: lis
         while eng.busy:
             for r in eng.step():
                 s = rows.pop(id(r))
-                c = completion(tok, r.tokens, r.finish if r.finish != "length" else None, stops)
+                c = completion(tok, r.tokens, r.finish, stops)
                 s.completion, s.finish_reason = c.text, c.finish_reason
                 done(s)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,18 @@ RUN_COST = 512
 MAX_RUNS = 32  # rows are grouped into at most this many blocks before the runs are chosen
 
 
+# Why a request ended: its stop token, a stop string, its length limit (max_new_tokens, or the context), or dropped
+# (its client went away). One vocabulary from the engine through the engine process to the server; the API's word
+# for it is finish_reason(finish).
+Finish = Literal["token", "string", "length", "cancelled"]
+FinishReason = Literal["stop", "length"]  # OpenAI's finish_reason (and Completion's)
+
+
+def finish_reason(finish: Finish) -> FinishReason:
+    """"length" for a request that reached its length limit, "stop" for one that a stop token or string ended."""
+    return "length" if finish == "length" else "stop"
+
+
 @dataclass
 class TokenLogprobs:
     """A token's log-probability under the model (the raw distribution: temperature 1, no top-k / top-p), and the
@@ -56,7 +68,7 @@ class TokenLogprobs:
 class Completion:
     tokens: list[int]  # generated tokens, up to and including a stop token if one ended it
     text: str  # decoded, cut before any stop string / stop token
-    finish_reason: str  # "stop" or "length"
+    finish_reason: FinishReason
 
 
 @dataclass
@@ -67,10 +79,10 @@ class Generation:
     prompt_len: int  # P, the padded prompt length
 
 
-def completion(tokenizer, tokens: list[int], finish: Optional[str], stop: Sequence[str]) -> Completion:
-    """finish: "token" (ended by a stop token, which is left out of the text), "string" or None (the length limit)."""
+def completion(tokenizer, tokens: list[int], finish: Finish, stop: Sequence[str]) -> Completion:
+    """The finished request's text: a stop token that ended it ("token") is left out, and so is a stop string."""
     body = tokens[:-1] if finish == "token" else tokens
-    return Completion(list(tokens), cut_at_stop(tokenizer.decode(body), stop)[0], "stop" if finish else "length")
+    return Completion(list(tokens), cut_at_stop(tokenizer.decode(body), stop)[0], finish_reason(finish))
 
 
 def stop_ids_for(tokenizer, params: SamplingParams) -> list[int]:
@@ -96,7 +108,7 @@ class Request:
     params: SamplingParams
     seed: int  # this row's random stream (see sampling.row_seed)
     tokens: list[int] = field(default_factory=list)  # generated so far
-    finish: Optional[str] = None  # "token" | "string" | "length" once done ("cancelled" if dropped)
+    finish: Optional[Finish] = None  # once done
     slot: int = -1
     logprobs: int = -1  # >= 0: also report each token's log-probability and this many top alternatives (<= TOP_LOGPROBS)
     on_token: Optional[Callable[["Request", int, Optional["TokenLogprobs"]], None]] = None  # every generated token (streaming)
@@ -566,7 +578,7 @@ class Engine:
             row = r.prompt + r.tokens
             tokens[i, P - len(r.prompt) : P + len(r.tokens)] = torch.tensor(row)
             valid[i, P - len(r.prompt) : P + len(r.tokens)] = True
-        comps = [completion(self.tokenizer, r.tokens, r.finish if r.finish != "length" else None, r.params.stop) for r in reqs]
+        comps = [completion(self.tokenizer, r.tokens, r.finish, r.params.stop) for r in reqs]
         return Generation(comps, tokens.to(self.device), valid.to(self.device), P)
 
 

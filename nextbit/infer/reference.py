@@ -22,7 +22,7 @@ def reference_generate(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
     one = lambda x, dtype=torch.float32: torch.tensor([x], dtype=dtype, device=dev)  # noqa: E731
     out = []
     for i, prompt in enumerate(prompts):
-        seq, new, finish = list(prompt), [], None
+        seq, new, finish = list(prompt), [], "length"
         counts, bias = torch.zeros(1, vocab, device=dev), torch.zeros(1, vocab, device=dev)
         for tok_id, b in (params.logit_bias or {}).items():
             bias[0, tok_id] = b
@@ -41,7 +41,7 @@ def reference_generate(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], 
                 finish = "token"
             elif params.stop and cut_at_stop(tokenizer.decode(new), params.stop)[1]:
                 finish = "string"
-            if finish:
+            if finish != "length":
                 break
         out.append(completion(tokenizer, new, finish, params.stop))
     return out

@@ -1,11 +1,12 @@
-"""The HTTP side's handle on the engine core (serve/core.py), which runs in its own process or in a thread.
+"""The HTTP side's handle on the engine core (serve/engine_process.py), which runs in its own process or in a thread.
 
     runner = EngineRunner(tokenizer, checkpoint, slots=32, max_len=1024, max_waiting=256, device="cpu")  # a process
     runner = EngineRunner(tokenizer, checkpoint, ..., model=model)    # the core in a thread of this process
     runner.start()
     sink = Sink(asyncio_loop)        # where one API request's events land, in its event loop
-    runner.submit(request, runner.emitter(sink))   # events: ("token",) | ("done", finish) | ("error", message)
-    runner.cancel(request)           # the client went away: its slot is freed at the next step
+    runner.submit(submission, runner.emitter(sink))
+        # events: ("token", token, TokenLogprobs | None) | ("done", Finish) | ("error", message)
+    runner.cancel(submission)        # the client went away: its slot is freed at the next step
     await runner.score(ids, top)     # each prompt token's log-probability (echo), between two engine steps
     await runner.reload(path, check) # swap in another checkpoint, once the running rows have finished (logged on stderr)
 
@@ -13,8 +14,10 @@ Why a process: on a 2-core CPU the engine thread and the event loop fought over 
 returned waited for the event loop to let go of it (BENCHMARKS.md, serving). Messages are plain tuples on a duplex
 connection (a multiprocessing Pipe, or a pair of queues for a thread), so both cores see the same protocol.
 
-A receiver thread reads the core's news (one message per engine step), moves each request on (its tokens, its
-log-probabilities, its end) and hands the events to asyncio in one call_soon_threadsafe per event loop and message.
+The wire carries a Submission (prompt ids, sampling parameters, seed, logprobs); the engine's Request lives in the
+core only, and the caller keeps its own record of what comes back. A receiver thread reads the core's news (one
+message per engine step) and hands each request's events (its tokens with their log-probabilities, its end) to
+asyncio in one call_soon_threadsafe per event loop and message.
 The number of requests in the server (running and waiting) is bounded here: submit raises QueueFull past it. If the
 core goes away (its process killed), every request held fails with an error event and `alive` turns False.
 """
@@ -34,8 +37,8 @@ from typing import Any, Callable, Optional
 
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
-from nextbit.infer.engine import Request, TokenLogprobs
-from nextbit.serve.core import EngineCore, ServeCheck, core_process
+from nextbit.infer.engine import TokenLogprobs
+from nextbit.serve.engine_process import EngineCore, ServeCheck, Submission, core_process
 
 Emit = Callable[[tuple], None]
 READY_TIMEOUT = 600.0  # seconds a new engine process may take to load the checkpoint (a large model on a slow disk)
@@ -126,8 +129,8 @@ class EngineRunner:
             self._conn, theirs = thread_pipe()
             self.core = in_fresh_thread(lambda: EngineCore(theirs, model, tokenizer, checkpoint, slots=slots, max_len=max_len,
                                                            device=next(model.parameters()).device))
-        self._held: dict[int, tuple[Request, Emit]] = {}  # every request in the server, by its id on the wire
-        self._rid: dict[int, int] = {}  # id(request) -> its id on the wire
+        self._held: dict[int, tuple[Submission, Emit]] = {}  # every request in the server, by its id on the wire
+        self._rid: dict[int, int] = {}  # id(submission) -> its id on the wire
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count()
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events posted since the last flush, per event loop
@@ -209,10 +212,10 @@ class EngineRunner:
         return running, max(0, len(self._held) - running)
 
     # ---- requests -------------------------------------------------------------------------------------------------
-    def submit(self, req: Request, emit: Emit) -> None:
+    def submit(self, req: Submission, emit: Emit) -> None:
         self.submit_many([req], [emit])
 
-    def submit_many(self, reqs: list[Request], emits: list[Emit]) -> None:
+    def submit_many(self, reqs: list[Submission], emits: list[Emit]) -> None:
         """All or none: a request with n choices is admitted whole."""
         with self._lock:
             if self._gone:
@@ -224,7 +227,7 @@ class EngineRunner:
                 rids.append(next(self._ids))
                 self._held[rids[-1]], self._rid[id(r)] = (r, e), rids[-1]
         try:
-            self._send(*[("submit", rid, r.prompt, r.params, r.seed, r.logprobs) for rid, r in zip(rids, reqs)])
+            self._send(*[("submit", rid, r) for rid, r in zip(rids, reqs)])
         except EngineGone:
             with self._lock:  # never taken: nobody will be told of them
                 for rid, r in zip(rids, reqs):
@@ -232,7 +235,7 @@ class EngineRunner:
                     self._rid.pop(id(r), None)
             raise
 
-    def cancel(self, req: Request) -> None:
+    def cancel(self, req: Submission) -> None:
         rid = self._rid.get(id(req))
         if rid is not None:
             try:
@@ -326,30 +329,17 @@ class EngineRunner:
     def _event(self, rid: int, kind: str, *rest) -> None:
         if kind == "token":
             held = self._held.get(rid)
-            if held is None:
-                return
-            req = held[0]
-            t, logprob, top = rest
-            lp = None if logprob is None else TokenLogprobs(logprob, [tuple(x) for x in top])
-            req.tokens.append(t)
-            if lp is not None:
-                req.token_logprobs.append(lp)
-            if req.on_token is not None:
-                req.on_token(req, t, lp)
+            if held is not None:
+                t, logprob, top = rest
+                held[1](("token", t, None if logprob is None else TokenLogprobs(logprob, [tuple(x) for x in top])))
             return
         with self._lock:
             held = self._held.pop(rid, None)
             if held is None:
                 return
             self._rid.pop(id(held[0]), None)
-        req, emit = held
-        if kind == "done":
-            req.finish = rest[0]
-            emit(("done", rest[0]))
-        elif kind == "error":
-            emit(("error", rest[0]))
-        else:  # dropped: its client is gone, nobody waits
-            req.finish = req.finish or "cancelled"
+        if kind in ("done", "error"):  # dropped: its client is gone, nobody waits
+            held[1]((kind, rest[0]))
 
     def _reply(self, cid: int, ok: bool, value: Any) -> None:
         with self._lock:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from nextbit.core.checkpoint import load_checkpoint, load_shape
 from nextbit.core.options import check as check_options, opt
-from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.device import pick_device
 from nextbit.core.errors import NextbitError
 from nextbit.core.net import listen
@@ -51,7 +51,7 @@ class ServeConfig:
 def build_app(cfg: ServeConfig):
     """The app and its engine loop (not yet started), from the config: what `serve` runs and tests start."""
     from nextbit.serve.app import create_app
-    from nextbit.serve.core import check_servable, default_threads
+    from nextbit.serve.engine_process import check_servable, default_threads
     from nextbit.serve.runner import EngineRunner, in_fresh_thread
     from nextbit.serve.serving import ServerState
 
@@ -61,9 +61,9 @@ def build_app(cfg: ServeConfig):
     key = read_key(cfg.api_key, cfg.api_key_file)
     device = pick_device(cfg.device)
     in_process = cfg.engine == "thread"
-    # The HTTP side needs the tokenizer and the model's shape; with an engine process, only that process holds the
-    # model on the device. No torch work in this (the HTTP) thread: see in_fresh_thread.
-    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device if in_process else "cpu"))
+    # With an engine process, the HTTP side reads the tokenizer and the model's shape only (no weights, no hash): that
+    # process alone loads and checks the weights. No torch work in this (the HTTP) thread: see in_fresh_thread.
+    ck = in_fresh_thread(lambda: load_checkpoint(cfg.checkpoint, device) if in_process else load_shape(cfg.checkpoint))
     check_servable(ck)
     ctx = ck.model.cfg.seq_len
     max_len = cfg.max_model_len or ctx
@@ -73,8 +73,6 @@ def build_app(cfg: ServeConfig):
     threads = cfg.engine_threads or (default_threads() if device.type == "cpu" else 0)
     runner = EngineRunner(ck.tokenizer, str(ck.path.resolve()), slots=cfg.max_batch, max_len=max_len, max_waiting=cfg.max_waiting,
                           device=device, model=ck.model if in_process else None, threads=threads)
-    if not in_process:  # this process keeps the shape only: the engine process holds the weights
-        ck.model.to("meta")
     state = ServerState(runner, ck.tokenizer, name, max_len, key, cfg.admin_key or key, cfg.max_n, cfg.max_body_bytes, str(device))
     return create_app(state), runner, ck
 

@@ -24,10 +24,9 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 from nextbit.core.chat import render_messages
 from nextbit.core.errors import NextbitError
 from nextbit.core.tokenizer import SPECIAL_TOKENS
-from nextbit.infer.engine import Request as EngineRequest
 from nextbit.infer.decoding import row_seed
 from nextbit.serve.choices import Choice, legacy_logprobs
-from nextbit.serve.core import ServeCheck
+from nextbit.serve.engine_process import ServeCheck, Submission
 from nextbit.serve.metrics import Metrics
 from nextbit.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest
 from nextbit.serve.runner import EngineFailed, EngineGone, EngineRunner, QueueFull, ReloadSuperseded, Sink
@@ -130,8 +129,8 @@ class Serving:
         for i, (ids, m) in enumerate(zip(prompts, max_new)):
             for j in range(req.n):
                 params = req.sampling_params(m, tok.vocab_size, stop_ids)
-                out.append(Choice(len(out), EngineRequest(ids, params, row_seed(base + i if req.seed is None else base, j),
-                                                          logprobs=logprobs), tok, req.stops()))
+                out.append(Choice(len(out), Submission(ids, params, row_seed(base + i if req.seed is None else base, j),
+                                                       logprobs=logprobs), tok, req.stops()))
         return out
 
     async def run(self, choices: list[Choice], disconnected: Disconnected, t0: float) -> AsyncIterator[Choice]:
@@ -139,17 +138,12 @@ class Serving:
         A client that goes away cancels whatever is still running."""
         runner, metrics = self.state.runner, self.metrics
         sink = Sink(asyncio.get_running_loop())
-        reqs = [c.req for c in choices]
-        by_req = {id(c.req): c for c in choices}
+        by_id = {id(c): c for c in choices}
         last: dict[int, float] = {}
         emit = runner.emitter(sink)
-        ends = []
-        for c in choices:
-            c.req.on_token = lambda r, t, lp: emit((id(r), "token"))
-            ends.append(lambda event, rid=id(c.req): emit((rid, *event)))
         self.need_engine()
         try:
-            runner.submit_many(reqs, ends)
+            runner.submit_many([c.req for c in choices], [lambda event, rid=id(c): emit((rid, *event)) for c in choices])
         except QueueFull:
             raise WebError(429, "the server is at capacity; retry shortly", type_="rate_limit_error", headers={"Retry-After": "1"})
         except EngineGone:
@@ -166,8 +160,9 @@ class Serving:
                         return
                 moved: dict[int, Choice] = {}  # the choices that moved on, in order: one chunk each for all their news
                 for stamp, (rid, kind, *rest) in events:
-                    c = moved[rid] = by_req[rid]
+                    c = moved[rid] = by_id[rid]
                     if kind == "token":
+                        c.add(*rest)
                         metrics.generation_tokens.inc()
                         (metrics.itl.observe(stamp - last[rid]) if rid in last else metrics.ttft.observe(stamp - t0))
                         last[rid] = stamp
@@ -320,7 +315,7 @@ class Serving:
         def piece(c: Choice) -> Optional[dict]:
             text, lp = c.delta(), None
             if req.logprobs:
-                n = len(c.req.tokens)
+                n = len(c.tokens)
                 lp = c.chat_logprobs(sent_lp[c.index], n)
                 sent_lp[c.index] = n
             return chunk(c, {"content": text} if text else {}, c.finish_reason, lp) if text or c.done or (lp and lp["content"]) else None
@@ -388,7 +383,7 @@ class Serving:
 
 
 def usage(choices: list[Choice], prompt_tokens: int) -> dict:
-    completion = sum(len(c.req.tokens) for c in choices)
+    completion = sum(len(c.tokens) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 

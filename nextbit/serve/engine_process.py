@@ -2,9 +2,10 @@
 thread of the server's process. It talks to the HTTP side (serve/runner.py) only through messages on a duplex
 connection, so the two sides never share a GIL when they are two processes (vLLM's engine core does the same).
 
-Messages to the core (plain tuples; ids are the HTTP side's, `cid` names a call that gets a reply):
+Messages to the core (tuples of plain values and small dataclasses; ids are the HTTP side's, `cid` names a call that
+gets a reply):
 
-    ("submit", rid, prompt, params, seed, logprobs)   a request joins the queue (and the batch at the next step)
+    ("submit", rid, Submission)                       a request joins the queue (and the batch at the next step)
     ("cancel", rid)                                   its client went away: its slot is freed at once
     ("score", cid, ids, top)                          each token's log-probability (echo), between two steps
     ("reload", cid, checkpoint, check)                load a checkpoint (in a short-lived thread), check it, and swap
@@ -15,9 +16,12 @@ Messages from the core, one per loop turn that had news (so one per engine step 
 
     ("ready", info) | ("failed", message)             first, once: the core is up, or why it could not start
     ("news", events, replies, (running, waiting))
-        events:  (rid, "token", token, logprob, top) | (rid, "done", finish) | (rid, "error", message) | (rid, "dropped")
+        events:  (rid, "token", token, logprob, top) | (rid, "done", Finish) | (rid, "error", message) | (rid, "dropped")
         replies: (cid, True, value) | (cid, False, (kind, message))    kind: "bad_checkpoint" | "superseded" | "failed"
     ("bye",)                                          last: the core stopped
+
+The engine's Request lives here only: it is built from the Submission, and the HTTP side keeps its own record of
+what it streams (serve/choices.py).
 
 A fault inside a step fails the requests in that batch only; the core starts the engine afresh and keeps serving the
 queue. A reload takes effect between steps: no request fails and none mixes two models' weights.
@@ -40,8 +44,19 @@ from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
 from nextbit.core.model import GPT
 from nextbit.infer.engine import Engine, Request
+from nextbit.infer.decoding import SamplingParams
 
 IDLE_POLL = 0.05  # seconds the core waits for a message when it has nothing to decode
+
+
+@dataclass(frozen=True, eq=False)  # a submission is itself: two alike requests are still two
+class Submission:
+    """One request as the wire carries it to the engine core: what the engine needs to run it, nothing it reports."""
+
+    prompt: list[int]
+    params: SamplingParams
+    seed: int  # the row's random stream (sampling.row_seed)
+    logprobs: int = -1  # >= 0: report each token's log-probability and this many top alternatives
 
 
 @dataclass(frozen=True)
@@ -130,8 +145,8 @@ class EngineCore:
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "submit":
-            _, rid, prompt, params, seed, logprobs = msg
-            req = Request(prompt, params, seed, logprobs=logprobs)
+            _, rid, sub = msg
+            req = Request(sub.prompt, sub.params, sub.seed, logprobs=sub.logprobs)
             req.on_token = lambda r, t, lp, rid=rid: self.events.append(
                 (rid, "token", t, None if lp is None else lp.logprob, None if lp is None else lp.top))
             self.reqs[rid] = req
