@@ -272,7 +272,8 @@ def few_rows(command, n=8):
 
 @pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
 def test_stage_resolves_steps_and_lr_into_a_copy(work, tmp_path, command):
-    """--steps 0 and --lr 0 are resolved into a copy that config.json records; the caller's config is left as it was."""
+    """--steps 0 and --lr not given are resolved into a copy that config.json records; the caller's config is left
+    as it was."""
     import copy
 
     from nextbit.core.config import default_lr
@@ -283,7 +284,7 @@ def test_stage_resolves_steps_and_lr_into_a_copy(work, tmp_path, command):
     rec = json.loads((tmp_path / "run" / "config.json").read_text())
     assert rec["loop"]["steps"] == res["step"] == 3  # ceil(1.5 passes x 8 rows / 4 a step)
     assert rec["loop"]["lr"] == pytest.approx(LR_SCALE[command] * default_lr(64))
-    assert cfg == before and cfg.loop.steps == 0 and cfg.loop.lr == 0.0
+    assert cfg == before and cfg.loop.steps == 0 and cfg.loop.lr is None
 
 
 @pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
@@ -398,10 +399,10 @@ def test_ppo_default_eval_size_scales_with_the_prompt_file(work, sft_run, rm_run
     ("sft", ["--micro-batch", "-1"], "--micro-batch must be >= 0"),
     ("sft", ["--max-len", "1"], "--max-len must be in [2, 64]"),
     ("sft", ["--epochs", "0"], "--epochs must be > 0"),
-    ("reward", ["--pool", "max"], "--pool must be last or mean, got 'max'"),
+    ("reward", ["--pool", "max"], "argument --pool: invalid choice: 'max' (choose from 'last', 'mean')"),
     ("dpo", ["--beta", "0"], "--beta must be > 0, got 0.0"),
     ("ppo", ["--minibatch", "0"], "--minibatch must be in [1, --batch-size 64], got 0"),
-    ("ppo", ["--eval-size", "-2"], "--eval-size must be >= 0 (or -1: auto), got -2"),
+    ("ppo", ["--eval-size", "-2"], "--eval-size must be >= -1, got -2"),
     ("compare", ["--labeler", "web"], "--labeler web: unknown labeler 'web'"),
     ("compare", ["--random-frac", "2"], "--random-frac must be in [0, 1], got 2.0"),
 ])
@@ -416,7 +417,8 @@ def test_option_errors_name_the_flag(work, tmp_path, capsys, command, flags, say
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith(f"nextbit: error: {says}") and err.count("\n") == 1, err
+    usage = says.startswith("argument ")  # argparse refuses a value not among a flag's choices: a usage error, exit 2
+    assert e.value.code == (2 if usage else 1) and err.startswith(f"nextbit: error: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
 

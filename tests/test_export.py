@@ -374,7 +374,10 @@ def test_cli_bad_input(cli, folders, tmp_path):
     ck, hf_dir = folders("llama-tied")
     one_line_error(cli("export", tmp_path / "nope", "--out", tmp_path / "x"), "checkpoint not found")
     one_line_error(cli("export", ck), "--out is required")
-    one_line_error(cli("export", ck, "--out", tmp_path / "x", "--dtype", "int8"), "--dtype must be one of")
+    code, _, err = cli("export", ck, "--out", tmp_path / "x", "--dtype", "int8")  # argparse's usage error: one line, exit 2
+    assert code == 2 and err.strip().splitlines() == [
+        "nextbit: error: argument --dtype: invalid choice: 'int8' (choose from 'float32', 'bfloat16', 'float16') "
+        "(`nextbit export --help` lists the options)"]
     one_line_error(cli("export", ck, "--out", ck.parent, "--force"), "holds the input")  # would delete what it reads
     one_line_error(cli("import", tmp_path / "nope", "--out", tmp_path / "y"), "Hugging Face folder not found")
     one_line_error(cli("import", "Qwen/Qwen3-0.6B", "--out", tmp_path / "y"), "local folders only")

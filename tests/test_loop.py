@@ -299,12 +299,13 @@ def test_bad_input_is_one_line_and_writes_nothing(work, labelled, tmp_path, caps
         (["--db", labelled, *base, "--policy", reward], "is a reward model (it has a 'reward' head)"),
         (["--db", labelled, *base, "--serve", f"http://127.0.0.1:{free_port()}"], "no server answering"),
         (["--db", labelled, *base, "--prompts", tmp_path / "none.jsonl"], "--prompts: file not found"),
-        (["--db", labelled, *base, "--aggregate", "mean"], "--aggregate must be one of none, majority"),
         (["--db", labelled, *base, "--labeler", "psychic"], "unknown labeler 'psychic'"),
         (["--db", labelled, *base, "--labeler", f"oracle:classifier:{tmp_path}"], "--labeler: no classifier at"),
         (["--db", labelled, *base, "--prompts", once], "1 distinct prompt; a round needs at least 2"),
         (["--db", labelled, *base, "--ppo-minibatch", "9"], "--ppo-minibatch must be in [1, --ppo-batch 8], got 9"),
     ]
+    code, err = run_loop(capsys, "--db", labelled, *base, "--aggregate", "mean", "--out", tmp_path / "agg")
+    assert code == 2 and err.count("\n") == 1 and "argument --aggregate: invalid choice: 'mean'" in err, err  # argparse's
     for i, (args, says) in enumerate(cases):
         out = tmp_path / f"out{i}"
         code, err = run_loop(capsys, *args, "--out", out)
