@@ -53,7 +53,8 @@ def environment_error(e: BaseException) -> str | None:
     library is loaded, so none is imported for it."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+    oom = None if torch is None else getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # 2.5+ / 2.4
+    if oom is not None and isinstance(e, oom):
         return f"out of memory on the device ({first[:200]}); lower --micro-batch (or --batch-tokens, --max-batch)"
     httpx = sys.modules.get("httpx")
     if httpx is not None and isinstance(e, httpx.HTTPError):

@@ -403,6 +403,8 @@ def test_ppo_default_eval_size_scales_with_the_prompt_file(work, sft_run, rm_run
     ("dpo", ["--beta", "0"], "--beta must be > 0, got 0.0"),
     ("ppo", ["--minibatch", "0"], "--minibatch must be in [1, --batch-size 64], got 0"),
     ("ppo", ["--eval-size", "-2"], "--eval-size must be >= -1, got -2"),
+    ("ppo", ["--lr", "0"], "--lr must be > 0, got 0"),  # not given is derived; 0 is no learning rate
+    ("sft", ["--lr", "0"], "--lr must be > 0, got 0"),
     ("compare", ["--labeler", "web"], "--labeler web: unknown labeler 'web'"),
     ("compare", ["--random-frac", "2"], "--random-frac must be in [0, 1], got 2.0"),
 ])

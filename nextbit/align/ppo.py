@@ -79,7 +79,7 @@ class PPOConfig:
     batch_size: int = opt(64, "rollouts per step", ge=1)
     minibatch: int = opt(16, "rollouts per gradient step")
     ppo_epochs: int = opt(4, "passes over each batch of rollouts", ge=1)
-    lr: float = opt(0.0, "AdamW LR; 0 = 1/20 of the pretraining default for the width", ge=0)
+    lr: Optional[float] = opt(None, "AdamW LR; default: 1/20 of the pretraining default for the width", gt=0)
     max_new_tokens: int = opt(24, "response length limit", ge=1)
     temperature: float = opt(1.0, "rollout temperature (1 keeps the KL estimate honest)", gt=0)
     init_kl_coef: float = opt(0.1, "beta at the start", ge=0)

@@ -61,7 +61,7 @@ SIZES = {
     # same agreement); a 124M backbone pretrained to 4 passes would be overwritten at that rate, so the gpu size takes
     # `nextbit reward`'s default for its width (0.25 x 2e-3 x sqrt(256/768), about 3e-4). Unmeasured on a GPU.
     "gpu": dict(depth=12, seq_len=256, vocab_size=8192, pretrain_minutes=2.0, batch_tokens=65536, ppo_steps=100, ppo_batch=256,
-                eval_prompts=1024, compile=True, eval_every=50, reward_lr=0.0),
+                eval_prompts=1024, compile=True, eval_every=50, reward_lr=None),
 }
 
 
@@ -78,7 +78,7 @@ class SentimentConfig:
                                    "snippets")
     pretrain_minutes: float = opt(0.0, "0 = the size's default")
     ppo_steps: int = opt(0, "0 = the size's default")
-    ppo_lr: float = opt(0.0, "0 = PPO's default for the width")
+    ppo_lr: Optional[float] = opt(None, "PPO's AdamW LR; default: `nextbit ppo`'s for the width", gt=0)
     init_kl_coef: float = opt(0.1, "PPO's starting beta")
     target_kl: float = opt(8.0, "PPO's adaptive-controller target, nats per continuation")
     kl_horizon: int = opt(0, "the controller's horizon in rollouts; 0 = a tenth of the run's (beta can move e^±2 in a "

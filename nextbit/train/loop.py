@@ -126,6 +126,8 @@ class TrainLoop:
                 print(note, file=sys.stderr, flush=True)
             self.model.load_state_dict(ck.model.state_dict())
             resume_train_state = ck
+        if cfg.lr is None:  # the stages resolve it (pretrain.resolve, stage.prepare_stage) before a loop is built
+            raise NextbitError("the training loop needs a resolved --lr (the stage derives it from the model width)")
         lr = cfg.lr
         self._shard(self.model)  # sharded subclasses (FSDP) shard here, before the optimizer sees the parameters
         opt_name = "adamw" if cfg.optimizer == "auto" else cfg.optimizer  # stages that want Muon say so

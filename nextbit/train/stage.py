@@ -46,7 +46,7 @@ UNCAPPED = 10**9  # the step cap of a --time-budget run given neither --steps no
 
 def stage_lr(command: str, lr: float, width: int) -> float:
     """The peak learning rate: `lr` when given, else the stage's share of the pretraining default for `width`."""
-    return lr or LR_SCALE[command] * default_lr(width)
+    return lr if lr is not None else LR_SCALE[command] * default_lr(width)
 
 
 def freeze_unused(model, keep_lm_head: bool, keep_head: str = "") -> None:

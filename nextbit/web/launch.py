@@ -33,7 +33,10 @@ def base_url(host: str, sock: socket.socket) -> str:
 def preload() -> None:
     """Import before serving what the first streamed response would import: anyio's asyncio backend, which Starlette's
     StreamingResponse loads lazily (a fifth of a second here, during which the first stream's tokens wait)."""
-    importlib.import_module("anyio._backends._asyncio")
+    try:
+        importlib.import_module("anyio._backends._asyncio")
+    except ImportError:  # anyio moved it: the first stream imports what it needs, a little later
+        pass
 
 
 def run(app, sock: socket.socket, *, name: str, log_level: str, shutdown_timeout: float,
@@ -42,7 +45,8 @@ def run(app, sock: socket.socket, *, name: str, log_level: str, shutdown_timeout
     import uvicorn
 
     preload()
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    host, port = sock.getsockname()[:2]  # what uvicorn's own start-up line names
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
@@ -60,9 +64,13 @@ def in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "war
     from nextbit.core.net import listen
 
     uvicorn = need_uvicorn("the in-process server", "serve")
-    sock = listen(host, port)
     preload()
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+    sock = listen(host, port)
+    try:
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+    except BaseException:
+        sock.close()
+        raise
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
