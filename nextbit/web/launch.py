@@ -44,10 +44,9 @@ def run(app, sock: socket.socket, *, name: str, log_level: str, shutdown_timeout
     """Serve `app` on `sock` until Ctrl-C; then `on_stop()`, the socket closed and "NAME: stopped" on stderr."""
     import uvicorn
 
-    preload()
-    host, port = sock.getsockname()[:2]  # what uvicorn's own start-up line names
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
-    try:
+    try:  # a Ctrl-C from here on (the banner is out) ends like one while serving
+        preload()
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         try:
