@@ -123,10 +123,14 @@ def test_read_key(tmp_path):
     (tmp_path / "key").write_text("  secret\n")
     assert read_key(None, str(tmp_path / "key")) == "secret"
     (tmp_path / "empty").write_text("\n")
+    (tmp_path / "accent").write_text("sécret\n")
     for args, says in [(("k", str(tmp_path / "key")), "give --api-key or --api-key-file, not both"),
                        ((None, str(tmp_path / "nope")), "--api-key-file not found"),
                        ((None, str(tmp_path / "empty")), "--api-key-file"),
-                       (("k", str(tmp_path / "key"), "--serve-key"), "give --serve-key or --serve-key-file, not both")]:
+                       (("k", str(tmp_path / "key"), "--serve-key"), "give --serve-key or --serve-key-file, not both"),
+                       (("clé", None), "--api-key: a key must be printable ASCII without spaces"),
+                       (("two words", None), "a key must be printable ASCII"),
+                       ((None, str(tmp_path / "accent")), "--api-key-file .*accent: a key must be printable ASCII")]:
         with pytest.raises(NextbitError, match=says):
             read_key(*args)
 

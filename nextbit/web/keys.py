@@ -1,6 +1,7 @@
 """The key-file reader: a secret given on the command line (`--api-key KEY`) or, kept out of the process list, in a
 file (`--api-key-file FILE`, its text stripped). One line when both are given, or the file is missing or empty.
-`nextbit serve` reads its --api-key this way; `eval humaneval`, `eval lm` and `loop` read the key they send."""
+A key must be printable ASCII without spaces (an HTTP header carries it). `nextbit serve` reads its
+--api-key this way; `eval humaneval`, `eval lm` and `loop` read the key they send."""
 
 from __future__ import annotations
 
@@ -21,5 +22,8 @@ def read_key(key: Optional[str], key_file: Optional[str], flag: str = "--api-key
         text = p.read_text(encoding="utf-8").strip()
         if not text:
             raise NextbitError(f"{flag}-file {p} is empty")
-        return text
+        key, flag = text, f"{flag}-file {p}"
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        # an HTTP header carries it: anything else could never be sent, or never match
+        raise NextbitError(f"{flag}: a key must be printable ASCII without spaces")
     return key or None
