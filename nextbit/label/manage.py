@@ -32,7 +32,8 @@ from nextbit.core.errors import NextbitError
 from nextbit.label.db import DEFAULT_URL, Database, open_db
 from nextbit.label.export import Aggregate, export_preferences
 from nextbit.label.store import add_user, check_name, check_pair, import_pairs, reset_token, user_summaries
-from nextbit.prefs.compare import CompareConfig, sample_pairs
+from nextbit.prefs.compare import sample_pairs
+from nextbit.prefs.pairs import PairSampling
 from nextbit.prefs.formats import parse_prompt, read_jsonl
 
 
@@ -163,27 +164,17 @@ class LabelSampleConfig:
     policy: str = opt("runs/train", "checkpoint that samples the responses")
     prompts: str = opt("prompts.jsonl", "JSONL {\"prompt\": ...} or a text file with one prompt a line")
     db: str = opt(DEFAULT_URL, "labels database: sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB")
-    pairs_per_prompt: int = opt(1, "pairs sampled for each prompt")
-    max_pairs: int = opt(5000, "pairs at most")
-    max_new_tokens: int = opt(24, "response length limit")
-    temperature: float = opt(1.0, "sampling temperature of the responses")
-    top_k: int = opt(0, "0 = off")
-    top_p: float = opt(1.0, "1 = off")
-    batch_size: int = opt(128, "sequences generated together")
-    seed: int = opt(0, "sampling seed (the same seed and prompts give the same pairs, which are then skipped)")
+    sampling: PairSampling = opt(factory=PairSampling, help="how the pairs are sampled (as `nextbit compare` does; the "
+                                                          "same seed and prompts give the same pairs, which are skipped)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy samples")
     quiet: bool = opt(False, "no progress output")
 
 
 def label_sample(cfg: LabelSampleConfig) -> dict:
     with opened(cfg.db) as db:  # first, so a bad --db fails before the model is loaded
-        cc = CompareConfig(policy=cfg.policy, prompts=cfg.prompts, pairs_per_prompt=cfg.pairs_per_prompt,
-                           max_pairs=cfg.max_pairs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
-                           quiet=cfg.quiet)
-        queries = sample_pairs(cc)
-        records = [{"prompt": q.prompt, "a": q.a, "b": q.b, "policy": cfg.policy, "seed": cfg.seed,
-                    "temperature": cfg.temperature} for q in queries if q.a != q.b]
+        queries = sample_pairs(cfg.policy, cfg.prompts, cfg.sampling, cfg.device, cfg.quiet, command="label sample")
+        records = [{"prompt": q.prompt, "a": q.a, "b": q.b, "policy": cfg.policy, "seed": cfg.sampling.seed,
+                    "temperature": cfg.sampling.temperature} for q in queries if q.a != q.b]
         identical = len(queries) - len(records)
         added, skipped = import_pairs(db, records, source=f"sample:{cfg.policy}") if records else (0, 0)
     stats = {"sampled": len(queries), "identical": identical, "added": added, "skipped": skipped}

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from nextbit.core.options import opt
+from nextbit.core.options import check as check_options, opt
 from nextbit.core.atomic import write_json
 from nextbit.core.checkpoint import load_checkpoint
 from nextbit.core.errors import NextbitError
-from nextbit.infer.decoding import SamplingParams
 from nextbit.prefs.formats import load_prompts, parse_prompt, read_jsonl, write_jsonl
 from nextbit.prefs.labelers import Judgement, Query, make_labeler
-from nextbit.prefs.pairs import sample_responses
+from nextbit.prefs.pairs import PairSampling, sample_responses
 from nextbit.train.stage import single_process
 
 
@@ -35,15 +34,8 @@ class CompareConfig:
     scorer: str = opt("vader", "the oracle's scorer: vader | classifier:PATH")
     bt_scale: float = opt(1.0, "oracle noise: P(a preferred) = sigmoid((s_a - s_b) / bt_scale); 0 = noiseless")
     random_frac: float = opt(0.1, "oracle noise: share of answers that are coin flips")
-    max_pairs: int = opt(5000, "comparisons at most")
-    pairs_per_prompt: int = opt(1, "pairs sampled for each prompt")
-    max_new_tokens: int = opt(24, "response length limit")
-    temperature: float = opt(1.0, "sampling temperature of the responses")
-    top_k: int = opt(0, "0 = off")
-    top_p: float = opt(1.0, "1 = off")
+    sampling: PairSampling = opt(factory=PairSampling, help="how the pairs are sampled (its seed also seeds the labeler)")
     append_eot: bool = opt(True, "unused here; kept so one flag set drives compare, reward and dpo alike")
-    batch_size: int = opt(128, "sequences generated together")
-    seed: int = opt(0, "sampling seed (the same seed and prompts give the same pairs)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the policy samples")
     force: bool = opt(False, "overwrite an existing output file")
     quiet: bool = opt(False, "no progress output")
@@ -62,17 +54,17 @@ def _read_pairs(path: str) -> list[Query]:
     return out
 
 
-def sample_pairs(cfg: CompareConfig) -> list[Query]:
-    if cfg.pairs_per_prompt < 1 or cfg.max_pairs < 1:
-        raise NextbitError(f"--pairs-per-prompt and --max-pairs must be >= 1, got {cfg.pairs_per_prompt} and {cfg.max_pairs}")
-    prompts = load_prompts(cfg.prompts)
-    prompts = prompts[: math.ceil(cfg.max_pairs / cfg.pairs_per_prompt)]
-    ck = load_checkpoint(cfg.policy, single_process("compare", cfg.device).device)
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
-    comps = sample_responses(ck.model, ck.tokenizer, prompts, params, n=2 * cfg.pairs_per_prompt, batch_size=cfg.batch_size,
-                             progress="" if cfg.quiet else "compare: sampling")
-    pairs = [Query(p, c[2 * k].text, c[2 * k + 1].text) for p, c in zip(prompts, comps) for k in range(cfg.pairs_per_prompt)]
-    return pairs[: cfg.max_pairs]
+def sample_pairs(policy: str, prompts_path: str, s: PairSampling, device: str, quiet: bool,
+                 command: str = "compare") -> list[Query]:
+    """`policy`'s responses to the prompts of `prompts_path`, two at a time, as pairs."""
+    check_options(s)
+    prompts = load_prompts(prompts_path)
+    prompts = prompts[: math.ceil(s.max_pairs / s.pairs_per_prompt)]
+    ck = load_checkpoint(policy, single_process(command, device).device)
+    comps = sample_responses(ck.model, ck.tokenizer, prompts, s.params(), n=2 * s.pairs_per_prompt, batch_size=s.batch_size,
+                             progress="" if quiet else f"{command}: sampling")
+    pairs = [Query(p, c[2 * k].text, c[2 * k + 1].text) for p, c in zip(prompts, comps) for k in range(s.pairs_per_prompt)]
+    return pairs[: s.max_pairs]
 
 
 def judgement_record(q: Query, j: Judgement) -> dict:
@@ -95,9 +87,11 @@ def compare(cfg: CompareConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise NextbitError(f"{out} already exists; pass --force to replace it")
-    labeler = make_labeler(cfg.labeler, scorer=cfg.scorer, bt_scale=cfg.bt_scale, random_frac=cfg.random_frac, seed=cfg.seed)
-    pairs = _read_pairs(cfg.pairs) if cfg.pairs else sample_pairs(cfg)
-    pairs = pairs[: cfg.max_pairs]
+    labeler = make_labeler(cfg.labeler, scorer=cfg.scorer, bt_scale=cfg.bt_scale, random_frac=cfg.random_frac,
+                           seed=cfg.sampling.seed)
+    pairs = (_read_pairs(cfg.pairs) if cfg.pairs else
+             sample_pairs(cfg.policy, cfg.prompts, cfg.sampling, cfg.device, cfg.quiet))
+    pairs = pairs[: cfg.sampling.max_pairs]
     if not cfg.pairs:
         write_jsonl(out.with_name(out.stem + ".pairs.jsonl"), ({"prompt": q.prompt, "a": q.a, "b": q.b} for q in pairs))
     judgements: list[Optional[Judgement]] = []

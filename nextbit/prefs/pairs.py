@@ -4,15 +4,35 @@ engine (infer/engine.py), which `nextbit compare`, `nextbit label sample` and PP
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Sequence
 
 from tqdm import tqdm
 
 from nextbit.core.model import GPT
+from nextbit.core.options import opt
 from nextbit.core.tokenizer import Tokenizer
 from nextbit.infer.decoding import SamplingParams
 from nextbit.infer.engine import Completion, Generation, generate
 from nextbit.prefs.formats import Prompt, encode_prompt
+
+
+@dataclass
+class PairSampling:
+    """How a policy's responses are sampled into pairs: the options `nextbit compare` and `nextbit label sample`
+    share (their flags are the same)."""
+
+    pairs_per_prompt: int = opt(1, "pairs sampled for each prompt", ge=1)
+    max_pairs: int = opt(5000, "pairs at most", ge=1)
+    max_new_tokens: int = opt(24, "response length limit", ge=1)
+    temperature: float = opt(1.0, "sampling temperature of the responses", ge=0)
+    top_k: int = opt(0, "candidates kept per token; 0 = off", ge=0)
+    top_p: float = opt(1.0, "nucleus mass kept per token; 1 = off", gt=0, le=1)
+    batch_size: int = opt(128, "sequences generated together", ge=1)
+    seed: int = opt(0, "sampling seed (the same seed and prompts give the same pairs)")
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, seed=self.seed)
 
 
 def prompt_tokens(tok: Tokenizer, prompt: Prompt, ctx: int, max_new_tokens: int) -> list[int]:

@@ -43,6 +43,7 @@ from nextbit.data.prepare import PrepareConfig, prepare
 from nextbit.data.sources import load_reviews
 from nextbit.infer.decoding import SamplingParams
 from nextbit.prefs.compare import CompareConfig, compare
+from nextbit.prefs.pairs import PairSampling
 from nextbit.prefs.formats import write_jsonl
 from nextbit.prefs.pairs import sample_responses
 from nextbit.prefs.scorers import BowClassifier, VaderScorer
@@ -236,7 +237,8 @@ def sentiment(cfg: SentimentConfig) -> dict:
         print(f"[3/7] {cfg.comparisons} comparisons of pretrained-policy continuations, labelled by the oracle", flush=True)
         compare(CompareConfig(policy=str(pre), prompts=str(out / "prompts_compare.jsonl"), out=str(prefs), labeler="oracle",
                               scorer=f"classifier:{clf_dir}", bt_scale=cfg.bt_scale, random_frac=cfg.random_frac,
-                              max_pairs=cfg.comparisons, max_new_tokens=cfg.response_tokens, seed=cfg.seed, device=device, force=True))
+                              sampling=PairSampling(max_pairs=cfg.comparisons, max_new_tokens=cfg.response_tokens, seed=cfg.seed),
+                              device=device, force=True))
     stats = json.loads((out / "prefs.config.json").read_text())["stats"]
     tick("compare", t)
 
